@@ -183,6 +183,18 @@ TEST_CASE("rho sweep: the semi-relaxed solution moves monotonically to the close
     double prev = INF;
     for (double rho : {1e3, 10.0, 1.0, 0.1, 0.01, 0.0}) {
         eot_sinkhorn(s.data(), K.data(), L, L, 1.0, nullptr, nullptr, rho, 200000, 1e-11, P.data());
+        // Optimality of the semi-relaxed problem (stationarity of its Lagrangian, tau = 1, b_j = 1):
+        // log P_ij - K_ij - s_ij + rho log(c_j / b_j) = f_i, the same for every j of row i (c = column sums).
+        std::vector<double> c(L, 0.0);
+        for (int i = 0; i < L; ++i)
+            for (int j = 0; j < L; ++j) c[j] += P[(size_t)i * L + j];
+        double worst = 0;
+        for (int i = 0; i < L; ++i) {
+            auto f_ij = [&](int j) { return std::log(P[(size_t)i * L + j]) - K[(size_t)i * L + j] - s[(size_t)i * L + j] + rho * std::log(c[j]); };
+            for (int j = 1; j < L; ++j) worst = std::fmax(worst, std::fabs(f_ij(j) - f_ij(0)));
+        }
+        INFO("rho " << rho << ": stationarity violation " << worst);
+        CHECK(worst <= 1e-6);
         double dist = max_diff(P, Pstar);
         INFO("rho " << rho << " distance " << dist << " previous " << prev);
         CHECK(dist < prev);
