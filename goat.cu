@@ -11,9 +11,12 @@
 // Each kernel has a CPU twin in reference.cpp: goat_forward_cpu / goat_backward_cpu for v1 and
 // goat_forward_tiled_cpu / goat_backward_tiled_cpu (GoatTiling) for v2 and v3. tests/test_gpu*.cu compare them.
 //
-// Speed notes (measured, H200; see README for the command):
-//   v1: (filled in from measurement)
-//   v2: (filled in from measurement)
+// Speed notes (measured, H200, ./build/bench: causal, H = 16, B*L = 32768; TFLOP/s by 4*B*H*L^2*d/2 forward,
+// 3.5x that for forward+backward; the prior costs < 1% of the time in every row):
+//   v1: 0.42 TFLOP/s forward, 0.14 forward+backward (d = 64 and 128, L = 1024); 25x (forward) to 70x
+//       (forward+backward) slower than v2.
+//   v2: forward 10-11.4 TFLOP/s at d = 64, 6.6-7.6 at d = 128; forward+backward 10-11.4 (d = 64), 5.7-6.4
+//       (d = 128), L = 1024..16384 (fp32 FMA on shared-memory tiles, no tensor cores).
 //   v3: (filled in from measurement)
 #include "goat.h"
 
@@ -183,7 +186,7 @@ __global__ void v1_backward_dq_kernel(GoatF32 p) {
     const int bh = (int)(row / p.L), i = (int)(row % p.L);
     float acc[GOAT_V1_MAX_D];
     for (int c = 0; c < p.d; ++c) acc[c] = 0.f;
-    for (int j = 0; j < p.L; ++j) {
+    for (int j = 0; j < (p.causal ? i + 1 : p.L); ++j) {   // dz_ij = 0 for masked j
         float dz = v1_grad_entry(p, bh, i, j).dz;
         const float* k_j = p.k + ((size_t)bh * p.L + j) * p.d;
         for (int c = 0; c < p.d; ++c) acc[c] += dz * k_j[c];
@@ -199,7 +202,7 @@ __global__ void v1_backward_dkdv_kernel(GoatF32 p) {
     const int bh = (int)(row / p.L), j = (int)(row % p.L);
     float acc_k[GOAT_V1_MAX_D], acc_v[GOAT_V1_MAX_D];
     for (int c = 0; c < p.d; ++c) acc_k[c] = acc_v[c] = 0.f;
-    for (int i = 0; i < p.L; ++i) {
+    for (int i = p.causal ? j : 0; i < p.L; ++i) {   // P_ij = dz_ij = 0 for masked i
         V1Grad g = v1_grad_entry(p, bh, i, j);
         const float* q_i = p.q + ((size_t)bh * p.L + i) * p.d;
         const float* dout_i = p.dout + ((size_t)bh * p.L + i) * p.d;

@@ -1,0 +1,387 @@
+// tests/test_gpu_bf16.cu: the bf16 tensor-core kernels (v3) of goat.cu against the CPU reference (doctest).
+//
+// The judge is the double-precision reference (goat_forward_cpu / goat_backward_cpu on doubles) on the same
+// bf16-rounded inputs. A bf16 kernel cannot match it to fp32 accuracy, so the yardstick is the CPU tiled twin
+// run with emulate_bf16 = true (it rounds exactly where the kernel rounds): for every tensor (o, lse, dq, dk,
+// dv, dkappa, du)
+//     err(v3) <= 2 * err(twin) + FLOOR,   err(x) = max |x - ref| / max(max |ref|, SCALE_MIN_*)
+// (FlashAttention's "at most twice the error of the same reference run at that precision"). Each pipeline
+// runs end to end: its own forward, then its backward fed its own o and lse.
+//
+// Every check draws fresh random inputs (base seed printed; GOAT_TEST_SEED=<n> replays a run), poisons the
+// outputs and the workspace with 0xFF bytes (NaN) and frames every output buffer with guard bytes checked
+// after the run. Test names containing "small" form the compute-sanitizer subset (make sanitize-gpu).
+// goat_test_gpu_available() and main live in tests/test_gpu.cu and tests/test_main.cpp.
+#include <doctest/doctest.h>
+
+#include "goat.h"
+#include "reference.h"
+#include "tests/test_util.h"
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// FLOOR for bf16 outputs (o, dq, dk, dv): one bf16 ulp at the tensor's largest value is 2^-7..2^-8 of it.
+// The kernel and the twin round their fp32 results independently (different summation orders, exp2 vs exp),
+// so an element sitting near a rounding boundary can land one ulp apart even when both are right; the twin's
+// own error is about half an ulp, so 2x the twin plus 2^-8 covers one such flip. A wrong index, mask or
+// prior term moves entries by far more than that.
+constexpr double FLOOR_BF16 = 1.0 / 256;
+// FLOOR for fp32 outputs (lse, dkappa, du): fp32 sums of up to a few thousand terms in a different order
+// (tensor cores, shared-memory diagonal sums, atomics) and exp2/log approximations: ~1e-6 relative;
+// 1e-4 leaves margin and still catches a missing tile (>= 1/L of the sum).
+constexpr double FLOOR_F32 = 1e-4;
+// Smallest normaliser: with L = 1 the one weight is exactly 1 and dz = P (dP - D) = 0, so dq, dk, dkappa, du
+// are exactly zero in the reference while fp32 leaves noise. For dq, dk (bf16) that noise is ~1e-7 of |k|,
+// |q|, so 1e-3 absolute keeps it a pass. dkappa and du are fp32 sums of dz terms whose parts dP and D are
+// O(|dO| |v|) >= O(1) (inputs are O(1)): their noise is ~1e-6 absolute however small the sum, so fp32 outputs
+// are judged against max(max |ref|, 1), as in tests/test_gpu.cu.
+constexpr double SCALE_MIN_BF16 = 1e-3, SCALE_MIN_F32 = 1.0;
+
+// The twin's tiles mirror v3's (dev/v3_bf16.cu, V3Tiles): forward B_r x B_c = 128 x 64, backward 64 x 128.
+constexpr int TWIN_FWD_B_r = 128, TWIN_FWD_B_c = 64, TWIN_BWD_B_r = 64, TWIN_BWD_B_c = 128;
+
+constexpr size_t GUARD = 256;  // guard bytes after every output buffer
+constexpr unsigned char GUARD_BYTE = 0x5A, POISON_BYTE = 0xFF;
+
+#define BF16_CUDA_REQUIRE(stmt) REQUIRE_MESSAGE((stmt) == cudaSuccess, #stmt)
+
+uint64_t next_seed() {
+    static uint64_t base = 0, count = 0;
+    if (base == 0) {
+        const char* env = std::getenv("GOAT_TEST_SEED");
+        base = env ? std::strtoull(env, nullptr, 10)
+                   : (uint64_t)std::chrono::system_clock::now().time_since_epoch().count();
+        std::printf("test_gpu_bf16: base seed %llu (replay with GOAT_TEST_SEED=%llu)\n",
+                    (unsigned long long)base, (unsigned long long)base);
+    }
+    return base + count++;
+}
+
+uint16_t to_bf16_bits(float x) {  // x is already bf16-representable (bf16_round), so truncation is exact
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return (uint16_t)(u >> 16);
+}
+float from_bf16_bits(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+enum class Prior { none, random, masked };
+
+struct Problem {
+    GoatDims dims;
+    uint64_t seed;
+    std::vector<float> q, k, v, dout;  // [B][H][L][d], bf16-representable
+    std::vector<float> kappa, u;       // [H][2L-1], [H][L]; empty = nullptr
+    const float* kappa_ptr() const { return kappa.empty() ? nullptr : kappa.data(); }
+    const float* u_ptr() const { return u.empty() ? nullptr : u.data(); }
+    size_t n_x() const { return (size_t)dims.B * dims.H * dims.L * dims.d; }
+    size_t n_rows() const { return (size_t)dims.B * dims.H * dims.L; }
+    size_t n_kappa() const { return (size_t)dims.H * (2 * dims.L - 1); }
+    size_t n_u() const { return (size_t)dims.H * dims.L; }
+};
+
+// masked: ~10% of kappa and u entries -inf, and under causal u(0) = -inf, so row 0 (which sees only key 0) has
+// nothing allowed: o = 0, lse = -inf, zero gradient. huge: integer q, k (|x| <= 16, exact in bf16), integer
+// prior entries up to 500 and scale 1/8, so logits reach ~1e3 and are exact in fp32.
+Problem make_problem(int B, int H, int L, int d, bool causal, Prior prior, bool huge = false) {
+    Problem pr;
+    pr.seed = next_seed();
+    pr.dims = {B, H, L, d, causal, huge ? 0.125f : 1.0f / std::sqrt((float)d)};
+    Rng rng(pr.seed);
+    auto fill = [&](std::vector<float>& x, size_t n, bool integer, double mag, bool round_bf16) {
+        x.resize(n);
+        for (auto& e : x) {
+            const float f = integer ? (float)std::floor(mag * (2 * rng.uniform() - 1) + 0.5)
+                                    : (float)(mag * rng.normal());
+            e = round_bf16 ? bf16_round(f) : f;
+        }
+    };
+    fill(pr.q, pr.n_x(), huge, huge ? 16 : 1, true);
+    fill(pr.k, pr.n_x(), huge, huge ? 16 : 1, true);
+    fill(pr.v, pr.n_x(), false, 1, true);
+    fill(pr.dout, pr.n_x(), false, 1, true);
+    if (prior != Prior::none) {
+        fill(pr.kappa, pr.n_kappa(), huge, huge ? 500 : 0.5, false);
+        fill(pr.u, pr.n_u(), huge, huge ? 500 : 0.5, false);
+    }
+    if (prior == Prior::masked) {
+        for (auto& e : pr.kappa) if (rng.uniform() < 0.1) e = -INFINITY;
+        for (auto& e : pr.u) if (rng.uniform() < 0.1) e = -INFINITY;
+        if (causal)
+            for (int h = 0; h < H; ++h) pr.u[(size_t)h * L] = -INFINITY;
+    }
+    std::printf("  problem B=%d H=%d L=%d d=%d causal=%d prior=%d huge=%d seed=%llu\n", B, H, L, d, (int)causal,
+                (int)prior, (int)huge, (unsigned long long)pr.seed);
+    return pr;
+}
+
+struct Results {
+    std::vector<float> o, lse, dq, dk, dv, dkappa, du;
+};
+
+// The judge: double-precision reference on the (already bf16-rounded) inputs, backward on its own o, lse.
+Results judge(const Problem& pr) {
+    auto dbl = [](const std::vector<float>& x) { return std::vector<double>(x.begin(), x.end()); };
+    const std::vector<double> q = dbl(pr.q), k = dbl(pr.k), v = dbl(pr.v), dout = dbl(pr.dout);
+    const std::vector<double> kappa = dbl(pr.kappa), u = dbl(pr.u);
+    const double* kp = kappa.empty() ? nullptr : kappa.data();
+    const double* up = u.empty() ? nullptr : u.data();
+    std::vector<double> o(pr.n_x()), lse(pr.n_rows()), dq(pr.n_x()), dk(pr.n_x()), dv(pr.n_x());
+    std::vector<double> dkappa(pr.n_kappa()), du(pr.n_u());
+    goat_forward_cpu(pr.dims, q.data(), k.data(), v.data(), kp, up, o.data(), lse.data());
+    goat_backward_cpu(pr.dims, q.data(), k.data(), v.data(), kp, up, o.data(), lse.data(), dout.data(), dq.data(),
+                      dk.data(), dv.data(), dkappa.data(), du.data());
+    auto flt = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+    return {flt(o), flt(lse), flt(dq), flt(dk), flt(dv), flt(dkappa), flt(du)};
+}
+
+// The yardstick: the tiled twin emulating bf16 (float API), backward on its own o, lse.
+Results twin(const Problem& pr) {
+    Results r;
+    r.o.resize(pr.n_x()); r.lse.resize(pr.n_rows());
+    r.dq.resize(pr.n_x()); r.dk.resize(pr.n_x()); r.dv.resize(pr.n_x());
+    r.dkappa.resize(pr.n_kappa()); r.du.resize(pr.n_u());
+    GoatTiling tf, tb;
+    tf.B_r = TWIN_FWD_B_r; tf.B_c = TWIN_FWD_B_c; tf.emulate_bf16 = true;
+    tb.B_r = TWIN_BWD_B_r; tb.B_c = TWIN_BWD_B_c; tb.emulate_bf16 = true;
+    goat_forward_tiled_cpu(pr.dims, tf, pr.q.data(), pr.k.data(), pr.v.data(), pr.kappa_ptr(), pr.u_ptr(),
+                           r.o.data(), r.lse.data());
+    goat_backward_tiled_cpu(pr.dims, tb, pr.q.data(), pr.k.data(), pr.v.data(), pr.kappa_ptr(), pr.u_ptr(),
+                            r.o.data(), r.lse.data(), pr.dout.data(), r.dq.data(), r.dk.data(), r.dv.data(),
+                            r.dkappa.data(), r.du.data());
+    return r;
+}
+
+// A device buffer of `bytes` followed by GUARD guard bytes.
+struct DevBuf {
+    void* p = nullptr;
+    size_t bytes = 0;
+    DevBuf(const DevBuf&) = delete;
+    DevBuf& operator=(const DevBuf&) = delete;
+    explicit DevBuf(size_t n) : bytes(n) {
+        BF16_CUDA_REQUIRE(cudaMalloc(&p, n + GUARD));
+        BF16_CUDA_REQUIRE(cudaMemset((char*)p + n, GUARD_BYTE, GUARD));
+    }
+    ~DevBuf() { cudaFree(p); }
+    void poison() { BF16_CUDA_REQUIRE(cudaMemset(p, POISON_BYTE, bytes)); }
+    bool guard_ok(const char* name) const {
+        std::vector<unsigned char> g(GUARD);
+        if (cudaMemcpy(g.data(), (char*)p + bytes, GUARD, cudaMemcpyDeviceToHost) != cudaSuccess) return false;
+        for (size_t x = 0; x < GUARD; ++x)
+            if (g[x] != GUARD_BYTE) {
+                std::printf("  %s: guard byte %zu after the buffer was overwritten\n", name, x);
+                return false;
+            }
+        return true;
+    }
+};
+
+void upload_bf16(DevBuf& dst, const std::vector<float>& x) {
+    std::vector<uint16_t> h(x.size());
+    for (size_t e = 0; e < x.size(); ++e) h[e] = to_bf16_bits(x[e]);
+    BF16_CUDA_REQUIRE(cudaMemcpy(dst.p, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+}
+std::vector<float> download_bf16(const DevBuf& src, size_t n) {
+    std::vector<uint16_t> h(n);
+    REQUIRE(cudaMemcpy(h.data(), src.p, n * 2, cudaMemcpyDeviceToHost) == cudaSuccess);
+    std::vector<float> x(n);
+    for (size_t e = 0; e < n; ++e) x[e] = from_bf16_bits(h[e]);
+    return x;
+}
+std::vector<float> download_f32(const DevBuf& src, size_t n) {
+    std::vector<float> x(n);
+    REQUIRE(cudaMemcpy(x.data(), src.p, n * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+    return x;
+}
+
+// One v3 forward + backward on the GPU (deterministic or not). with_prior_grads = false passes
+// dkappa = du = nullptr (and checks that those buffers were left untouched).
+Results run_v3(const Problem& pr, bool deterministic, bool with_prior_grads = true) {
+    const size_t nx = pr.n_x(), nr = pr.n_rows(), nk = pr.n_kappa(), nu = pr.n_u();
+    DevBuf q(nx * 2), k(nx * 2), v(nx * 2), dout(nx * 2), o(nx * 2), dq(nx * 2), dk(nx * 2), dv(nx * 2);
+    DevBuf lse(nr * 4), kappa(nk * 4), u(nu * 4), dkappa(nk * 4), du(nu * 4);
+    upload_bf16(q, pr.q); upload_bf16(k, pr.k); upload_bf16(v, pr.v); upload_bf16(dout, pr.dout);
+    if (!pr.kappa.empty()) BF16_CUDA_REQUIRE(cudaMemcpy(kappa.p, pr.kappa.data(), nk * 4, cudaMemcpyHostToDevice));
+    if (!pr.u.empty()) BF16_CUDA_REQUIRE(cudaMemcpy(u.p, pr.u.data(), nu * 4, cudaMemcpyHostToDevice));
+    for (DevBuf* b : {&o, &lse, &dq, &dk, &dv, &dkappa, &du}) b->poison();
+
+    GoatParams p;
+    p.B = pr.dims.B; p.H = pr.dims.H; p.L = pr.dims.L; p.d = pr.dims.d;
+    p.scale = pr.dims.scale; p.causal = pr.dims.causal;
+    p.dtype = GOAT_BF16; p.version = GOAT_V3_MMA_BF16; p.deterministic = deterministic;
+    p.q = q.p; p.k = k.p; p.v = v.p;
+    p.kappa = pr.kappa.empty() ? nullptr : (const float*)kappa.p;
+    p.u = pr.u.empty() ? nullptr : (const float*)u.p;
+    p.o = o.p; p.lse = (float*)lse.p;
+    p.dout = dout.p; p.dq = dq.p; p.dk = dk.p; p.dv = dv.p;
+    p.dkappa = with_prior_grads ? (float*)dkappa.p : nullptr;
+    p.du = with_prior_grads ? (float*)du.p : nullptr;
+    REQUIRE(goat_resolve_version(p) == GOAT_V3_MMA_BF16);
+
+    GoatStatus st = goat_forward(p, 0);
+    INFO("goat_forward: ", st.message);
+    REQUIRE(st.ok());
+    const size_t ws_bytes = goat_backward_workspace_size(p);
+    DevBuf ws(ws_bytes > 0 ? ws_bytes : 1);
+    ws.poison();  // the kernels must initialise whatever workspace they read
+    p.workspace = ws.p;
+    p.workspace_bytes = ws_bytes;
+    st = goat_backward(p, 0);
+    INFO("goat_backward: ", st.message);
+    REQUIRE(st.ok());
+    BF16_CUDA_REQUIRE(cudaDeviceSynchronize());
+
+    for (auto nb : {std::make_pair("o", &o), std::make_pair("lse", &lse), std::make_pair("dq", &dq),
+                    std::make_pair("dk", &dk), std::make_pair("dv", &dv), std::make_pair("dkappa", &dkappa),
+                    std::make_pair("du", &du), std::make_pair("workspace", &ws)})
+        CHECK(nb.second->guard_ok(nb.first));
+    Results r;
+    r.o = download_bf16(o, nx);
+    r.lse = download_f32(lse, nr);
+    r.dq = download_bf16(dq, nx);
+    r.dk = download_bf16(dk, nx);
+    r.dv = download_bf16(dv, nx);
+    r.dkappa = download_f32(dkappa, nk);
+    r.du = download_f32(du, nu);
+    if (!with_prior_grads) {  // skipped: still the poison
+        for (auto x : {&r.dkappa, &r.du})
+            for (float e : *x) REQUIRE(std::isnan(e));
+    }
+    return r;
+}
+
+// max |x - ref| over finite pairs / max(max |ref| over finite entries, scale_min); NaN or an infinity that
+// the reference does not have is reported by compare() and makes this return +inf.
+double norm_err(const char* name, const std::vector<float>& x, const std::vector<float>& ref, double scale_min,
+                double* scale) {
+    double m = 0;
+    for (float e : ref) if (std::isfinite(e)) m = std::fmax(m, std::fabs((double)e));
+    *scale = std::fmax(m, scale_min);
+    CompareResult c = compare(name, x.data(), ref.data(), ref.size(), 0.0, 1e300);
+    return c.ok ? c.max_abs / *scale : INFINITY;
+}
+
+// The rule: for each tensor, err(v3) <= 2 err(twin) + floor. Prints one line per tensor.
+void expect_within_twin(const char* tag, const Results& got, const Results& tw, const Results& ref,
+                        bool with_prior_grads = true) {
+    struct T { const char* name; const std::vector<float>* g; const std::vector<float>* t; const std::vector<float>* r; double floor; };
+    std::vector<T> ts = {{"o", &got.o, &tw.o, &ref.o, FLOOR_BF16},
+                         {"lse", &got.lse, &tw.lse, &ref.lse, FLOOR_F32},
+                         {"dq", &got.dq, &tw.dq, &ref.dq, FLOOR_BF16},
+                         {"dk", &got.dk, &tw.dk, &ref.dk, FLOOR_BF16},
+                         {"dv", &got.dv, &tw.dv, &ref.dv, FLOOR_BF16}};
+    if (with_prior_grads) {
+        ts.push_back({"dkappa", &got.dkappa, &tw.dkappa, &ref.dkappa, FLOOR_F32});
+        ts.push_back({"du", &got.du, &tw.du, &ref.du, FLOOR_F32});
+    }
+    std::printf("  %-10s", tag);
+    for (const T& t : ts) {
+        double scale;
+        const double smin = (t.floor == FLOOR_BF16) ? SCALE_MIN_BF16 : SCALE_MIN_F32;
+        const double e_twin = norm_err("twin", *t.t, *t.r, smin, &scale);
+        const double e_v3 = norm_err(t.name, *t.g, *t.r, smin, &scale);
+        const double bound = 2 * e_twin + t.floor;
+        std::printf(" %s %.2e/%.2e%s", t.name, e_v3, bound, e_v3 <= bound ? "" : "(FAIL)");
+        CHECK_MESSAGE(std::isfinite(e_twin), t.name, ": the twin itself produced NaN or a wrong infinity");
+        CHECK_MESSAGE(e_v3 <= bound, t.name, ": v3 error ", e_v3, " > 2 * twin error ", e_twin, " + floor ", t.floor);
+        if (!(e_v3 <= bound)) {  // show where: the first few elements outside the bound
+            compare(t.name, t.g->data(), t.r->data(), t.r->size(), 0.0, bound * scale);
+        }
+    }
+    std::printf("   (v3 err / bound)\n");
+}
+
+void check(const Problem& pr, bool with_prior_grads = true) {
+    const Results ref = judge(pr);
+    const Results tw = twin(pr);
+    const Results got = run_v3(pr, false, with_prior_grads);
+    expect_within_twin("v3", got, tw, ref, with_prior_grads);
+}
+
+void check_deterministic(const Problem& pr) {
+    const Results ref = judge(pr);
+    const Results tw = twin(pr);
+    const Results a = run_v3(pr, true), b = run_v3(pr, true);
+    expect_within_twin("v3 det", a, tw, ref);
+    for (auto x : {std::make_pair(&a.o, &b.o), std::make_pair(&a.lse, &b.lse), std::make_pair(&a.dq, &b.dq),
+                   std::make_pair(&a.dk, &b.dk), std::make_pair(&a.dv, &b.dv),
+                   std::make_pair(&a.dkappa, &b.dkappa), std::make_pair(&a.du, &b.du)})
+        CHECK_MESSAGE(std::memcmp(x.first->data(), x.second->data(), x.first->size() * 4) == 0,
+                      "deterministic mode: two runs differ");
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------------------
+// shapes
+
+TEST_CASE("v3 small causal d=64: L=17, masked prior (row 0 has nothing allowed)") {
+    check(make_problem(1, 2, 17, 64, true, Prior::masked));
+}
+
+TEST_CASE("v3 small non-causal d=128: L=17, no prior, dkappa = du = nullptr") {
+    check(make_problem(2, 1, 17, 128, false, Prior::none), false);
+}
+
+TEST_CASE("v3 small deterministic d=64 and d=128: L=113 B=2, bit-identical twice") {
+    check_deterministic(make_problem(2, 2, 113, 64, true, Prior::masked));
+    check_deterministic(make_problem(2, 1, 113, 128, false, Prior::random));
+}
+
+TEST_CASE("v3 L=1, d=64 and d=128, causal and not") {
+    for (int d : {64, 128})
+        for (bool causal : {false, true}) check(make_problem(2, 2, 1, d, causal, Prior::random));
+}
+
+TEST_CASE("v3 L=17 and L=113, d=64 and d=128, causal and not") {
+    for (int L : {17, 113})
+        for (int d : {64, 128})
+            for (bool causal : {false, true}) check(make_problem(1, 2, L, d, causal, Prior::masked));
+}
+
+TEST_CASE("v3 L=1000 and L=1023, d=64 and d=128, causal and not") {
+    check(make_problem(1, 2, 1000, 128, false, Prior::random));
+    check(make_problem(1, 1, 1000, 64, true, Prior::masked));
+    check(make_problem(1, 1, 1023, 64, false, Prior::masked));
+    check(make_problem(1, 2, 1023, 128, true, Prior::random));
+}
+
+TEST_CASE("v3 L=4097 B=H=1: d=64 causal, d=128 non-causal") {
+    check(make_problem(1, 1, 4097, 64, true, Prior::masked));
+    check(make_problem(1, 1, 4097, 128, false, Prior::random));
+}
+
+TEST_CASE("v3 B*H = 134 > 132 SMs and B*H = 1") {
+    check(make_problem(2, 67, 113, 64, true, Prior::masked));
+    check(make_problem(2, 67, 65, 128, false, Prior::random));
+    check(make_problem(1, 1, 300, 128, true, Prior::random));
+}
+
+TEST_CASE("v3 huge logits |z| ~ 1e3, causal and not") {
+    check(make_problem(1, 2, 200, 64, true, Prior::random, true));
+    check(make_problem(1, 2, 200, 128, false, Prior::masked, true));
+}
+
+TEST_CASE("v3 no prior: kappa = u = nullptr, dkappa and du still computed") {
+    check(make_problem(2, 2, 150, 64, true, Prior::none));
+    check(make_problem(1, 2, 150, 128, false, Prior::none));
+}
+
+TEST_CASE("v3 deterministic: larger shapes, bit-identical twice") {
+    check_deterministic(make_problem(3, 2, 700, 128, true, Prior::masked));
+    check_deterministic(make_problem(2, 3, 333, 64, false, Prior::random));
+}

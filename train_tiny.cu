@@ -1,0 +1,2260 @@
+// train_tiny.cu: a tiny character-level transformer with GOAT attention, trained on the CPU (with the
+// reference.cpp functions and plain loops) or on the GPU (with the goat.cu fused kernels and cuBLAS), from the
+// same weights, on the same batches, so the two can be compared step by step.
+//
+// Model (GPT-2 shape, no biases in the dense layers):
+//   tokens (B,T) -> token embedding wte (+ learned absolute position embedding wpe with --prior abs)
+//   -> n_layer pre-LayerNorm blocks:  x = x + Wo attn(LN1(x));   x = x + Wproj gelu(Wfc LN2(x))
+//   -> final LayerNorm -> logits = LNf(x) wte^T (the output head is TIED to the token embedding).
+// Attention is causal GOAT attention (GOAT.md sections 1, 3, 5): logit z_ij = q_i.k_j / sqrt(d) + kappa_h(i-j)
+// + u_h(j). Each layer has its own learnable prior (spectral kappa with R = --pos-rank frequencies, the sink u
+// with its tiny mlp, first-token bump and recency slope), trained with the rest. --prior selects the baseline
+// it replaces: none (no positions at all), alibi (fixed ALiBi table) or abs (learned position embedding).
+//
+// Data: by default an embedded corpus that needs no download and is identical on every machine: about 1 MB of
+// English-like sentences from a small stochastic grammar (section "data"), generated from a fixed seed with
+// the reference's splitmix64 Rng and integer arithmetic only. --data FILE trains on any text (bytes; the
+// vocabulary is the set of distinct bytes). --task copy is the copy-mixture task of GOAT.md section 7.
+//
+// How to read it: sections in this order, each under a full-width rule, so the titles are a map.
+//   utilities        errors, timing
+//   options          every flag, its default and its check (--help prints this table)
+//   data             embedded grammar, copy task, text files, batches
+//   parameters       the flat parameter array, its tensors, init, the prior's packing
+//   activations      the flat activation array shared by both backends
+//   CPU layers       one function per layer, forward and backward; the CPU twins of the GPU kernels
+//   CPU model        build_cpu_model / cpu_forward / cpu_backward / cpu_update (templated: float trains,
+//                    double is used by the finite-difference test)
+//   GPU kernels      (nvcc only) the same layers as CUDA kernels, same argument order as their twins
+//   GPU model        (nvcc only) build_gpu_model / gpu_forward / gpu_backward / gpu_update / free_gpu_model
+//   trainer          the one switch between the two backends
+//   agreement        --check (Sinkhorn vs closed form vs kernel) and --compare (CPU vs GPU losses)
+//   output           progress line, samples, the learned prior in the terminal and as an SVG
+//   checkpoints      --save / --load
+//   main
+//
+// Rules it keeps: every tensor states its shape; fixed seeds, printed; every CUDA and cuBLAS call checked by
+// a macro that names the statement, file and line; bad flags, files and checkpoints give a message and a
+// non-zero exit, never a crash. Without nvcc the file is plain C++ (all CUDA code is under __CUDACC__):
+//   g++ -O2 -std=c++17 -x c++ train_tiny.cu reference.cpp -o train_tiny            (CPU only)
+//   nvcc -O3 -std=c++17 -arch=sm_90 train_tiny.cu goat.cu reference.cpp -lcublas   (GPU and CPU)
+// tests/test_train.cpp includes this file with TRAIN_TINY_NO_MAIN defined; everything but main has internal
+// linkage (an anonymous namespace) so the include cannot clash with the other tests.
+#include "reference.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+#ifdef __CUDACC__
+#include "goat.h"
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------------------
+// utilities
+
+// A bad flag or flag value: main prints the message and the usage, and exits with 2.
+struct UsageError : std::runtime_error {
+    explicit UsageError(const std::string& m) : std::runtime_error(m) {}
+};
+// Any other failure the user can cause (file missing, checkpoint corrupt): message and exit 1.
+struct RunError : std::runtime_error {
+    explicit RunError(const std::string& m) : std::runtime_error(m) {}
+};
+
+std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string strf(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+double now_seconds() {
+    using namespace std::chrono;
+    return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+std::string format_duration(double s) {
+    if (!(s >= 0) || s > 1e7) return "?";
+    int t = (int)(s + 0.5);
+    if (t >= 3600) return strf("%d:%02d:%02d", t / 3600, t / 60 % 60, t % 60);
+    return strf("%d:%02d", t / 60, t % 60);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// options
+
+enum PriorKind { PRIOR_GOAT = 0, PRIOR_NONE = 1, PRIOR_ALIBI = 2, PRIOR_ABS = 3 };
+const char* const PRIOR_NAMES[] = {"goat", "none", "alibi", "abs"};
+
+struct Options {
+    // model
+    int layers = 4;            // transformer blocks
+    int heads = 4;             // attention heads per block
+    int head_dim = 64;         // d; model width C = heads * head_dim
+    int context = 256;         // T: tokens per sequence
+    std::string prior = "goat";         // goat | none | alibi | abs
+    std::string prior_init = "uniform"; // uniform | alibi (GOAT prior only)
+    int pos_rank = 4;          // R: frequencies of kappa
+    int abs_rank = 4;          // M: frequencies of the sink features
+    // data
+    std::string task = "text"; // text | copy
+    std::string data;          // text file; empty = the embedded grammar corpus
+    double val_frac = 0.1;     // last fraction of the text held out for validation
+    // optimisation
+    int batch = 32;            // B: sequences per step
+    int steps = 1500;          // optimiser steps
+    double lr = 3e-3;          // peak learning rate
+    double min_lr_frac = 0.1;  // cosine decays to lr * min_lr_frac
+    int warmup = 100;          // linear warm-up steps
+    double weight_decay = 0.1; // AdamW decoupled decay, on the weight matrices only
+    double prior_lr_mult = 1;  // learning-rate multiplier for the GOAT prior's parameters
+    double clip = 1.0;         // clip the global gradient norm to this (0 = off)
+    long long seed = 1337;     // weights; batches use seed + 1, sampling seed + 2
+    // evaluation and output
+    int val_every = 250;       // steps between validation losses (0 = only at the end)
+    int val_batches = 8;       // batches per validation loss
+    int log_every = 0;         // steps between progress lines when stdout is not a terminal (0 = auto)
+    int sample_len = 300;      // characters to generate at the end
+    double temperature = 0.8;  // sampling temperature (0 = greedy)
+    std::string svg = "prior.svg";  // where to draw the learned prior (empty = skip)
+    std::string save, load;    // checkpoint paths
+    int check = 0;             // every N steps print the Sinkhorn / closed form / kernel agreement (0 = off)
+    int compare = 0;           // run N steps on CPU and GPU side by side and exit (0 = off)
+    std::string device = "auto";  // auto | gpu | cpu
+};
+
+struct Flag {
+    const char* name;
+    char kind;   // 'i' int, 'l' long long, 'f' double, 's' string
+    void* value;
+    const char* help;
+};
+
+std::vector<Flag> flag_table(Options* o) {
+    return {
+        {"--layers", 'i', &o->layers, "transformer blocks"},
+        {"--heads", 'i', &o->heads, "attention heads per block"},
+        {"--head-dim", 'i', &o->head_dim, "width d of one head (model width C = heads * head-dim)"},
+        {"--context", 'i', &o->context, "context length T (tokens per training sequence)"},
+        {"--prior", 's', &o->prior, "attention prior: goat (learned kappa + u) | none | alibi | abs (learned wpe)"},
+        {"--prior-init", 's', &o->prior_init, "GOAT prior init: uniform (standard attention) | alibi"},
+        {"--pos-rank", 'i', &o->pos_rank, "R, Fourier frequencies of kappa"},
+        {"--abs-rank", 'i', &o->abs_rank, "M, frequencies of the sink u's position features"},
+        {"--task", 's', &o->task, "text | copy (copy-mixture task of GOAT.md section 7)"},
+        {"--data", 's', &o->data, "text file to train on (empty: the embedded grammar corpus)"},
+        {"--val-frac", 'f', &o->val_frac, "fraction of the text held out for validation"},
+        {"--batch", 'i', &o->batch, "B, sequences per step"},
+        {"--steps", 'i', &o->steps, "optimiser steps"},
+        {"--lr", 'f', &o->lr, "peak learning rate (AdamW, beta1 0.9, beta2 0.95)"},
+        {"--min-lr-frac", 'f', &o->min_lr_frac, "cosine schedule ends at lr * this"},
+        {"--warmup", 'i', &o->warmup, "linear warm-up steps"},
+        {"--weight-decay", 'f', &o->weight_decay, "AdamW weight decay (matrices only)"},
+        {"--prior-lr-mult", 'f', &o->prior_lr_mult, "learning-rate multiplier for the GOAT prior"},
+        {"--clip", 'f', &o->clip, "clip the global gradient norm (0 = off)"},
+        {"--seed", 'l', &o->seed, "seed of the weights; batches use seed+1, sampling seed+2"},
+        {"--val-every", 'i', &o->val_every, "steps between validation losses (0 = at the end only)"},
+        {"--val-batches", 'i', &o->val_batches, "batches per validation loss"},
+        {"--log-every", 'i', &o->log_every, "steps between progress lines when not on a terminal (0 = auto)"},
+        {"--sample-len", 'i', &o->sample_len, "characters generated at the end (0 = none)"},
+        {"--temperature", 'f', &o->temperature, "sampling temperature (0 = greedy)"},
+        {"--svg", 's', &o->svg, "SVG file for the learned prior (empty = none)"},
+        {"--save", 's', &o->save, "write a checkpoint here at the end"},
+        {"--load", 's', &o->load, "start from this checkpoint (shapes must match the flags)"},
+        {"--check", 'i', &o->check, "every N steps: Sinkhorn vs closed form vs fused kernel on layer 0, head 0"},
+        {"--compare", 'i', &o->compare, "run N steps on CPU and GPU from the same init, print both losses, exit"},
+        {"--device", 's', &o->device, "auto | gpu | cpu (auto: the GPU when this build and machine have one)"},
+    };
+}
+
+void print_usage(FILE* f) {
+    Options defaults;
+    std::fprintf(f, "usage: train_tiny [flags]   (a tiny character-level GOAT transformer; see train_tiny.cu)\n\n");
+    for (const Flag& fl : flag_table(&defaults)) {
+        std::string def;
+        switch (fl.kind) {
+            case 'i': def = strf("%d", *(int*)fl.value); break;
+            case 'l': def = strf("%lld", *(long long*)fl.value); break;
+            case 'f': def = strf("%g", *(double*)fl.value); break;
+            default: def = "\"" + *(std::string*)fl.value + "\"";
+        }
+        std::fprintf(f, "  %-16s %-12s %s\n", fl.name, def.c_str(), fl.help);
+    }
+    std::fprintf(f, "  %-16s %-12s %s\n", "--help", "", "print this and exit");
+}
+
+// Parses argv into *o. Returns false when --help was given. Throws UsageError on anything it cannot accept.
+bool parse_args(int argc, char** argv, Options* o) {
+    std::vector<Flag> table = flag_table(o);
+    for (int i = 1; i < argc; ++i) {
+        std::string arg = argv[i];
+        if (arg == "--help" || arg == "-h") return false;
+        std::string value;
+        bool has_value = false;
+        size_t eq = arg.find('=');
+        if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {   // --flag=value
+            value = arg.substr(eq + 1);
+            arg = arg.substr(0, eq);
+            has_value = true;
+        }
+        const Flag* fl = nullptr;
+        for (const Flag& f : table)
+            if (arg == f.name) fl = &f;
+        if (!fl) throw UsageError("unknown flag '" + arg + "'");
+        if (!has_value) {
+            if (i + 1 >= argc) throw UsageError("flag " + arg + " needs a value");
+            value = argv[++i];
+        }
+        const char* s = value.c_str();
+        char* end = nullptr;
+        errno = 0;
+        if (fl->kind == 'i' || fl->kind == 'l') {
+            long long x = std::strtoll(s, &end, 10);
+            if (value.empty() || *end != '\0' || errno == ERANGE || (fl->kind == 'i' && (x < -2147483647LL || x > 2147483647LL)))
+                throw UsageError("flag " + arg + " needs an integer, got '" + value + "'");
+            if (fl->kind == 'i') *(int*)fl->value = (int)x;
+            else *(long long*)fl->value = x;
+        } else if (fl->kind == 'f') {
+            double x = std::strtod(s, &end);
+            if (value.empty() || *end != '\0' || !std::isfinite(x))
+                throw UsageError("flag " + arg + " needs a finite number, got '" + value + "'");
+            *(double*)fl->value = x;
+        } else {
+            *(std::string*)fl->value = value;
+        }
+    }
+    // value checks, one message per mistake
+    auto need = [](bool ok, const std::string& msg) { if (!ok) throw UsageError(msg); };
+    auto one_of = [&](const std::string& v, std::initializer_list<const char*> set, const char* flag) {
+        std::string all;
+        for (const char* x : set) {
+            if (v == x) return;
+            all += (all.empty() ? "" : " | ") + std::string(x);
+        }
+        throw UsageError(std::string(flag) + " must be one of " + all + " (got '" + v + "')");
+    };
+    need(o->layers >= 1 && o->layers <= 64, "--layers must be in 1..64");
+    need(o->heads >= 1 && o->heads <= 64, "--heads must be in 1..64");
+    need(o->head_dim >= 1 && o->head_dim <= 128, "--head-dim must be in 1..128 (the fused kernels take d <= 128)");
+    need(o->context >= 2 && o->context <= 4096, "--context must be in 2..4096");
+    one_of(o->prior, {"goat", "none", "alibi", "abs"}, "--prior");
+    one_of(o->prior_init, {"uniform", "alibi"}, "--prior-init");
+    need(o->pos_rank >= 1 && o->pos_rank <= 64, "--pos-rank must be in 1..64");
+    need(o->abs_rank >= 1 && o->abs_rank <= 64, "--abs-rank must be in 1..64");
+    one_of(o->task, {"text", "copy"}, "--task");
+    need(!(o->task == "copy" && !o->data.empty()), "--data and --task copy cannot be combined");
+    need(o->val_frac > 0 && o->val_frac < 1, "--val-frac must be in (0, 1)");
+    need(o->batch >= 1 && o->batch <= 4096, "--batch must be in 1..4096");
+    need(o->steps >= 0, "--steps must be >= 0");
+    need(o->lr >= 0, "--lr must be >= 0");
+    need(o->min_lr_frac >= 0 && o->min_lr_frac <= 1, "--min-lr-frac must be in [0, 1]");
+    need(o->warmup >= 0, "--warmup must be >= 0");
+    need(o->weight_decay >= 0, "--weight-decay must be >= 0");
+    need(o->prior_lr_mult >= 0, "--prior-lr-mult must be >= 0");
+    need(o->clip >= 0, "--clip must be >= 0");
+    need(o->val_every >= 0, "--val-every must be >= 0");
+    need(o->val_batches >= 1, "--val-batches must be >= 1");
+    need(o->log_every >= 0, "--log-every must be >= 0");
+    need(o->sample_len >= 0, "--sample-len must be >= 0");
+    need(o->temperature >= 0, "--temperature must be >= 0");
+    need(o->check >= 0, "--check must be >= 0");
+    need(o->compare >= 0, "--compare must be >= 0");
+    one_of(o->device, {"auto", "gpu", "cpu"}, "--device");
+    need(!(o->compare > 0 && o->device == "cpu"), "--compare runs both backends; it cannot be used with --device cpu");
+    return true;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// data
+
+// The embedded corpus: sentences from a small stochastic grammar,
+//   sentence := clause [", and" clause | ", but" clause] ("." | "!")
+//   clause   := subject verb-phrase          subject := Name | det [adj] noun
+//   verb-phrase := tverb object [place] | iverb [adverb] [place]      place := prep "the" place-noun
+// capitalised, six to eleven sentences to a paragraph. Choices use Rng::next() % n (integers only), so the text
+// is byte-identical on every machine. The vocabulary is about 40 characters; a tiny model learns the word list
+// quickly and then the grammar, and its validation loss keeps falling for a few thousand steps.
+const char* const G_NAMES[] = {"Anna", "Tom", "Mira", "Olaf", "Lena", "Ravi", "Ines", "Bruno"};
+const char* const G_DETS[] = {"the", "a", "every", "my", "that", "one"};
+const char* const G_ADJS[] = {"small", "red", "old", "quiet", "happy", "green", "little", "brave", "tired", "clever"};
+const char* const G_NOUNS[] = {"cat", "dog", "bird", "child", "farmer", "king", "fox", "sailor", "baker", "horse",
+                               "teacher", "goat"};
+const char* const G_PLACES[] = {"river", "garden", "market", "forest", "house", "hill", "bridge", "village"};
+const char* const G_TVERBS[] = {"sees", "likes", "finds", "follows", "helps", "watches", "calls", "feeds"};
+const char* const G_IVERBS[] = {"sleeps", "runs", "sings", "waits", "laughs", "walks", "falls", "works"};
+const char* const G_ADVS[] = {"slowly", "quickly", "again", "today", "alone", "quietly"};
+const char* const G_PREPS[] = {"near", "in", "behind", "under", "across", "beside"};
+template <size_t N>
+const char* pick(Rng& rng, const char* const (&words)[N]) { return words[rng.next() % N]; }
+
+void grammar_noun_phrase(Rng& rng, std::string* s) {
+    if (rng.next() % 4 == 0) { *s += pick(rng, G_NAMES); return; }
+    *s += pick(rng, G_DETS);
+    if (rng.next() % 2 == 0) { *s += " "; *s += pick(rng, G_ADJS); }
+    *s += " ";
+    *s += pick(rng, G_NOUNS);
+}
+
+void grammar_clause(Rng& rng, std::string* s) {
+    grammar_noun_phrase(rng, s);
+    *s += " ";
+    if (rng.next() % 2 == 0) {
+        *s += pick(rng, G_TVERBS);
+        *s += " ";
+        grammar_noun_phrase(rng, s);
+    } else {
+        *s += pick(rng, G_IVERBS);
+        if (rng.next() % 2 == 0) { *s += " "; *s += pick(rng, G_ADVS); }
+    }
+    if (rng.next() % 3 == 0) { *s += " "; *s += pick(rng, G_PREPS); *s += " the "; *s += pick(rng, G_PLACES); }
+}
+
+std::string embedded_corpus(size_t n_chars) {
+    Rng rng(20260115);   // fixed: the corpus is part of the program, not of the run
+    std::string text;
+    text.reserve(n_chars + 256);
+    while (text.size() < n_chars) {
+        int n_sentences = 6 + (int)(rng.next() % 6);
+        for (int k = 0; k < n_sentences; ++k) {
+            std::string s;
+            grammar_clause(rng, &s);
+            uint64_t r = rng.next() % 6;
+            if (r == 0) { s += ", and "; grammar_clause(rng, &s); }
+            else if (r == 1) { s += ", but "; grammar_clause(rng, &s); }
+            s += rng.next() % 8 == 0 ? "!" : ".";
+            s[0] = (char)std::toupper((unsigned char)s[0]);
+            text += s;
+            text += k + 1 < n_sentences ? " " : "\n";
+        }
+    }
+    text.resize(n_chars);
+    return text;
+}
+
+// The copy-mixture task (GOAT.md section 7): x_0 uniform; then each token copies the first token (40%),
+// copies the previous token (30%) or is uniform noise (30%). The best predictor puts its mass on x_0 and on
+// the current token; a GOAT prior can say "first token" with u and "here" with kappa, without content.
+constexpr int COPY_VOCAB = 16;
+void copy_task_sequence(Rng& rng, int n, int* x) {
+    x[0] = (int)(rng.next() % COPY_VOCAB);
+    for (int t = 1; t < n; ++t) {
+        uint64_t r = rng.next() % 10;
+        x[t] = r < 4 ? x[0] : r < 7 ? x[t - 1] : (int)(rng.next() % COPY_VOCAB);
+    }
+}
+
+enum TaskKind { TASK_TEXT = 0, TASK_COPY = 1 };
+
+struct Dataset {
+    std::string name;                  // for the log
+    int task = TASK_TEXT;
+    std::vector<unsigned char> vocab;  // (V) token id -> byte it prints as
+    std::vector<int> train, val;       // token streams (text task)
+    uint64_t val_seed = 0;             // copy task: validation sequence b of batch k uses Rng(val_seed + k)
+};
+
+std::string read_text_file(const std::string& path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) throw RunError(strf("cannot open data file '%s': %s", path.c_str(), std::strerror(errno)));
+    if (S_ISDIR(st.st_mode)) throw RunError(strf("data file '%s' is a directory", path.c_str()));
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) throw RunError(strf("cannot open data file '%s': %s", path.c_str(), std::strerror(errno)));
+    std::string text;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+    bool bad = std::ferror(f);
+    std::fclose(f);
+    if (bad) throw RunError(strf("cannot read data file '%s'", path.c_str()));
+    if (text.empty()) throw RunError(strf("data file '%s' is empty", path.c_str()));
+    return text;
+}
+
+// Character-level tokenisation: the vocabulary is the sorted set of distinct bytes; the first (1 - val_frac)
+// of the text trains, the rest validates. Both parts must hold at least one window of T + 1 tokens.
+Dataset make_text_dataset(const std::string& text, const std::string& name, int T, double val_frac) {
+    Dataset ds;
+    ds.name = name;
+    ds.task = TASK_TEXT;
+    bool seen[256] = {false};
+    for (unsigned char c : text) seen[c] = true;
+    int id[256];
+    for (int c = 0; c < 256; ++c)
+        if (seen[c]) { id[c] = (int)ds.vocab.size(); ds.vocab.push_back((unsigned char)c); }
+    const size_t n = text.size(), n_val = (size_t)(n * val_frac), n_train = n - n_val;
+    if (n_train < (size_t)T + 1 || n_val < (size_t)T + 1)
+        throw RunError(strf("%s has %zu characters: too short for --context %d with --val-frac %g (train and "
+                            "validation parts each need at least %d characters; they have %zu and %zu)",
+                            name.c_str(), n, T, val_frac, T + 1, n_train, n_val));
+    ds.train.resize(n_train);
+    ds.val.resize(n_val);
+    for (size_t i = 0; i < n_train; ++i) ds.train[i] = id[(unsigned char)text[i]];
+    for (size_t i = 0; i < n_val; ++i) ds.val[i] = id[(unsigned char)text[n_train + i]];
+    return ds;
+}
+
+Dataset make_copy_dataset() {
+    Dataset ds;
+    ds.name = "copy-mixture task (x0 40%, previous 30%, noise 30%)";
+    ds.task = TASK_COPY;
+    for (int c = 0; c < COPY_VOCAB; ++c) ds.vocab.push_back((unsigned char)('a' + c));
+    ds.val_seed = 0xC0FFEE;
+    return ds;
+}
+
+Dataset load_dataset(const Options& o) {
+    if (o.task == "copy") return make_copy_dataset();
+    if (o.data.empty()) return make_text_dataset(embedded_corpus(1000000), "embedded grammar corpus (1,000,000 chars)", o.context, o.val_frac);
+    return make_text_dataset(read_text_file(o.data), "'" + o.data + "'", o.context, o.val_frac);
+}
+
+struct Batch {
+    int B = 0, T = 0;
+    std::vector<int> inputs;    // (B,T) tokens
+    std::vector<int> targets;   // (B,T) the next token of each position
+};
+
+void resize_batch(Batch* b, int B, int T) {
+    b->B = B;
+    b->T = T;
+    b->inputs.assign((size_t)B * T, 0);
+    b->targets.assign((size_t)B * T, 0);
+}
+
+// A window of T + 1 tokens gives T inputs and T targets.
+void fill_row(Batch* b, int row, const int* window) {
+    for (int t = 0; t < b->T; ++t) {
+        b->inputs[(size_t)row * b->T + t] = window[t];
+        b->targets[(size_t)row * b->T + t] = window[t + 1];
+    }
+}
+
+// Training batch: random windows of the train split (text) or fresh sequences (copy), drawn from rng.
+void next_train_batch(const Dataset& ds, Rng& rng, Batch* b) {
+    std::vector<int> window(b->T + 1);
+    for (int row = 0; row < b->B; ++row) {
+        if (ds.task == TASK_COPY) {
+            copy_task_sequence(rng, b->T + 1, window.data());
+            fill_row(b, row, window.data());
+        } else {
+            size_t start = rng.next() % (ds.train.size() - b->T);
+            fill_row(b, row, ds.train.data() + start);
+        }
+    }
+}
+
+// Validation batch k of n: fixed windows evenly spaced over the validation split (text) or fixed sequences.
+void val_batch(const Dataset& ds, int k, int n, Batch* b) {
+    if (ds.task == TASK_COPY) {
+        Rng rng(ds.val_seed + (uint64_t)k);
+        std::vector<int> window(b->T + 1);
+        for (int row = 0; row < b->B; ++row) {
+            copy_task_sequence(rng, b->T + 1, window.data());
+            fill_row(b, row, window.data());
+        }
+        return;
+    }
+    const size_t n_windows = ds.val.size() - b->T, total = (size_t)n * b->B;
+    for (int row = 0; row < b->B; ++row) {
+        size_t w = (size_t)k * b->B + row;
+        fill_row(b, row, ds.val.data() + (total > 1 ? w * (n_windows - 1) / (total - 1) : 0));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// parameters
+
+// The shape of the model: everything a checkpoint must agree on.
+struct ModelConfig {
+    int V = 0;        // vocabulary size
+    int T = 0;        // context length
+    int n_layer = 0;  // blocks
+    int n_head = 0;   // heads per block
+    int C = 0;        // width = n_head * head_dim
+    int prior = PRIOR_GOAT;  // PriorKind
+    int R = 0;        // pos_rank of the GOAT prior
+    int M = 0;        // abs_rank of the GOAT prior
+};
+
+ModelConfig model_config(const Options& o, int V) {
+    ModelConfig c;
+    c.V = V;
+    c.T = o.context;
+    c.n_layer = o.layers;
+    c.n_head = o.heads;
+    c.C = o.heads * o.head_dim;
+    for (int k = 0; k < 4; ++k)
+        if (o.prior == PRIOR_NAMES[k]) c.prior = k;
+    c.R = o.pos_rank;
+    c.M = o.abs_rank;
+    return c;
+}
+
+// Parameters of one layer's GOAT prior, packed in this order (GoatPrior's fields, reference.h):
+//   lam_sym (H,R), lam_asym (H,R), W1 (W,F), b1 (W), W2 (W), b2 (1), gain (H), bump (H), slope_raw (H)
+// with W = GOAT_MLP_WIDTH and F = 2M + 2 features. 0 unless the prior is the learned GOAT one.
+size_t prior_size(const ModelConfig& c) {
+    if (c.prior != PRIOR_GOAT) return 0;
+    const size_t H = c.n_head, R = c.R, W = GOAT_MLP_WIDTH, F = 2 * c.M + 2;
+    return 2 * H * R + W * F + W + W + 1 + 3 * H;
+}
+
+template <typename real>
+GoatPrior unpack_prior(const ModelConfig& c, const real* x) {
+    GoatPrior p;
+    p.H = c.n_head;
+    p.R = c.R;
+    p.M = c.M;
+    p.base = 1e4;
+    p.T_train = c.T;
+    auto take = [&](std::vector<double>* v, size_t n) { v->assign(x, x + n); x += n; };
+    const size_t H = c.n_head, W = GOAT_MLP_WIDTH;
+    take(&p.lam_sym, H * c.R);
+    take(&p.lam_asym, H * c.R);
+    take(&p.W1, W * p.n_features());
+    take(&p.b1, W);
+    take(&p.W2, W);
+    p.b2 = (double)*x++;
+    take(&p.gain, H);
+    take(&p.bump, H);
+    take(&p.slope_raw, H);
+    return p;
+}
+
+template <typename real>
+void pack_prior(const GoatPrior& p, real* x) {
+    for (const std::vector<double>* v : {&p.lam_sym, &p.lam_asym, &p.W1, &p.b1, &p.W2}) {
+        for (double e : *v) *x++ = (real)e;
+    }
+    *x++ = (real)p.b2;
+    for (const std::vector<double>* v : {&p.gain, &p.bump, &p.slope_raw})
+        for (double e : *v) *x++ = (real)e;
+}
+
+// Every parameter tensor, as pointers into one flat array (the same layout on host and device).
+constexpr int NUM_PARAM_TENSORS = 13;
+template <typename real>
+struct Params {
+    real* wte;    // (V,C) token embedding; also the output head (tied)
+    real* wpe;    // (T,C) learned absolute positions (--prior abs only; otherwise 0 elements)
+    real* ln1w;   // (L,C) LayerNorm before attention
+    real* ln1b;   // (L,C)
+    real* wqkv;   // (L,3C,C) q, k, v projections (no bias)
+    real* wo;     // (L,C,C) attention output projection
+    real* ln2w;   // (L,C) LayerNorm before the mlp
+    real* ln2b;   // (L,C)
+    real* wfc;    // (L,4C,C) mlp up
+    real* wproj;  // (L,C,4C) mlp down
+    real* lnfw;   // (C) final LayerNorm
+    real* lnfb;   // (C)
+    real* prior;  // (L,P) each layer's GOAT prior parameters (P = prior_size; --prior goat only)
+};
+[[maybe_unused]] const char* const PARAM_NAMES[NUM_PARAM_TENSORS] = {"wte", "wpe", "ln1w", "ln1b", "wqkv", "wo", "ln2w",
+                                                     "ln2b", "wfc", "wproj", "lnfw", "lnfb", "prior"};
+// weight decay applies to the matrices (and embeddings), not to LayerNorm gains/biases or the prior
+const bool PARAM_DECAY[NUM_PARAM_TENSORS] = {true, true, false, false, true, true, false,
+                                             false, true, true, false, false, false};
+
+void param_sizes(const ModelConfig& c, size_t sizes[NUM_PARAM_TENSORS]) {
+    const size_t V = c.V, T = c.T, L = c.n_layer, C = c.C;
+    sizes[0] = V * C;
+    sizes[1] = c.prior == PRIOR_ABS ? T * C : 0;
+    sizes[2] = L * C;
+    sizes[3] = L * C;
+    sizes[4] = L * 3 * C * C;
+    sizes[5] = L * C * C;
+    sizes[6] = L * C;
+    sizes[7] = L * C;
+    sizes[8] = L * 4 * C * C;
+    sizes[9] = L * C * 4 * C;
+    sizes[10] = C;
+    sizes[11] = C;
+    sizes[12] = L * prior_size(c);
+}
+
+size_t num_params(const ModelConfig& c) {
+    size_t sizes[NUM_PARAM_TENSORS], n = 0;
+    param_sizes(c, sizes);
+    for (size_t s : sizes) n += s;
+    return n;
+}
+
+// Points every field of *p into base (laid out in the order above); returns the offset of each tensor.
+template <typename real>
+void point_params(Params<real>* p, real* base, const ModelConfig& c, size_t offsets[NUM_PARAM_TENSORS] = nullptr) {
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    real** ptrs[NUM_PARAM_TENSORS] = {&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->wqkv, &p->wo, &p->ln2w,
+                                      &p->ln2b, &p->wfc, &p->wproj, &p->lnfw, &p->lnfb, &p->prior};
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; ++i) {
+        *ptrs[i] = base + off;
+        if (offsets) offsets[i] = off;
+        off += sizes[i];
+    }
+}
+
+// One layer's slices of the stacked (L, ...) tensors.
+template <typename real>
+struct LayerParams {
+    real *ln1w, *ln1b;  // (C)
+    real* wqkv;         // (3C,C)
+    real* wo;           // (C,C)
+    real *ln2w, *ln2b;  // (C)
+    real* wfc;          // (4C,C)
+    real* wproj;        // (C,4C)
+    real* prior;        // (P)
+};
+
+template <typename real>
+LayerParams<real> layer_params(const Params<real>& p, const ModelConfig& c, int l) {
+    const size_t C = c.C;
+    return {p.ln1w + l * C, p.ln1b + l * C, p.wqkv + l * 3 * C * C, p.wo + l * C * C,
+            p.ln2w + l * C, p.ln2b + l * C, p.wfc + l * 4 * C * C, p.wproj + l * 4 * C * C,
+            p.prior + l * prior_size(c)};
+}
+
+// GPT-2 style init from one seed: N(0, 0.02) matrices and embeddings, the two residual projections scaled by
+// 1/sqrt(2L), LayerNorm gains 1 and biases 0; each layer's GOAT prior from goat_prior_init (GOAT.md section 3)
+// with seed + 1000 + layer. The same host array starts both backends, so they begin bit-identical.
+std::vector<float> init_params(const ModelConfig& c, const std::string& prior_init, uint64_t seed) {
+    std::vector<float> params(num_params(c), 0.f);
+    Params<float> p;
+    point_params(&p, params.data(), c);
+    size_t sizes[NUM_PARAM_TENSORS];
+    param_sizes(c, sizes);
+    Rng rng(seed);
+    auto normal = [&](float* x, size_t n, double std) { for (size_t i = 0; i < n; ++i) x[i] = (float)(std * rng.normal()); };
+    const double resid_std = 0.02 / std::sqrt(2.0 * c.n_layer);
+    normal(p.wte, sizes[0], 0.02);
+    normal(p.wpe, sizes[1], 0.02);
+    normal(p.wqkv, sizes[4], 0.02);
+    normal(p.wo, sizes[5], resid_std);
+    normal(p.wfc, sizes[8], 0.02);
+    normal(p.wproj, sizes[9], resid_std);
+    for (size_t i = 0; i < sizes[2]; ++i) { p.ln1w[i] = 1.f; p.ln2w[i] = 1.f; }
+    for (size_t i = 0; i < sizes[10]; ++i) p.lnfw[i] = 1.f;
+    if (c.prior == PRIOR_GOAT)
+        for (int l = 0; l < c.n_layer; ++l) {
+            GoatPrior gp = goat_prior_init(c.n_head, c.R, c.M, c.T, prior_init, seed + 1000 + l);
+            pack_prior(gp, layer_params(p, c, l).prior);
+        }
+    return params;
+}
+
+// The prior tables one layer's attention consumes (GOAT.md section 3, kernel-level form), built on the host:
+// kappa (H, 2T-1) and u (H, T). GOAT: from the layer's parameters (O(H T R) work); ALiBi: the fixed table.
+// Returns false when the attention has no prior (none, abs): the kernels then get null tables.
+template <typename real_p, typename real>
+bool prior_tables(const ModelConfig& c, const real_p* prior_l, real* kappa, real* u) {
+    if (c.prior == PRIOR_GOAT) {
+        GoatPrior p = unpack_prior(c, prior_l);
+        goat_prior_tables(p, c.T, /*causal=*/true, kappa, u);
+        return true;
+    }
+    if (c.prior == PRIOR_ALIBI) {
+        std::vector<float> kf((size_t)c.n_head * (2 * c.T - 1)), uf((size_t)c.n_head * c.T);
+        goat_alibi_tables(c.n_head, c.T, kf.data(), uf.data());
+        std::copy(kf.begin(), kf.end(), kappa);
+        std::copy(uf.begin(), uf.end(), u);
+        return true;
+    }
+    return false;
+}
+
+// Backward from the tables' gradients dkappa (H, 2T-1), du (H, T) to the layer's prior parameters (written).
+template <typename real>
+void prior_tables_backward(const ModelConfig& c, const real* prior_l, const real* dkappa, const real* du, real* dprior_l) {
+    if (c.prior != PRIOR_GOAT) return;
+    GoatPrior p = unpack_prior(c, prior_l), g;
+    std::vector<double> dk(dkappa, dkappa + (size_t)c.n_head * (2 * c.T - 1)), dU(du, du + (size_t)c.n_head * c.T);
+    goat_prior_backward(p, c.T, /*causal=*/true, dk.data(), dU.data(), &g);
+    pack_prior(g, dprior_l);
+}
+
+bool has_prior_tables(const ModelConfig& c) { return c.prior == PRIOR_GOAT || c.prior == PRIOR_ALIBI; }
+
+// ----------------------------------------------------------------------------------------------------------
+// activations
+
+// Everything the forward pass keeps for the backward pass, as pointers into one flat array. B is the number
+// of sequences the buffers were built for (a forward may use fewer rows); N = B*T; d = C / n_head.
+constexpr int NUM_ACTS = 25;
+template <typename real>
+struct Activations {
+    real* encoded;   // (B,T,C) token (+ position) embedding
+    real* ln1;       // (L,B,T,C)
+    real* ln1_mean;  // (L,B,T)
+    real* ln1_rstd;  // (L,B,T)
+    real* qkv;       // (L,B,T,3C)
+    real* q;         // (L,B,H,T,d) heads split out, the layout goat.h wants
+    real* k;         // (L,B,H,T,d)
+    real* v;         // (L,B,H,T,d)
+    real* atto;      // (L,B,H,T,d) attention output
+    real* lse;       // (L,B,H,T) per-row log-sum-exp of the logits, saved for the backward
+    real* atty;      // (L,B,T,C) heads merged
+    real* attproj;   // (L,B,T,C) after the output projection
+    real* resid2;    // (L,B,T,C) x + attention
+    real* ln2;       // (L,B,T,C)
+    real* ln2_mean;  // (L,B,T)
+    real* ln2_rstd;  // (L,B,T)
+    real* fch;       // (L,B,T,4C) mlp pre-activation
+    real* fch_gelu;  // (L,B,T,4C)
+    real* fcproj;    // (L,B,T,C)
+    real* resid3;    // (L,B,T,C) the block's output
+    real* lnf;       // (B,T,C)
+    real* lnf_mean;  // (B,T)
+    real* lnf_rstd;  // (B,T)
+    real* logits;    // (B,T,V)
+    real* losses;    // (B,T) cross-entropy per position
+};
+
+// Points *a into base (or only counts, base == nullptr); returns the number of elements.
+template <typename real>
+size_t point_activations(Activations<real>* a, real* base, const ModelConfig& c, int B) {
+    const size_t N = (size_t)B * c.T, C = c.C, L = c.n_layer, H = c.n_head;
+    const size_t sizes[NUM_ACTS] = {N * C, L * N * C, L * N, L * N, L * N * 3 * C, L * N * C, L * N * C,
+                                    L * N * C, L * N * C, L * N * H, L * N * C, L * N * C, L * N * C,
+                                    L * N * C, L * N, L * N, L * N * 4 * C, L * N * 4 * C, L * N * C,
+                                    L * N * C, N * C, N, N, N * c.V, N};
+    real** ptrs[NUM_ACTS] = {&a->encoded, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->q, &a->k, &a->v,
+                             &a->atto, &a->lse, &a->atty, &a->attproj, &a->resid2, &a->ln2, &a->ln2_mean,
+                             &a->ln2_rstd, &a->fch, &a->fch_gelu, &a->fcproj, &a->resid3, &a->lnf,
+                             &a->lnf_mean, &a->lnf_rstd, &a->logits, &a->losses};
+    size_t off = 0;
+    for (int i = 0; i < NUM_ACTS; ++i) {
+        *ptrs[i] = base ? base + off : nullptr;
+        off += sizes[i];
+    }
+    return off;
+}
+
+// One layer's slices; B_alloc is what the buffers were built for (it sets the stride between layers).
+template <typename real>
+struct LayerActs {
+    real *ln1, *ln1_mean, *ln1_rstd, *qkv, *q, *k, *v, *atto, *lse, *atty, *attproj, *resid2;
+    real *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_gelu, *fcproj, *resid3;
+};
+
+template <typename real>
+LayerActs<real> layer_acts(const Activations<real>& a, const ModelConfig& c, int B_alloc, int l) {
+    const size_t N = (size_t)B_alloc * c.T, C = c.C, H = c.n_head, NC = N * C;
+    return {a.ln1 + l * NC, a.ln1_mean + l * N, a.ln1_rstd + l * N, a.qkv + l * 3 * NC, a.q + l * NC,
+            a.k + l * NC, a.v + l * NC, a.atto + l * NC, a.lse + l * N * H, a.atty + l * NC,
+            a.attproj + l * NC, a.resid2 + l * NC, a.ln2 + l * NC, a.ln2_mean + l * N, a.ln2_rstd + l * N,
+            a.fch + l * 4 * NC, a.fch_gelu + l * 4 * NC, a.fcproj + l * NC, a.resid3 + l * NC};
+}
+
+// AdamW and the schedule, shared by both backends.
+struct OptimConfig {
+    double lr = 3e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, clip = 1.0, prior_lr_mult = 1.0;
+};
+
+// Linear warm-up to lr over `warmup` steps, then cosine decay to lr * min_frac at the last step.
+double learning_rate(int step, int total, int warmup, double lr, double min_frac) {
+    if (step < warmup) return lr * (step + 1) / warmup;
+    double progress = total > warmup ? (double)(step - warmup) / std::max(1, total - warmup - 1) : 1.0;
+    progress = std::min(1.0, progress);
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + std::cos(M_PI * progress)));
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// CPU layers
+//
+// One function per layer and direction; `real` is float for training and double for the gradient check.
+// Backward functions ADD into their input gradients (dinp += ...), so a tensor read by two layers collects
+// both contributions; the model zeroes all gradients before each backward. N = B*T rows throughout. Each has
+// a GPU twin below with the same name (_kernel / _gpu) and argument order.
+
+// out (B,T,C) = wte[inp] (+ wpe[t]); inp (B,T); wte (V,C); wpe (T,C) or nullptr
+template <typename real>
+void encoder_forward_cpu(real* out, const int* inp, const real* wte, const real* wpe, int B, int T, int C) {
+    for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t) {
+            real* out_bt = out + ((size_t)b * T + t) * C;
+            const real* wte_ix = wte + (size_t)inp[b * T + t] * C;
+            for (int c = 0; c < C; ++c) out_bt[c] = wte_ix[c] + (wpe ? wpe[(size_t)t * C + c] : (real)0);
+        }
+}
+
+// dwte (V,C) += scatter of dout (B,T,C) by token; dwpe (T,C) += dout summed over b (when not nullptr)
+template <typename real>
+void encoder_backward_cpu(real* dwte, real* dwpe, const real* dout, const int* inp, int B, int T, int C) {
+    for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t) {
+            const real* dout_bt = dout + ((size_t)b * T + t) * C;
+            real* dwte_ix = dwte + (size_t)inp[b * T + t] * C;
+            for (int c = 0; c < C; ++c) dwte_ix[c] += dout_bt[c];
+            if (dwpe)
+                for (int c = 0; c < C; ++c) dwpe[(size_t)t * C + c] += dout_bt[c];
+        }
+}
+
+constexpr double LN_EPS = 1e-5;
+
+// out (N,C) = (inp - mean) * rstd * w + b, per row; mean, rstd (N) saved for the backward
+template <typename real>
+void layernorm_forward_cpu(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
+                           int N, int C) {
+    for (int n = 0; n < N; ++n) {
+        const real* x = inp + (size_t)n * C;
+        double mu = 0, var = 0;
+        for (int c = 0; c < C; ++c) mu += x[c];
+        mu /= C;
+        for (int c = 0; c < C; ++c) var += (x[c] - mu) * (x[c] - mu);
+        const double rs = 1.0 / std::sqrt(var / C + LN_EPS);
+        for (int c = 0; c < C; ++c) out[(size_t)n * C + c] = (real)((x[c] - mu) * rs * w[c] + b[c]);
+        mean[n] = (real)mu;
+        rstd[n] = (real)rs;
+    }
+}
+
+// dinp (N,C) += rstd (dnorm - mean(dnorm) - norm mean(dnorm norm)), dnorm = dout w; dw, db (C) += sums over rows
+template <typename real>
+void layernorm_backward_cpu(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
+                            const real* mean, const real* rstd, int N, int C) {
+    for (int n = 0; n < N; ++n) {
+        const real* x = inp + (size_t)n * C;
+        const real* dout_n = dout + (size_t)n * C;
+        const double mu = mean[n], rs = rstd[n];
+        double dnorm_mean = 0, dnorm_norm_mean = 0;
+        for (int c = 0; c < C; ++c) {
+            double norm = (x[c] - mu) * rs, dnorm = (double)dout_n[c] * w[c];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean /= C;
+        dnorm_norm_mean /= C;
+        for (int c = 0; c < C; ++c) {
+            double norm = (x[c] - mu) * rs, dnorm = (double)dout_n[c] * w[c];
+            dw[c] += (real)(dout_n[c] * norm);
+            db[c] += dout_n[c];
+            dinp[(size_t)n * C + c] += (real)(rs * (dnorm - dnorm_mean - norm * dnorm_norm_mean));
+        }
+    }
+}
+
+// out (N,OC) = inp (N,C) @ w (OC,C)^T      (dense layer without bias)
+// Written as out[n,:] = sum_c inp[n,c] * w^T[c,:] over a transposed copy of w, so the inner loop runs along
+// contiguous memory (the compiler vectorises it); the copy costs C*OC next to the product's N*C*OC.
+template <typename real>
+void matmul_forward_cpu(real* out, const real* inp, const real* w, int N, int C, int OC) {
+    std::vector<real> wT((size_t)C * OC);   // (C,OC)
+    for (int o = 0; o < OC; ++o)
+        for (int c = 0; c < C; ++c) wT[(size_t)c * OC + o] = w[(size_t)o * C + c];
+    for (int n = 0; n < N; ++n) {
+        real* out_n = out + (size_t)n * OC;
+        for (int o = 0; o < OC; ++o) out_n[o] = 0;
+        for (int c = 0; c < C; ++c) {
+            const real x = inp[(size_t)n * C + c];
+            const real* wT_c = wT.data() + (size_t)c * OC;
+            for (int o = 0; o < OC; ++o) out_n[o] += x * wT_c[o];
+        }
+    }
+}
+
+// dinp (N,C) += dout (N,OC) @ w (OC,C);   dw (OC,C) += dout^T @ inp (N,C)
+template <typename real>
+void matmul_backward_cpu(real* dinp, real* dw, const real* dout, const real* inp, const real* w, int N, int C, int OC) {
+    for (int n = 0; n < N; ++n) {
+        real* dx = dinp + (size_t)n * C;
+        for (int o = 0; o < OC; ++o) {
+            const real g = dout[(size_t)n * OC + o];
+            const real* w_o = w + (size_t)o * C;
+            for (int c = 0; c < C; ++c) dx[c] += g * w_o[c];
+        }
+    }
+    for (int o = 0; o < OC; ++o) {
+        real* dw_o = dw + (size_t)o * C;
+        for (int n = 0; n < N; ++n) {
+            const real g = dout[(size_t)n * OC + o];
+            const real* x = inp + (size_t)n * C;
+            for (int c = 0; c < C; ++c) dw_o[c] += g * x[c];
+        }
+    }
+}
+
+// qkv (B,T,3C), each row [q | k | v] with head h at columns h*d..h*d+d-1  ->  q, k, v (B,H,T,d)
+template <typename real>
+void split_heads_cpu(real* q, real* k, real* v, const real* qkv, int B, int T, int H, int d) {
+    const size_t C = (size_t)H * d;
+    for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < H; ++h)
+                for (int c = 0; c < d; ++c) {
+                    size_t src = ((size_t)b * T + t) * 3 * C + (size_t)h * d + c;
+                    size_t dst = (((size_t)b * H + h) * T + t) * d + c;
+                    q[dst] = qkv[src];
+                    k[dst] = qkv[src + C];
+                    v[dst] = qkv[src + 2 * C];
+                }
+}
+
+// dqkv (B,T,3C) += dq, dk, dv (B,H,T,d) put back in place
+template <typename real>
+void split_heads_backward_cpu(real* dqkv, const real* dq, const real* dk, const real* dv, int B, int T, int H, int d) {
+    const size_t C = (size_t)H * d;
+    for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < H; ++h)
+                for (int c = 0; c < d; ++c) {
+                    size_t dst = ((size_t)b * T + t) * 3 * C + (size_t)h * d + c;
+                    size_t src = (((size_t)b * H + h) * T + t) * d + c;
+                    dqkv[dst] += dq[src];
+                    dqkv[dst + C] += dk[src];
+                    dqkv[dst + 2 * C] += dv[src];
+                }
+}
+
+// o (B,H,T,d) -> y (B,T,C): the heads side by side again
+template <typename real>
+void merge_heads_cpu(real* y, const real* o, int B, int T, int H, int d) {
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+            for (int t = 0; t < T; ++t)
+                for (int c = 0; c < d; ++c)
+                    y[((size_t)b * T + t) * H * d + (size_t)h * d + c] = o[(((size_t)b * H + h) * T + t) * d + c];
+}
+
+// do (B,H,T,d) += dy (B,T,C) split by head
+template <typename real>
+void merge_heads_backward_cpu(real* dout_heads, const real* dy, int B, int T, int H, int d) {
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+            for (int t = 0; t < T; ++t)
+                for (int c = 0; c < d; ++c)
+                    dout_heads[(((size_t)b * H + h) * T + t) * d + c] += dy[((size_t)b * T + t) * H * d + (size_t)h * d + c];
+}
+
+// GELU, tanh form (as GPT-2): gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+constexpr double GELU_S = 0.7978845608028654;   // sqrt(2 / pi)
+template <typename real>
+void gelu_forward_cpu(real* out, const real* inp, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        double x = inp[i];
+        out[i] = (real)(0.5 * x * (1 + std::tanh(GELU_S * (x + 0.044715 * x * x * x))));
+    }
+}
+
+// dinp += dout * gelu'(inp)
+template <typename real>
+void gelu_backward_cpu(real* dinp, const real* inp, const real* dout, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        double x = inp[i], th = std::tanh(GELU_S * (x + 0.044715 * x * x * x));
+        double grad = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * GELU_S * (1 + 3 * 0.044715 * x * x);
+        dinp[i] += (real)(grad * dout[i]);
+    }
+}
+
+// out = a + b (n elements)
+template <typename real>
+void residual_forward_cpu(real* out, const real* a, const real* b, size_t n) {
+    for (size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// da += dout; db += dout
+template <typename real>
+void residual_backward_cpu(real* da, real* db, const real* dout, size_t n) {
+    for (size_t i = 0; i < n; ++i) { da[i] += dout[i]; db[i] += dout[i]; }
+}
+
+// losses (N) = logsumexp(logits row) - logits[target]; logits (N,V), targets (N)
+template <typename real>
+void crossentropy_forward_cpu(real* losses, const real* logits, const int* targets, int N, int V) {
+    for (int n = 0; n < N; ++n) {
+        const real* z = logits + (size_t)n * V;
+        double m = z[0], s = 0;
+        for (int v = 1; v < V; ++v) m = std::max(m, (double)z[v]);
+        for (int v = 0; v < V; ++v) s += std::exp(z[v] - m);
+        losses[n] = (real)(m + std::log(s) - z[targets[n]]);
+    }
+}
+
+// dlogits (N,V) += (softmax(logits) - onehot(target)) * dloss; dloss = 1/N for the mean loss
+template <typename real>
+void crossentropy_backward_cpu(real* dlogits, const real* logits, const int* targets, int N, int V, double dloss) {
+    for (int n = 0; n < N; ++n) {
+        const real* z = logits + (size_t)n * V;
+        double m = z[0], s = 0;
+        for (int v = 1; v < V; ++v) m = std::max(m, (double)z[v]);
+        for (int v = 0; v < V; ++v) s += std::exp(z[v] - m);
+        for (int v = 0; v < V; ++v) {
+            double p = std::exp(z[v] - m) / s;
+            dlogits[(size_t)n * V + v] += (real)((p - (v == targets[n] ? 1.0 : 0.0)) * dloss);
+        }
+    }
+}
+
+// AdamW on n parameters: grad scaled by grad_scale (clipping), bias corrections bc1 = 1 - beta1^t, bc2 = 1 - beta2^t
+template <typename real>
+void adamw_cpu(real* param, const real* grad, real* m, real* v, size_t n, double lr, double beta1, double beta2,
+               double eps, double weight_decay, double grad_scale, double bc1, double bc2) {
+    for (size_t i = 0; i < n; ++i) {
+        double g = grad[i] * grad_scale;
+        m[i] = (real)(beta1 * m[i] + (1 - beta1) * g);
+        v[i] = (real)(beta2 * v[i] + (1 - beta2) * g * g);
+        double mhat = m[i] / bc1, vhat = v[i] / bc2;
+        param[i] = (real)(param[i] - lr * (mhat / (std::sqrt(vhat) + eps) + weight_decay * param[i]));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// CPU model
+
+template <typename real>
+struct CpuModel {
+    ModelConfig cfg;
+    int B = 0;                     // sequences the activation buffers hold
+    size_t n_params = 0;
+    std::vector<real> params;      // (n_params) flat; p points into it
+    std::vector<real> grads;       // (n_params); g points into it
+    std::vector<real> m, v;        // (n_params) AdamW moments
+    Params<real> p{}, g{};
+    std::vector<real> acts, dacts; // activations and their gradients, same layout
+    Activations<real> a{}, da{};
+    std::vector<real> kappa, u;    // (L,H,2T-1), (L,H,T) prior tables, rebuilt from the parameters each forward
+    std::vector<real> dkappa, du;  // (L,H,2T-1), (L,H,T) their gradients
+    bool tables = false;           // false: the attention has no prior (none, abs)
+    int t = 0;                     // AdamW steps taken
+    CpuModel() = default;
+    CpuModel(const CpuModel&) = delete;   // p, g, a, da point into the vectors
+    CpuModel& operator=(const CpuModel&) = delete;
+};
+
+template <typename real>
+void build_cpu_model(CpuModel<real>* m, const ModelConfig& c, int B, const std::vector<float>& init) {
+    m->cfg = c;
+    m->B = B;
+    m->n_params = num_params(c);
+    if (init.size() != m->n_params) throw RunError("build_cpu_model: parameter count mismatch");
+    m->params.assign(init.begin(), init.end());
+    m->grads.assign(m->n_params, 0);
+    m->m.assign(m->n_params, 0);
+    m->v.assign(m->n_params, 0);
+    point_params(&m->p, m->params.data(), c);
+    point_params(&m->g, m->grads.data(), c);
+    size_t n_acts = point_activations<real>(&m->a, nullptr, c, B);
+    m->acts.assign(n_acts, 0);
+    m->dacts.assign(n_acts, 0);
+    point_activations(&m->a, m->acts.data(), c, B);
+    point_activations(&m->da, m->dacts.data(), c, B);
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    m->kappa.assign(c.n_layer * nk, 0);
+    m->u.assign(c.n_layer * nu, 0);
+    m->dkappa.assign(c.n_layer * nk, 0);
+    m->du.assign(c.n_layer * nu, 0);
+    m->tables = has_prior_tables(c);
+    m->t = 0;
+}
+
+template <typename real>
+void free_cpu_model(CpuModel<real>* m) {
+    for (std::vector<real>* x : {&m->params, &m->grads, &m->m, &m->v, &m->acts, &m->dacts, &m->kappa, &m->u,
+                                 &m->dkappa, &m->du})
+        std::vector<real>().swap(*x);
+}
+
+// Forward over the first B rows of inputs (B,T). With targets (B,T) it returns the mean cross-entropy; with
+// targets == nullptr it only fills the logits (sampling).
+template <typename real>
+double cpu_forward(CpuModel<real>* m, const int* inputs, const int* targets, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
+    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
+    Params<real>& p = m->p;
+    Activations<real>& a = m->a;
+    if (B > m->B) throw RunError("cpu_forward: batch larger than the buffers");
+
+    // the prior tables of every layer, from the current parameters (O(H T R) each)
+    for (int l = 0; l < L && m->tables; ++l)
+        prior_tables(c, layer_params(p, c, l).prior, m->kappa.data() + l * nk, m->u.data() + l * nu);
+
+    encoder_forward_cpu(a.encoded, inputs, p.wte, c.prior == PRIOR_ABS ? p.wpe : (real*)nullptr, B, T, C);
+    const real* x = a.encoded;   // (B,T,C) the residual stream entering layer l
+    for (int l = 0; l < L; ++l) {
+        LayerParams<real> lp = layer_params(p, c, l);
+        LayerActs<real> la = layer_acts(a, c, m->B, l);
+        const real* kappa_l = m->tables ? m->kappa.data() + l * nk : nullptr;
+        const real* u_l = m->tables ? m->u.data() + l * nu : nullptr;
+        // attention: x + Wo GOAT(LN1(x))
+        layernorm_forward_cpu(la.ln1, la.ln1_mean, la.ln1_rstd, x, lp.ln1w, lp.ln1b, N, C);
+        matmul_forward_cpu(la.qkv, la.ln1, lp.wqkv, N, C, 3 * C);
+        split_heads_cpu(la.q, la.k, la.v, la.qkv, B, T, H, d);
+        GoatDims dims{B, H, T, d, /*causal=*/true, (float)(1.0 / std::sqrt((double)d))};
+        goat_forward_cpu(dims, la.q, la.k, la.v, kappa_l, u_l, la.atto, la.lse);   // reference.cpp
+        merge_heads_cpu(la.atty, la.atto, B, T, H, d);
+        matmul_forward_cpu(la.attproj, la.atty, lp.wo, N, C, C);
+        residual_forward_cpu(la.resid2, x, la.attproj, (size_t)N * C);
+        // mlp: resid2 + Wproj gelu(Wfc LN2(resid2))
+        layernorm_forward_cpu(la.ln2, la.ln2_mean, la.ln2_rstd, la.resid2, lp.ln2w, lp.ln2b, N, C);
+        matmul_forward_cpu(la.fch, la.ln2, lp.wfc, N, C, 4 * C);
+        gelu_forward_cpu(la.fch_gelu, la.fch, (size_t)N * 4 * C);
+        matmul_forward_cpu(la.fcproj, la.fch_gelu, lp.wproj, N, 4 * C, C);
+        residual_forward_cpu(la.resid3, la.resid2, la.fcproj, (size_t)N * C);
+        x = la.resid3;
+    }
+    layernorm_forward_cpu(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb, N, C);
+    matmul_forward_cpu(a.logits, a.lnf, p.wte, N, C, V);   // tied head
+    if (!targets) return 0;
+    crossentropy_forward_cpu(a.losses, a.logits, targets, N, V);
+    double loss = 0;
+    for (int n = 0; n < N; ++n) loss += a.losses[n];
+    return loss / N;
+}
+
+// Gradient of the mean loss of the last cpu_forward (same inputs, targets, B) into m->grads (overwritten).
+template <typename real>
+void cpu_backward(CpuModel<real>* m, const int* inputs, const int* targets, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
+    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
+    Params<real>&p = m->p, &g = m->g;
+    Activations<real>&a = m->a, &da = m->da;
+    std::fill(m->grads.begin(), m->grads.end(), (real)0);
+    std::fill(m->dacts.begin(), m->dacts.end(), (real)0);
+
+    const real* x_last = layer_acts(a, c, m->B, L - 1).resid3;
+    real* dx_last = layer_acts(da, c, m->B, L - 1).resid3;
+    crossentropy_backward_cpu(da.logits, a.logits, targets, N, V, 1.0 / N);
+    matmul_backward_cpu(da.lnf, g.wte, da.logits, a.lnf, p.wte, N, C, V);
+    layernorm_backward_cpu(dx_last, g.lnfw, g.lnfb, da.lnf, x_last, p.lnfw, a.lnf_mean, a.lnf_rstd, N, C);
+    for (int l = L - 1; l >= 0; --l) {
+        LayerParams<real> lp = layer_params(p, c, l), lg = layer_params(g, c, l);
+        LayerActs<real> la = layer_acts(a, c, m->B, l), ld = layer_acts(da, c, m->B, l);
+        const real* x = l == 0 ? a.encoded : layer_acts(a, c, m->B, l - 1).resid3;
+        real* dx = l == 0 ? da.encoded : layer_acts(da, c, m->B, l - 1).resid3;
+        const real* kappa_l = m->tables ? m->kappa.data() + l * nk : nullptr;
+        const real* u_l = m->tables ? m->u.data() + l * nu : nullptr;
+        // mlp
+        residual_backward_cpu(ld.resid2, ld.fcproj, ld.resid3, (size_t)N * C);
+        matmul_backward_cpu(ld.fch_gelu, lg.wproj, ld.fcproj, la.fch_gelu, lp.wproj, N, 4 * C, C);
+        gelu_backward_cpu(ld.fch, la.fch, ld.fch_gelu, (size_t)N * 4 * C);
+        matmul_backward_cpu(ld.ln2, lg.wfc, ld.fch, la.ln2, lp.wfc, N, C, 4 * C);
+        layernorm_backward_cpu(ld.resid2, lg.ln2w, lg.ln2b, ld.ln2, la.resid2, lp.ln2w, la.ln2_mean, la.ln2_rstd, N, C);
+        // attention
+        residual_backward_cpu(dx, ld.attproj, ld.resid2, (size_t)N * C);
+        matmul_backward_cpu(ld.atty, lg.wo, ld.attproj, la.atty, lp.wo, N, C, C);
+        merge_heads_backward_cpu(ld.atto, ld.atty, B, T, H, d);
+        GoatDims dims{B, H, T, d, /*causal=*/true, (float)(1.0 / std::sqrt((double)d))};
+        real* dkappa_l = m->dkappa.data() + l * nk;
+        real* du_l = m->du.data() + l * nu;
+        goat_backward_cpu(dims, la.q, la.k, la.v, kappa_l, u_l, la.atto, la.lse, ld.atto, ld.q, ld.k, ld.v,
+                          dkappa_l, du_l);   // reference.cpp; dkappa, du summed over the batch
+        prior_tables_backward(c, lp.prior, dkappa_l, du_l, lg.prior);
+        split_heads_backward_cpu(ld.qkv, ld.q, ld.k, ld.v, B, T, H, d);
+        matmul_backward_cpu(ld.ln1, lg.wqkv, ld.qkv, la.ln1, lp.wqkv, N, C, 3 * C);
+        layernorm_backward_cpu(dx, lg.ln1w, lg.ln1b, ld.ln1, x, lp.ln1w, la.ln1_mean, la.ln1_rstd, N, C);
+    }
+    encoder_backward_cpu(g.wte, c.prior == PRIOR_ABS ? g.wpe : (real*)nullptr, da.encoded, inputs, B, T, C);
+}
+
+// Global gradient norm, clipping, and one AdamW step per parameter tensor (decay on matrices only). Returns
+// the norm before clipping.
+template <typename real>
+double cpu_update(CpuModel<real>* m, const OptimConfig& o, double lr) {
+    double sumsq = 0;
+    for (real gr : m->grads) sumsq += (double)gr * gr;
+    const double norm = std::sqrt(sumsq);
+    const double scale = (o.clip > 0 && norm > o.clip) ? o.clip / norm : 1.0;
+    m->t += 1;
+    const double bc1 = 1 - std::pow(o.beta1, m->t), bc2 = 1 - std::pow(o.beta2, m->t);
+    size_t sizes[NUM_PARAM_TENSORS], offsets[NUM_PARAM_TENSORS];
+    param_sizes(m->cfg, sizes);
+    Params<real> unused;
+    point_params(&unused, m->params.data(), m->cfg, offsets);
+    for (int i = 0; i < NUM_PARAM_TENSORS; ++i) {
+        const double lr_i = lr * (i == NUM_PARAM_TENSORS - 1 ? o.prior_lr_mult : 1.0);
+        const size_t off = offsets[i];
+        adamw_cpu(m->params.data() + off, m->grads.data() + off, m->m.data() + off, m->v.data() + off, sizes[i],
+                  lr_i, o.beta1, o.beta2, o.eps, PARAM_DECAY[i] ? o.weight_decay : 0.0, scale, bc1, bc2);
+    }
+    return norm;
+}
+
+#ifdef __CUDACC__
+// ----------------------------------------------------------------------------------------------------------
+// GPU kernels
+//
+// fp32 throughout. Each kernel is the twin of the CPU layer of the same name, same argument order. Simple
+// grid-stride or one-warp-per-row kernels: the dense layers (cuBLAS) and attention (goat.cu) are the work.
+
+// Every CUDA runtime call, launch and cuBLAS call is checked; a failure names the statement, file and line.
+#define CUDA_CHECK(stmt)                                                                                   \
+    do {                                                                                                   \
+        cudaError_t err_ = (stmt);                                                                         \
+        if (err_ != cudaSuccess) {                                                                         \
+            std::fprintf(stderr, "CUDA error: %s failed at %s:%d: %s\n", #stmt, __FILE__, __LINE__,       \
+                         cudaGetErrorString(err_));                                                        \
+            std::exit(1);                                                                                  \
+        }                                                                                                  \
+    } while (0)
+#define LAUNCH_CHECK(launch) do { launch; CUDA_CHECK(cudaGetLastError()); } while (0)
+#define CUBLAS_CHECK(stmt)                                                                                 \
+    do {                                                                                                   \
+        cublasStatus_t st_ = (stmt);                                                                       \
+        if (st_ != CUBLAS_STATUS_SUCCESS) {                                                                \
+            std::fprintf(stderr, "cuBLAS error %d: %s failed at %s:%d\n", (int)st_, #stmt, __FILE__, __LINE__); \
+            std::exit(1);                                                                                  \
+        }                                                                                                  \
+    } while (0)
+#define GOAT_CHECK(stmt)                                                                                   \
+    do {                                                                                                   \
+        GoatStatus gs_ = (stmt);                                                                           \
+        if (!gs_.ok()) {                                                                                   \
+            std::fprintf(stderr, "goat error %d: %s failed at %s:%d: %s\n", gs_.code, #stmt, __FILE__,     \
+                         __LINE__, gs_.message);                                                           \
+            std::exit(1);                                                                                  \
+        }                                                                                                  \
+    } while (0)
+
+constexpr int THREADS = 256;
+unsigned grid_for(size_t n) { return (unsigned)std::min<size_t>((n + THREADS - 1) / THREADS, 65535u * 8); }
+unsigned warps_grid(size_t rows) { return (unsigned)((rows + THREADS / 32 - 1) / (THREADS / 32)); }
+
+__device__ float warp_sum(float x) {
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+__device__ float warp_max(float x) {
+    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+    return x;
+}
+
+// out (B,T,C) = wte[inp] (+ wpe[t])
+__global__ void encoder_forward_kernel(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) {
+    const size_t n = (size_t)B * T * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t bt = i / C;
+        int c = (int)(i % C), t = (int)(bt % T);
+        out[i] = wte[(size_t)inp[bt] * C + c] + (wpe ? wpe[(size_t)t * C + c] : 0.f);
+    }
+}
+
+// dwte += scatter of dout by token, dwpe += dout (float atomics: the order of the sums varies run to run)
+__global__ void encoder_backward_kernel(float* dwte, float* dwpe, const float* dout, const int* inp, int B, int T, int C) {
+    const size_t n = (size_t)B * T * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t bt = i / C;
+        int c = (int)(i % C), t = (int)(bt % T);
+        atomicAdd(&dwte[(size_t)inp[bt] * C + c], dout[i]);
+        if (dwpe) atomicAdd(&dwpe[(size_t)t * C + c], dout[i]);
+    }
+}
+
+// one warp per row: out (N,C), mean, rstd (N)
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                         const float* b, int N, int C) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* x = inp + (size_t)row * C;
+    float s = 0.f;
+    for (int c = lane; c < C; c += 32) s += x[c];
+    const float mu = warp_sum(s) / C;
+    float s2 = 0.f;
+    for (int c = lane; c < C; c += 32) s2 += (x[c] - mu) * (x[c] - mu);
+    const float rs = rsqrtf(warp_sum(s2) / C + (float)LN_EPS);
+    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = (x[c] - mu) * rs * w[c] + b[c];
+    if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
+}
+
+// one warp per row; dw, db collected with atomics
+__global__ void layernorm_backward_kernel(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                          const float* w, const float* mean, const float* rstd, int N, int C) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* x = inp + (size_t)row * C;
+    const float* dout_n = dout + (size_t)row * C;
+    const float mu = mean[row], rs = rstd[row];
+    float dnorm_mean = 0.f, dnorm_norm_mean = 0.f;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (x[c] - mu) * rs, dnorm = dout_n[c] * w[c];
+        dnorm_mean += dnorm;
+        dnorm_norm_mean += dnorm * norm;
+    }
+    dnorm_mean = warp_sum(dnorm_mean) / C;
+    dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (x[c] - mu) * rs, dnorm = dout_n[c] * w[c];
+        atomicAdd(&dw[c], dout_n[c] * norm);
+        atomicAdd(&db[c], dout_n[c]);
+        dinp[(size_t)row * C + c] += rs * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+    }
+}
+
+// qkv (B,T,3C) -> q, k, v (B,H,T,d); one thread per element of q
+__global__ void split_heads_kernel(float* q, float* k, float* v, const float* qkv, int B, int T, int H, int d) {
+    const size_t C = (size_t)H * d, n = (size_t)B * T * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        // i indexes (b,h,t,c) of the destination
+        int c = (int)(i % d), t = (int)(i / d % T), h = (int)(i / ((size_t)d * T) % H);
+        size_t b = i / ((size_t)d * T * H);
+        size_t src = (b * T + t) * 3 * C + (size_t)h * d + c;
+        q[i] = qkv[src];
+        k[i] = qkv[src + C];
+        v[i] = qkv[src + 2 * C];
+    }
+}
+
+__global__ void split_heads_backward_kernel(float* dqkv, const float* dq, const float* dk, const float* dv, int B, int T, int H, int d) {
+    const size_t C = (size_t)H * d, n = (size_t)B * T * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = (int)(i % d), t = (int)(i / d % T), h = (int)(i / ((size_t)d * T) % H);
+        size_t b = i / ((size_t)d * T * H);
+        size_t dst = (b * T + t) * 3 * C + (size_t)h * d + c;
+        dqkv[dst] += dq[i];
+        dqkv[dst + C] += dk[i];
+        dqkv[dst + 2 * C] += dv[i];
+    }
+}
+
+// o (B,H,T,d) -> y (B,T,C)
+__global__ void merge_heads_kernel(float* y, const float* o, int B, int T, int H, int d) {
+    const size_t n = (size_t)B * T * H * d;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = (int)(i % d), t = (int)(i / d % T), h = (int)(i / ((size_t)d * T) % H);
+        size_t b = i / ((size_t)d * T * H);
+        y[(b * T + t) * H * d + (size_t)h * d + c] = o[i];
+    }
+}
+
+__global__ void merge_heads_backward_kernel(float* dout_heads, const float* dy, int B, int T, int H, int d) {
+    const size_t n = (size_t)B * T * H * d;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int c = (int)(i % d), t = (int)(i / d % T), h = (int)(i / ((size_t)d * T) % H);
+        size_t b = i / ((size_t)d * T * H);
+        dout_heads[i] += dy[(b * T + t) * H * d + (size_t)h * d + c];
+    }
+}
+
+__global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.f + tanhf((float)GELU_S * (x + 0.044715f * x * x * x)));
+    }
+}
+
+__global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float x = inp[i], th = tanhf((float)GELU_S * (x + 0.044715f * x * x * x));
+        float grad = 0.5f * (1.f + th) + 0.5f * x * (1.f - th * th) * (float)GELU_S * (1.f + 3.f * 0.044715f * x * x);
+        dinp[i] += grad * dout[i];
+    }
+}
+
+__global__ void residual_forward_kernel(float* out, const float* a, const float* b, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = a[i] + b[i];
+}
+
+__global__ void residual_backward_kernel(float* da, float* db, const float* dout, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        da[i] += dout[i];
+        db[i] += dout[i];
+    }
+}
+
+// one warp per row: losses (N)
+__global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int N, int V) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* z = logits + (size_t)row * V;
+    float m = -INFINITY, s = 0.f;
+    for (int v = lane; v < V; v += 32) m = fmaxf(m, z[v]);
+    m = warp_max(m);
+    for (int v = lane; v < V; v += 32) s += expf(z[v] - m);
+    s = warp_sum(s);
+    if (lane == 0) losses[row] = m + logf(s) - z[targets[row]];
+}
+
+// one warp per row: dlogits (N,V) += (softmax - onehot) * dloss
+__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, int N, int V, float dloss) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float* z = logits + (size_t)row * V;
+    float m = -INFINITY, s = 0.f;
+    for (int v = lane; v < V; v += 32) m = fmaxf(m, z[v]);
+    m = warp_max(m);
+    for (int v = lane; v < V; v += 32) s += expf(z[v] - m);
+    s = warp_sum(s);
+    for (int v = lane; v < V; v += 32)
+        dlogits[(size_t)row * V + v] += (expf(z[v] - m) / s - (v == targets[row] ? 1.f : 0.f)) * dloss;
+}
+
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                             float beta2, float eps, float weight_decay, float grad_scale, float bc1, float bc2) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float g = grad[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1.f - beta1) * g;
+        v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
+        float mhat = m[i] / bc1, vhat = v[i] / bc2;
+        param[i] -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * param[i]);
+    }
+}
+
+// *out += sum of x^2 (block partial sums in double, one atomic per block)
+__global__ void sumsq_kernel(double* out, const float* x, size_t n) {
+    __shared__ double partial[THREADS];
+    double s = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if ((int)threadIdx.x < k) partial[threadIdx.x] += partial[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(out, partial[0]);
+}
+
+// Dense layers with cuBLAS (column-major), written for our row-major tensors:
+// out (N,OC) = inp (N,C) @ w (OC,C)^T  is, column-major, out^T (OC x N) = w^T... = op_T(w as C x OC) @ inp^T.
+void matmul_forward_gpu(cublasHandle_t h, float* out, const float* inp, const float* w, int N, int C, int OC) {
+    const float one = 1.f, zero = 0.f;
+    CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, w, C, inp, C, &zero, out, OC));
+}
+
+// dinp (N,C) += dout (N,OC) @ w (OC,C);   dw (OC,C) += dout^T @ inp
+void matmul_backward_gpu(cublasHandle_t h, float* dinp, float* dw, const float* dout, const float* inp,
+                         const float* w, int N, int C, int OC) {
+    const float one = 1.f;
+    CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, w, C, dout, OC, &one, dinp, C));
+    CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, C, dout, OC, &one, dw, C));
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// GPU model
+
+bool gpu_available() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return false; }
+    return n > 0;
+}
+
+struct GpuModel {
+    ModelConfig cfg;
+    int B = 0;
+    size_t n_params = 0;
+    float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;   // (n_params) device
+    Params<float> p{}, g{};                  // device pointers into params / grads
+    float *acts = nullptr, *dacts = nullptr; // device, same layout as the CPU model
+    size_t n_acts = 0;
+    Activations<float> a{}, da{};
+    int *inputs = nullptr, *targets = nullptr;   // (B,T) device
+    float *kappa = nullptr, *u = nullptr;        // (L,H,2T-1), (L,H,T) device prior tables
+    float *dkappa = nullptr, *du = nullptr;      // (L,H,2T-1), (L,H,T) device
+    double* sumsq = nullptr;                     // (1) device
+    void* goat_ws = nullptr;                     // goat_backward workspace
+    size_t goat_ws_bytes = 0;
+    cublasHandle_t cublas = nullptr;
+    bool tables = false;
+    // host mirrors for the prior (O(H T R) host work per step, per layer; see gpu_forward)
+    std::vector<float> h_prior, h_dprior;    // (L,P)
+    std::vector<float> h_kappa, h_u, h_dkappa, h_du;
+    std::vector<float> h_losses;             // (B,T)
+    int t = 0;
+};
+
+GoatParams attention_params(const GpuModel* m, int l, int B) {
+    const ModelConfig& c = m->cfg;
+    LayerActs<float> la = layer_acts(m->a, c, m->B, l), ld = layer_acts(m->da, c, m->B, l);
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    GoatParams gp;
+    gp.B = B;
+    gp.H = c.n_head;
+    gp.L = c.T;
+    gp.d = c.C / c.n_head;
+    gp.scale = (float)(1.0 / std::sqrt((double)gp.d));
+    gp.causal = true;
+    gp.dtype = GOAT_F32;
+    gp.version = GOAT_AUTO;
+    gp.q = la.q;
+    gp.k = la.k;
+    gp.v = la.v;
+    gp.kappa = m->tables ? m->kappa + l * nk : nullptr;
+    gp.u = m->tables ? m->u + l * nu : nullptr;
+    gp.o = la.atto;
+    gp.lse = la.lse;
+    gp.dout = ld.atto;
+    gp.dq = ld.q;
+    gp.dk = ld.k;
+    gp.dv = ld.v;
+    gp.dkappa = c.prior == PRIOR_GOAT ? m->dkappa + l * nk : nullptr;   // only a learned prior needs them
+    gp.du = c.prior == PRIOR_GOAT ? m->du + l * nu : nullptr;
+    gp.workspace = m->goat_ws;
+    gp.workspace_bytes = m->goat_ws_bytes;
+    return gp;
+}
+
+void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector<float>& init) {
+    m->cfg = c;
+    m->B = B;
+    m->n_params = num_params(c);
+    if (init.size() != m->n_params) throw RunError("build_gpu_model: parameter count mismatch");
+    const size_t pb = m->n_params * sizeof(float);
+    CUDA_CHECK(cudaMalloc(&m->params, pb));
+    CUDA_CHECK(cudaMalloc(&m->grads, pb));
+    CUDA_CHECK(cudaMalloc(&m->m, pb));
+    CUDA_CHECK(cudaMalloc(&m->v, pb));
+    CUDA_CHECK(cudaMemcpy(m->params, init.data(), pb, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(m->m, 0, pb));
+    CUDA_CHECK(cudaMemset(m->v, 0, pb));
+    point_params(&m->p, m->params, c);
+    point_params(&m->g, m->grads, c);
+    m->n_acts = point_activations<float>(&m->a, nullptr, c, B);
+    CUDA_CHECK(cudaMalloc(&m->acts, m->n_acts * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&m->dacts, m->n_acts * sizeof(float)));
+    point_activations(&m->a, m->acts, c, B);
+    point_activations(&m->da, m->dacts, c, B);
+    CUDA_CHECK(cudaMalloc(&m->inputs, (size_t)B * c.T * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(&m->targets, (size_t)B * c.T * sizeof(int)));
+    const size_t nk = (size_t)c.n_layer * c.n_head * (2 * c.T - 1), nu = (size_t)c.n_layer * c.n_head * c.T;
+    CUDA_CHECK(cudaMalloc(&m->kappa, nk * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&m->u, nu * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&m->dkappa, nk * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&m->du, nu * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&m->sumsq, sizeof(double)));
+    m->h_prior.assign((size_t)c.n_layer * prior_size(c), 0.f);
+    m->h_dprior.assign(m->h_prior.size(), 0.f);
+    m->h_kappa.assign(nk, 0.f);
+    m->h_u.assign(nu, 0.f);
+    m->h_dkappa.assign(nk, 0.f);
+    m->h_du.assign(nu, 0.f);
+    m->h_losses.assign((size_t)B * c.T, 0.f);
+    m->tables = has_prior_tables(c);
+    if (c.prior == PRIOR_ALIBI) {   // fixed: build and upload once
+        for (int l = 0; l < c.n_layer; ++l)
+            prior_tables(c, (const float*)nullptr, m->h_kappa.data() + l * nk / c.n_layer, m->h_u.data() + l * nu / c.n_layer);
+        CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), nk * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), nu * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    m->goat_ws_bytes = goat_backward_workspace_size(attention_params(m, 0, B));
+    if (m->goat_ws_bytes) CUDA_CHECK(cudaMalloc(&m->goat_ws, m->goat_ws_bytes));
+    CUBLAS_CHECK(cublasCreate(&m->cublas));
+    m->t = 0;
+}
+
+void free_gpu_model(GpuModel* m) {
+    for (void* x : {(void*)m->params, (void*)m->grads, (void*)m->m, (void*)m->v, (void*)m->acts, (void*)m->dacts,
+                    (void*)m->inputs, (void*)m->targets, (void*)m->kappa, (void*)m->u, (void*)m->dkappa,
+                    (void*)m->du, (void*)m->sumsq, m->goat_ws})
+        if (x) CUDA_CHECK(cudaFree(x));
+    if (m->cublas) CUBLAS_CHECK(cublasDestroy(m->cublas));
+    *m = GpuModel();
+}
+
+// The same forward as cpu_forward, line for line, on the device. The GOAT prior tables are built on the host
+// from the prior parameters (copied down, L*P floats) and uploaded: O(H T R) host work per layer per step,
+// small next to the attention's O(B H T^2 d).
+double gpu_forward(GpuModel* m, const int* inputs, const int* targets, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
+    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
+    Params<float>& p = m->p;
+    Activations<float>& a = m->a;
+    if (B > m->B) throw RunError("gpu_forward: batch larger than the buffers");
+    CUDA_CHECK(cudaMemcpy(m->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets) CUDA_CHECK(cudaMemcpy(m->targets, targets, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
+    if (c.prior == PRIOR_GOAT) {
+        CUDA_CHECK(cudaMemcpy(m->h_prior.data(), p.prior, m->h_prior.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        for (int l = 0; l < L; ++l)
+            prior_tables(c, m->h_prior.data() + l * prior_size(c), m->h_kappa.data() + l * nk, m->h_u.data() + l * nu);
+        CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), L * nk * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), L * nu * sizeof(float), cudaMemcpyHostToDevice));
+    }
+
+    LAUNCH_CHECK((encoder_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
+        a.encoded, m->inputs, p.wte, c.prior == PRIOR_ABS ? p.wpe : nullptr, B, T, C)));
+    const float* x = a.encoded;
+    for (int l = 0; l < L; ++l) {
+        LayerParams<float> lp = layer_params(p, c, l);
+        LayerActs<float> la = layer_acts(a, c, m->B, l);
+        LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(la.ln1, la.ln1_mean, la.ln1_rstd, x, lp.ln1w, lp.ln1b, N, C)));
+        matmul_forward_gpu(m->cublas, la.qkv, la.ln1, lp.wqkv, N, C, 3 * C);
+        LAUNCH_CHECK((split_heads_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.q, la.k, la.v, la.qkv, B, T, H, d)));
+        GOAT_CHECK(goat_forward(attention_params(m, l, B), 0));   // goat.cu, fp32, fastest version
+        LAUNCH_CHECK((merge_heads_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.atty, la.atto, B, T, H, d)));
+        matmul_forward_gpu(m->cublas, la.attproj, la.atty, lp.wo, N, C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.resid2, x, la.attproj, (size_t)N * C)));
+        LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(la.ln2, la.ln2_mean, la.ln2_rstd, la.resid2, lp.ln2w, lp.ln2b, N, C)));
+        matmul_forward_gpu(m->cublas, la.fch, la.ln2, lp.wfc, N, C, 4 * C);
+        LAUNCH_CHECK((gelu_forward_kernel<<<grid_for((size_t)N * 4 * C), THREADS>>>(la.fch_gelu, la.fch, (size_t)N * 4 * C)));
+        matmul_forward_gpu(m->cublas, la.fcproj, la.fch_gelu, lp.wproj, N, 4 * C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.resid3, la.resid2, la.fcproj, (size_t)N * C)));
+        x = la.resid3;
+    }
+    LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb, N, C)));
+    matmul_forward_gpu(m->cublas, a.logits, a.lnf, p.wte, N, C, V);
+    if (!targets) return 0;
+    LAUNCH_CHECK((crossentropy_forward_kernel<<<warps_grid(N), THREADS>>>(a.losses, a.logits, m->targets, N, V)));
+    CUDA_CHECK(cudaMemcpy(m->h_losses.data(), a.losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
+    double loss = 0;
+    for (int n = 0; n < N; ++n) loss += m->h_losses[n];
+    return loss / N;
+}
+
+// The same backward as cpu_backward. dkappa, du come back to the host for goat_prior_backward (O(H T R)).
+void gpu_backward(GpuModel* m, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
+    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
+    Params<float>&p = m->p, &g = m->g;
+    Activations<float>&a = m->a, &da = m->da;
+    CUDA_CHECK(cudaMemset(m->grads, 0, m->n_params * sizeof(float)));
+    CUDA_CHECK(cudaMemset(m->dacts, 0, m->n_acts * sizeof(float)));
+
+    const float* x_last = layer_acts(a, c, m->B, L - 1).resid3;
+    float* dx_last = layer_acts(da, c, m->B, L - 1).resid3;
+    LAUNCH_CHECK((crossentropy_backward_kernel<<<warps_grid(N), THREADS>>>(da.logits, a.logits, m->targets, N, V, 1.f / N)));
+    matmul_backward_gpu(m->cublas, da.lnf, g.wte, da.logits, a.lnf, p.wte, N, C, V);
+    LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(dx_last, g.lnfw, g.lnfb, da.lnf, x_last, p.lnfw, a.lnf_mean, a.lnf_rstd, N, C)));
+    for (int l = L - 1; l >= 0; --l) {
+        LayerParams<float> lp = layer_params(p, c, l), lg = layer_params(g, c, l);
+        LayerActs<float> la = layer_acts(a, c, m->B, l), ld = layer_acts(da, c, m->B, l);
+        const float* x = l == 0 ? a.encoded : layer_acts(a, c, m->B, l - 1).resid3;
+        float* dx = l == 0 ? da.encoded : layer_acts(da, c, m->B, l - 1).resid3;
+        // mlp
+        LAUNCH_CHECK((residual_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(ld.resid2, ld.fcproj, ld.resid3, (size_t)N * C)));
+        matmul_backward_gpu(m->cublas, ld.fch_gelu, lg.wproj, ld.fcproj, la.fch_gelu, lp.wproj, N, 4 * C, C);
+        LAUNCH_CHECK((gelu_backward_kernel<<<grid_for((size_t)N * 4 * C), THREADS>>>(ld.fch, la.fch, ld.fch_gelu, (size_t)N * 4 * C)));
+        matmul_backward_gpu(m->cublas, ld.ln2, lg.wfc, ld.fch, la.ln2, lp.wfc, N, C, 4 * C);
+        LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(ld.resid2, lg.ln2w, lg.ln2b, ld.ln2, la.resid2, lp.ln2w, la.ln2_mean, la.ln2_rstd, N, C)));
+        // attention
+        LAUNCH_CHECK((residual_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(dx, ld.attproj, ld.resid2, (size_t)N * C)));
+        matmul_backward_gpu(m->cublas, ld.atty, lg.wo, ld.attproj, la.atty, lp.wo, N, C, C);
+        LAUNCH_CHECK((merge_heads_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(ld.atto, ld.atty, B, T, H, d)));
+        GOAT_CHECK(goat_backward(attention_params(m, l, B), 0));   // dq, dk, dv overwritten; dkappa, du summed over b
+        LAUNCH_CHECK((split_heads_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(ld.qkv, ld.q, ld.k, ld.v, B, T, H, d)));
+        matmul_backward_gpu(m->cublas, ld.ln1, lg.wqkv, ld.qkv, la.ln1, lp.wqkv, N, C, 3 * C);
+        LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(dx, lg.ln1w, lg.ln1b, ld.ln1, x, lp.ln1w, la.ln1_mean, la.ln1_rstd, N, C)));
+    }
+    LAUNCH_CHECK((encoder_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
+        g.wte, c.prior == PRIOR_ABS ? g.wpe : nullptr, da.encoded, m->inputs, B, T, C)));
+    if (c.prior == PRIOR_GOAT) {   // the prior's parameters: on the host, from the tables' gradients
+        CUDA_CHECK(cudaMemcpy(m->h_dkappa.data(), m->dkappa, L * nk * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(m->h_du.data(), m->du, L * nu * sizeof(float), cudaMemcpyDeviceToHost));
+        const size_t P = prior_size(c);
+        for (int l = 0; l < L; ++l)
+            prior_tables_backward(c, m->h_prior.data() + l * P, m->h_dkappa.data() + l * nk, m->h_du.data() + l * nu,
+                                  m->h_dprior.data() + l * P);
+        CUDA_CHECK(cudaMemcpy(g.prior, m->h_dprior.data(), L * P * sizeof(float), cudaMemcpyHostToDevice));
+    }
+}
+
+double gpu_update(GpuModel* m, const OptimConfig& o, double lr) {
+    CUDA_CHECK(cudaMemset(m->sumsq, 0, sizeof(double)));
+    LAUNCH_CHECK((sumsq_kernel<<<std::min(grid_for(m->n_params), 1024u), THREADS>>>(m->sumsq, m->grads, m->n_params)));
+    double sumsq = 0;
+    CUDA_CHECK(cudaMemcpy(&sumsq, m->sumsq, sizeof(double), cudaMemcpyDeviceToHost));
+    const double norm = std::sqrt(sumsq);
+    const double scale = (o.clip > 0 && norm > o.clip) ? o.clip / norm : 1.0;
+    m->t += 1;
+    const double bc1 = 1 - std::pow(o.beta1, m->t), bc2 = 1 - std::pow(o.beta2, m->t);
+    size_t sizes[NUM_PARAM_TENSORS], offsets[NUM_PARAM_TENSORS];
+    param_sizes(m->cfg, sizes);
+    Params<float> unused;
+    point_params(&unused, m->params, m->cfg, offsets);
+    for (int i = 0; i < NUM_PARAM_TENSORS; ++i) {
+        if (sizes[i] == 0) continue;
+        const double lr_i = lr * (i == NUM_PARAM_TENSORS - 1 ? o.prior_lr_mult : 1.0);
+        const size_t off = offsets[i];
+        LAUNCH_CHECK((adamw_kernel<<<grid_for(sizes[i]), THREADS>>>(m->params + off, m->grads + off, m->m + off, m->v + off,
+                     sizes[i], (float)lr_i, (float)o.beta1, (float)o.beta2, (float)o.eps,
+                     (float)(PARAM_DECAY[i] ? o.weight_decay : 0.0), (float)scale, (float)bc1, (float)bc2)));
+    }
+    return norm;
+}
+#else
+bool gpu_available() { return false; }
+#endif  // __CUDACC__
+
+// ----------------------------------------------------------------------------------------------------------
+// trainer: the one place that switches between the backends
+
+struct Trainer {
+    bool on_gpu = false;
+    ModelConfig cfg;
+    CpuModel<float> cpu;
+#ifdef __CUDACC__
+    GpuModel gpu;
+#endif
+};
+
+void build_trainer(Trainer* tr, const ModelConfig& c, int B, const std::vector<float>& init, bool on_gpu) {
+    tr->on_gpu = on_gpu;
+    tr->cfg = c;
+#ifdef __CUDACC__
+    if (on_gpu) { build_gpu_model(&tr->gpu, c, B, init); return; }
+#endif
+    build_cpu_model(&tr->cpu, c, B, init);
+}
+
+void free_trainer(Trainer* tr) {
+#ifdef __CUDACC__
+    if (tr->on_gpu) { free_gpu_model(&tr->gpu); return; }
+#endif
+    free_cpu_model(&tr->cpu);
+}
+
+// One optimiser step on a batch; returns the batch's mean loss before the update.
+double trainer_step(Trainer* tr, const Batch& b, const OptimConfig& o, double lr, double* grad_norm) {
+    double loss, norm;
+#ifdef __CUDACC__
+    if (tr->on_gpu) {
+        loss = gpu_forward(&tr->gpu, b.inputs.data(), b.targets.data(), b.B);
+        gpu_backward(&tr->gpu, b.B);
+        norm = gpu_update(&tr->gpu, o, lr);
+        if (grad_norm) *grad_norm = norm;
+        return loss;
+    }
+#endif
+    loss = cpu_forward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
+    cpu_backward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
+    norm = cpu_update(&tr->cpu, o, lr);
+    if (grad_norm) *grad_norm = norm;
+    return loss;
+}
+
+double trainer_loss(Trainer* tr, const Batch& b) {
+#ifdef __CUDACC__
+    if (tr->on_gpu) return gpu_forward(&tr->gpu, b.inputs.data(), b.targets.data(), b.B);
+#endif
+    return cpu_forward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
+}
+
+// Logits (V) at position pos of one sequence of T tokens (positions after pos do not matter: causal).
+void trainer_logits(Trainer* tr, const int* tokens, int pos, float* out) {
+    const int V = tr->cfg.V;
+#ifdef __CUDACC__
+    if (tr->on_gpu) {
+        gpu_forward(&tr->gpu, tokens, nullptr, 1);
+        CUDA_CHECK(cudaMemcpy(out, tr->gpu.a.logits + (size_t)pos * V, V * sizeof(float), cudaMemcpyDeviceToHost));
+        return;
+    }
+#endif
+    cpu_forward(&tr->cpu, tokens, nullptr, 1);
+    std::copy(tr->cpu.a.logits + (size_t)pos * V, tr->cpu.a.logits + (size_t)(pos + 1) * V, out);
+}
+
+std::vector<float> trainer_params(Trainer* tr) {
+#ifdef __CUDACC__
+    if (tr->on_gpu) {
+        std::vector<float> h(tr->gpu.n_params);
+        CUDA_CHECK(cudaMemcpy(h.data(), tr->gpu.params, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        return h;
+    }
+#endif
+    return tr->cpu.params;
+}
+
+// Layer 0, batch row 0, head 0 of the last forward: what --check looks at.
+struct HeadSnapshot {
+    int T = 0, d = 0;
+    std::vector<float> q, k, v, o;   // (T,d)
+    std::vector<float> lse;          // (T)
+    std::vector<float> kappa, u;     // (2T-1), (T); empty: no prior
+};
+
+HeadSnapshot trainer_head0(Trainer* tr) {
+    const ModelConfig& c = tr->cfg;
+    HeadSnapshot s;
+    s.T = c.T;
+    s.d = c.C / c.n_head;
+    const size_t n = (size_t)s.T * s.d;
+    for (std::vector<float>* x : {&s.q, &s.k, &s.v, &s.o}) x->resize(n);
+    s.lse.resize(s.T);
+    const bool tables = has_prior_tables(c);
+    if (tables) { s.kappa.resize(2 * s.T - 1); s.u.resize(s.T); }
+#ifdef __CUDACC__
+    if (tr->on_gpu) {   // layer 0, row 0, head 0 sit at offset 0 of each (L,B,H,T,d) buffer
+        const Activations<float>& a = tr->gpu.a;
+        CUDA_CHECK(cudaMemcpy(s.q.data(), a.q, n * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(s.k.data(), a.k, n * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(s.v.data(), a.v, n * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(s.o.data(), a.atto, n * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(s.lse.data(), a.lse, s.T * sizeof(float), cudaMemcpyDeviceToHost));
+        if (tables) {
+            std::copy(tr->gpu.h_kappa.begin(), tr->gpu.h_kappa.begin() + (2 * s.T - 1), s.kappa.begin());
+            std::copy(tr->gpu.h_u.begin(), tr->gpu.h_u.begin() + s.T, s.u.begin());
+        }
+        return s;
+    }
+#endif
+    const Activations<float>& a = tr->cpu.a;
+    std::copy(a.q, a.q + n, s.q.begin());
+    std::copy(a.k, a.k + n, s.k.begin());
+    std::copy(a.v, a.v + n, s.v.begin());
+    std::copy(a.atto, a.atto + n, s.o.begin());
+    std::copy(a.lse, a.lse + s.T, s.lse.begin());
+    if (tables) {
+        std::copy(tr->cpu.kappa.begin(), tr->cpu.kappa.begin() + (2 * s.T - 1), s.kappa.begin());
+        std::copy(tr->cpu.u.begin(), tr->cpu.u.begin() + s.T, s.u.begin());
+    }
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// agreement: --check and --compare
+
+// One head seen three ways (GOAT.md sections 1-2): the one-sided Sinkhorn solution (iterated, rho = 0, on the
+// scores and the log-prior), the closed form softmax(s + K), and the training kernel's own attention
+// (its output o, and P rebuilt from its saved lse). Pairs: 0 = Sinkhorn vs closed, 1 = closed vs kernel,
+// 2 = Sinkhorn vs kernel.
+struct Agreement {
+    double dP[3] = {0, 0, 0}, dO[3] = {0, 0, 0};
+    int sinkhorn_iters = 0;
+    double sinkhorn_row_err = 0;
+};
+
+Agreement agreement_check(const HeadSnapshot& s) {
+    const int T = s.T, d = s.d;
+    const double scale = 1.0 / std::sqrt((double)d);
+    std::vector<double> scores((size_t)T * T), logp((size_t)T * T), P_sink(scores.size()), P_closed(scores.size()),
+        P_kernel(scores.size(), 0.0);
+    for (int i = 0; i < T; ++i)
+        for (int j = 0; j < T; ++j) {
+            double dot = 0;
+            for (int c = 0; c < d; ++c) dot += (double)s.q[(size_t)i * d + c] * s.k[(size_t)j * d + c];
+            scores[(size_t)i * T + j] = scale * dot;
+            double K = s.kappa.empty() ? 0.0 : (double)s.kappa[i - j + T - 1] + s.u[j];
+            logp[(size_t)i * T + j] = j <= i ? K : -INFINITY;   // causal mask: prior 0
+        }
+    SinkhornResult r = eot_sinkhorn(scores.data(), logp.data(), T, T, 1.0, nullptr, nullptr, 0.0, 100, 1e-12, P_sink.data());
+    goat_softmax_with_prior(scores.data(), logp.data(), T, T, 1.0, P_closed.data());
+    for (int i = 0; i < T; ++i)
+        for (int j = 0; j <= i; ++j)
+            P_kernel[(size_t)i * T + j] = std::exp(scores[(size_t)i * T + j] + logp[(size_t)i * T + j] - s.lse[i]);
+    std::vector<double> O_sink((size_t)T * d, 0.0), O_closed(O_sink.size(), 0.0);
+    for (int i = 0; i < T; ++i)
+        for (int j = 0; j < T; ++j)
+            for (int c = 0; c < d; ++c) {
+                O_sink[(size_t)i * d + c] += P_sink[(size_t)i * T + j] * s.v[(size_t)j * d + c];
+                O_closed[(size_t)i * d + c] += P_closed[(size_t)i * T + j] * s.v[(size_t)j * d + c];
+            }
+    Agreement a;
+    a.sinkhorn_iters = r.iterations;
+    a.sinkhorn_row_err = r.row_err;
+    for (size_t x = 0; x < scores.size(); ++x) {
+        a.dP[0] = std::max(a.dP[0], std::fabs(P_sink[x] - P_closed[x]));
+        a.dP[1] = std::max(a.dP[1], std::fabs(P_closed[x] - P_kernel[x]));
+        a.dP[2] = std::max(a.dP[2], std::fabs(P_sink[x] - P_kernel[x]));
+    }
+    for (size_t x = 0; x < O_sink.size(); ++x) {
+        a.dO[0] = std::max(a.dO[0], std::fabs(O_sink[x] - O_closed[x]));
+        a.dO[1] = std::max(a.dO[1], std::fabs(O_closed[x] - (double)s.o[x]));
+        a.dO[2] = std::max(a.dO[2], std::fabs(O_sink[x] - (double)s.o[x]));
+    }
+    return a;
+}
+
+void print_agreement(int step, const Agreement& a, bool on_gpu, int T) {
+    const char* kernel = on_gpu ? "fused GPU kernel (goat.cu)" : "CPU reference (goat_forward_cpu)";
+    std::printf("check at step %d: layer 0, head 0, batch row 0, L = %d; Sinkhorn rho=0: %d iteration(s), row error %.1e\n",
+                step, T, a.sinkhorn_iters, a.sinkhorn_row_err);
+    std::printf("  %-52s %12s %12s\n", "pair", "max|dP|", "max|dO|");
+    std::printf("  %-52s %12.2e %12.2e\n", "Sinkhorn (iterated) vs closed form softmax(s+K)", a.dP[0], a.dO[0]);
+    std::printf("  %-52s %12.2e %12.2e\n", (std::string("closed form vs ") + kernel).c_str(), a.dP[1], a.dO[1]);
+    std::printf("  %-52s %12.2e %12.2e\n", (std::string("Sinkhorn vs ") + kernel).c_str(), a.dP[2], a.dO[2]);
+}
+
+#ifdef __CUDACC__
+// --compare N: the same init and batches on both backends, N steps; both losses per step and the largest
+// relative difference. Returns 0 when it stays within COMPARE_TOL.
+constexpr double COMPARE_TOL = 1e-4;   // fp32 everywhere; both sides sum in different orders
+int run_compare(const Options& o, const ModelConfig& c, const Dataset& ds, const std::vector<float>& init,
+                const OptimConfig& opt) {
+    Trainer cpu, gpu;
+    build_trainer(&cpu, c, o.batch, init, false);
+    build_trainer(&gpu, c, o.batch, init, true);
+    Rng batch_rng((uint64_t)o.seed + 1);
+    Batch b;
+    resize_batch(&b, o.batch, c.T);
+    double max_rel = 0;
+    std::printf("compare: %d steps, CPU (reference.cpp) vs GPU (goat.cu + cuBLAS), same init and batches\n", o.compare);
+    std::printf("  %5s %14s %14s %12s %10s %10s\n", "step", "loss CPU", "loss GPU", "rel diff", "ms CPU", "ms GPU");
+    for (int step = 0; step < o.compare; ++step) {
+        next_train_batch(ds, batch_rng, &b);
+        const double lr = learning_rate(step, o.steps, o.warmup, o.lr, o.min_lr_frac);
+        double t0 = now_seconds();
+        double l_cpu = trainer_step(&cpu, b, opt, lr, nullptr);
+        double t1 = now_seconds();
+        double l_gpu = trainer_step(&gpu, b, opt, lr, nullptr);
+        double t2 = now_seconds();
+        double rel = std::fabs(l_cpu - l_gpu) / std::max(std::fabs(l_cpu), 1e-30);
+        max_rel = std::max(max_rel, rel);
+        std::printf("  %5d %14.8f %14.8f %12.2e %10.1f %10.1f\n", step + 1, l_cpu, l_gpu, rel, 1e3 * (t1 - t0), 1e3 * (t2 - t1));
+    }
+    std::vector<float> pc = trainer_params(&cpu), pg = trainer_params(&gpu);
+    double max_dp = 0;
+    for (size_t i = 0; i < pc.size(); ++i) max_dp = std::max(max_dp, (double)std::fabs(pc[i] - pg[i]));
+    const bool ok = max_rel <= COMPARE_TOL;
+    std::printf("compare: largest relative loss difference %.2e over %d steps (target %.0e): %s; max |param diff| %.2e\n",
+                max_rel, o.compare, COMPARE_TOL, ok ? "PASS" : "FAIL", max_dp);
+    free_trainer(&cpu);
+    free_trainer(&gpu);
+    return ok ? 0 : 1;
+}
+#endif
+
+// ----------------------------------------------------------------------------------------------------------
+// output: progress, samples, the learned prior
+
+// Generates n tokens after a one-token prompt, with a sliding window of T; temperature 0 is greedy.
+std::string sample_text(Trainer* tr, const Dataset& ds, int n, double temperature, uint64_t seed) {
+    const int T = tr->cfg.T, V = tr->cfg.V;
+    Rng rng(seed);
+    std::vector<int> seq;
+    if (ds.task == TASK_TEXT) {
+        int start = 0;
+        for (int i = 0; i < V; ++i)
+            if (ds.vocab[i] == '\n') start = i;
+        seq.push_back(start);
+    } else {
+        seq.push_back((int)(rng.next() % V));
+    }
+    std::vector<int> window(T, 0);
+    std::vector<float> logits(V);
+    std::vector<double> prob(V);
+    for (int k = 0; k < n; ++k) {
+        const int w = std::min((int)seq.size(), T);
+        std::copy(seq.end() - w, seq.end(), window.begin());
+        trainer_logits(tr, window.data(), w - 1, logits.data());
+        int next = 0;
+        if (temperature <= 0) {
+            next = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        } else {
+            double mx = *std::max_element(logits.begin(), logits.end()), sum = 0;
+            for (int i = 0; i < V; ++i) sum += prob[i] = std::exp((logits[i] - mx) / temperature);
+            double r = rng.uniform() * sum;
+            for (next = 0; next < V - 1 && r >= prob[next]; ++next) r -= prob[next];
+        }
+        seq.push_back(next);
+    }
+    std::string s;
+    for (int id : seq) s += (char)ds.vocab[id];
+    return s;
+}
+
+// The prior tables of every layer in double, for display: kappa (L,H,2T-1), u (L,H,T). False: no prior.
+bool prior_tables_for_display(const ModelConfig& c, const std::vector<float>& params, std::vector<double>* kappa,
+                              std::vector<double>* u) {
+    if (!has_prior_tables(c)) return false;
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    kappa->assign(c.n_layer * nk, 0.0);
+    u->assign(c.n_layer * nu, 0.0);
+    Params<const float> p;
+    point_params(&p, params.data(), c);
+    for (int l = 0; l < c.n_layer; ++l)
+        prior_tables(c, layer_params(p, c, l).prior, kappa->data() + l * nk, u->data() + l * nu);
+    return true;
+}
+
+// Compact terminal view: kappa_h(delta) and u_h(j) at a few log-spaced points, per layer and head, and the
+// first-token spike u(0) - mean u(1..T-1). Only differences matter: softmax ignores a constant per row.
+void print_prior(const ModelConfig& c, const std::vector<float>& params, const std::string& what) {
+    std::vector<double> kappa, u;
+    if (!prior_tables_for_display(c, params, &kappa, &u)) {
+        std::printf("attention prior: none in this run (--prior %s)\n", PRIOR_NAMES[c.prior]);
+        return;
+    }
+    std::vector<int> at = {0, 1, 2, 3, 4};
+    for (int x = 8; x < c.T; x *= 2) at.push_back(x);
+    if (at.back() != c.T - 1 && c.T - 1 > 4) at.push_back(c.T - 1);
+    while (!at.empty() && at.back() >= c.T) at.pop_back();
+    std::printf("%s: kappa_h(delta) and u_h(j) at delta, j =", what.c_str());
+    for (int x : at) std::printf(" %d", x);
+    std::printf("\n");
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    for (int l = 0; l < c.n_layer; ++l)
+        for (int h = 0; h < c.n_head; ++h) {
+            const double* kap = kappa.data() + l * nk + (size_t)h * (2 * c.T - 1) + (c.T - 1);   // kap[delta]
+            const double* uu = u.data() + l * nu + (size_t)h * c.T;
+            double rest = 0;
+            for (int j = 1; j < c.T; ++j) rest += uu[j];
+            rest /= std::max(1, c.T - 1);
+            std::printf("  L%d h%d kappa", l, h);
+            for (int x : at) std::printf(" %+6.2f", kap[x]);
+            std::printf("\n        u    ");
+            for (int x : at) std::printf(" %+6.2f", uu[x]);
+            std::printf("   u(0)-mean u(1..) %+.2f\n", uu[0] - rest);
+        }
+}
+
+// An SVG a browser opens: one row per layer, kappa_h(delta) for delta = 0..T-1 on the left, u_h(j) for
+// j = 0..T-1 on the right, one coloured line per head.
+void write_prior_svg(const std::string& path, const ModelConfig& c, const std::vector<float>& params,
+                     const std::string& title) {
+    std::vector<double> kappa, u;
+    if (!prior_tables_for_display(c, params, &kappa, &u)) return;
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) throw RunError(strf("cannot write SVG '%s': %s", path.c_str(), std::strerror(errno)));
+    const int pw = 420, ph = 170, mx = 60, my = 40, gap = 30;
+    const int W = 2 * (pw + mx) + gap, Hh = my + c.n_layer * (ph + my) + 20;
+    const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
+    std::fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"11\">\n", W, Hh);
+    std::fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"14\">%s</text>\n", title.c_str());
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    for (int l = 0; l < c.n_layer; ++l)
+        for (int panel = 0; panel < 2; ++panel) {
+            const int x0 = mx + panel * (pw + mx + gap), y0 = my + l * (ph + my);
+            auto value = [&](int h, int x) {
+                return panel == 0 ? kappa[l * nk + (size_t)h * (2 * c.T - 1) + (c.T - 1) + x] : u[l * nu + (size_t)h * c.T + x];
+            };
+            double lo = 1e300, hi = -1e300;
+            for (int h = 0; h < c.n_head; ++h)
+                for (int x = 0; x < c.T; ++x) { lo = std::min(lo, value(h, x)); hi = std::max(hi, value(h, x)); }
+            if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
+            std::fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0, pw, ph);
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\">layer %d: %s</text>\n", x0, y0 - 6, l,
+                         panel == 0 ? "kappa_h(delta), delta = i - j = 0 .. T-1" : "u_h(j), key position j = 0 .. T-1");
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + 10, hi);
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + ph, lo);
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\">0</text><text x=\"%d\" y=\"%d\" text-anchor=\"end\">%d</text>\n",
+                         x0, y0 + ph + 13, x0 + pw, y0 + ph + 13, c.T - 1);
+            for (int h = 0; h < c.n_head; ++h) {
+                std::fprintf(f, "<polyline fill=\"none\" stroke-width=\"1.5\" stroke=\"%s\" points=\"", colors[h % 8]);
+                for (int x = 0; x < c.T; ++x)
+                    std::fprintf(f, "%.1f,%.1f ", x0 + (double)pw * x / std::max(1, c.T - 1),
+                                 y0 + ph - (double)ph * (value(h, x) - lo) / (hi - lo));
+                std::fprintf(f, "\"/>\n");
+                if (l == 0 && panel == 1)
+                    std::fprintf(f, "<text x=\"%d\" y=\"%d\" fill=\"%s\">head %d</text>\n", x0 + pw - 50, y0 + 14 + 12 * h, colors[h % 8], h);
+            }
+        }
+    std::fprintf(f, "</svg>\n");
+    if (std::fclose(f) != 0) throw RunError(strf("cannot write SVG '%s'", path.c_str()));
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// checkpoints
+//
+// Layout (little-endian): CheckpointHeader, then V vocabulary bytes, then n_params floats (the flat array of
+// section "parameters"). AdamW's moments are not saved: --load starts a fresh optimiser from these weights.
+
+constexpr uint32_t CKPT_MAGIC = 0x54414F47;   // "GOAT" read as bytes
+constexpr uint32_t CKPT_VERSION = 1;
+
+struct CheckpointHeader {
+    uint32_t magic, version;
+    int32_t V, T, n_layer, n_head, C, prior, R, M;
+    int32_t step, reserved;
+    uint64_t n_params;
+};
+
+void save_checkpoint(const std::string& path, const ModelConfig& c, const std::vector<unsigned char>& vocab,
+                     const std::vector<float>& params, int step) {
+    CheckpointHeader h = {CKPT_MAGIC, CKPT_VERSION, c.V, c.T, c.n_layer, c.n_head, c.C, c.prior, c.R, c.M,
+                          step, 0, (uint64_t)params.size()};
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f) throw RunError(strf("cannot write checkpoint '%s': %s", path.c_str(), std::strerror(errno)));
+    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(vocab.data(), 1, vocab.size(), f) == vocab.size() &&
+              std::fwrite(params.data(), sizeof(float), params.size(), f) == params.size();
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) throw RunError(strf("cannot write checkpoint '%s' (disk full?)", path.c_str()));
+}
+
+// Reads a checkpoint and checks that it is one, of this version, with the shape the flags ask for and the
+// data's vocabulary. Every problem is a RunError with a message; nothing is trusted before it is checked.
+std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c, const std::vector<unsigned char>& vocab,
+                                   int* step) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) throw RunError(strf("cannot open checkpoint '%s': %s", path.c_str(), std::strerror(errno)));
+    std::string bytes;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.append(buf, n);
+    bool bad = std::ferror(f);
+    std::fclose(f);
+    if (bad) throw RunError(strf("cannot read checkpoint '%s'", path.c_str()));
+    CheckpointHeader h;
+    if (bytes.size() < sizeof(h)) throw RunError(strf("checkpoint '%s' is too short to be one (%zu bytes)", path.c_str(), bytes.size()));
+    std::memcpy(&h, bytes.data(), sizeof(h));
+    if (h.magic != CKPT_MAGIC) throw RunError(strf("'%s' is not a train_tiny checkpoint (bad magic number)", path.c_str()));
+    if (h.version != CKPT_VERSION)
+        throw RunError(strf("checkpoint '%s' has version %u; this program reads version %u", path.c_str(), h.version, CKPT_VERSION));
+    const int32_t got[9] = {h.V, h.T, h.n_layer, h.n_head, h.C, h.prior, h.R, h.M, 0};
+    const int32_t want[9] = {c.V, c.T, c.n_layer, c.n_head, c.C, c.prior, c.R, c.M, 0};
+    const char* names[9] = {"vocabulary size", "context (--context)", "layers (--layers)", "heads (--heads)",
+                            "width (heads * head-dim)", "prior kind (--prior)", "pos-rank (--pos-rank)", "abs-rank (--abs-rank)", ""};
+    for (int i = 0; i < 8; ++i) {
+        if (got[i] == want[i]) continue;
+        if (i == 5)
+            throw RunError(strf("checkpoint '%s' was trained with --prior %s; this run asks for --prior %s", path.c_str(),
+                                got[i] >= 0 && got[i] < 4 ? PRIOR_NAMES[got[i]] : "?", PRIOR_NAMES[want[i]]));
+        throw RunError(strf("checkpoint '%s' does not match this run: %s is %d in the file, %d here", path.c_str(),
+                            names[i], got[i], want[i]));
+    }
+    const size_t expect = num_params(c);
+    if (h.n_params != expect)
+        throw RunError(strf("checkpoint '%s' holds %llu parameters; this shape has %zu", path.c_str(), (unsigned long long)h.n_params, expect));
+    const size_t total = sizeof(h) + (size_t)c.V + expect * sizeof(float);
+    if (bytes.size() != total)
+        throw RunError(strf("checkpoint '%s' is %zu bytes; expected %zu (truncated or corrupt)", path.c_str(), bytes.size(), total));
+    if (std::memcmp(bytes.data() + sizeof(h), vocab.data(), c.V) != 0)
+        throw RunError(strf("checkpoint '%s' was trained on a different vocabulary (other data)", path.c_str()));
+    std::vector<float> params(expect);
+    std::memcpy(params.data(), bytes.data() + sizeof(h) + c.V, expect * sizeof(float));
+    for (size_t i = 0; i < expect; ++i)
+        if (!std::isfinite(params[i])) throw RunError(strf("checkpoint '%s' has a non-finite parameter at index %zu (corrupt)", path.c_str(), i));
+    if (step) *step = h.step;
+    return params;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// main
+
+double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) {
+    double sum = 0;
+    for (int k = 0; k < n_batches; ++k) {
+        val_batch(ds, k, n_batches, b);
+        sum += trainer_loss(tr, *b);
+    }
+    return sum / n_batches;
+}
+
+[[maybe_unused]] int train_main(int argc, char** argv) {
+    Options o;
+    if (!parse_args(argc, argv, &o)) { print_usage(stdout); return 0; }
+    Dataset ds = load_dataset(o);
+    const ModelConfig c = model_config(o, (int)ds.vocab.size());
+
+    const bool have_gpu = gpu_available();
+#ifdef __CUDACC__
+    const char* no_gpu = "no CUDA device found";
+#else
+    const char* no_gpu = "this build has no CUDA (compiled without nvcc)";
+#endif
+    if ((o.device == "gpu" || o.compare > 0) && !have_gpu)
+        throw RunError(std::string(o.compare > 0 ? "--compare" : "--device gpu") + " needs a GPU: " + no_gpu);
+    const bool on_gpu = o.device == "gpu" || (o.device == "auto" && have_gpu);
+
+    int step0 = 0;
+    std::vector<float> init = o.load.empty() ? init_params(c, o.prior_init, (uint64_t)o.seed)
+                                             : load_checkpoint(o.load, c, ds.vocab, &step0);
+    OptimConfig opt;
+    opt.lr = o.lr;
+    opt.weight_decay = o.weight_decay;
+    opt.clip = o.clip;
+    opt.prior_lr_mult = o.prior_lr_mult;
+
+    std::printf("train_tiny: %d layers, %d heads of %d (C = %d), T = %d, vocabulary %d, %zu parameters (tied head)\n",
+                c.n_layer, c.n_head, c.C / c.n_head, c.C, c.T, c.V, num_params(c));
+    std::printf("prior: %s", PRIOR_NAMES[c.prior]);
+    if (c.prior == PRIOR_GOAT) std::printf(" (learned per layer: R = %d, M = %d, init %s, %zu parameters per layer)", c.R, c.M, o.prior_init.c_str(), prior_size(c));
+    std::printf("\ndata: %s", ds.name.c_str());
+    if (ds.task == TASK_TEXT) std::printf(", %zu train / %zu validation tokens", ds.train.size(), ds.val.size());
+    std::printf("\nseeds: weights %lld, batches %lld, sampling %lld%s\n", o.seed, o.seed + 1, o.seed + 2,
+                o.load.empty() ? "" : strf(" (weights loaded from '%s', saved at step %d)", o.load.c_str(), step0).c_str());
+    std::printf("optimiser: AdamW (0.9, 0.95), lr %g, warm-up %d, cosine to %g, weight decay %g, clip %g, batch %d x %d tokens, %d steps\n",
+                o.lr, o.warmup, o.lr * o.min_lr_frac, o.weight_decay, o.clip, o.batch, c.T, o.steps);
+#ifdef __CUDACC__
+    if (on_gpu || o.compare > 0) {
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        GoatParams gp;
+        gp.dtype = GOAT_F32;
+        std::printf("device: GPU %s; attention: goat.cu %s; dense layers: cuBLAS sgemm (fp32)\n", prop.name,
+                    goat_version_name(goat_resolve_version(gp)));
+    }
+    if (o.compare > 0) return run_compare(o, c, ds, init, opt);
+#endif
+    if (!on_gpu) std::printf("device: CPU (reference.cpp attention, plain loops)%s\n", have_gpu ? "" : strf("; GPU: %s", no_gpu).c_str());
+    std::fflush(stdout);
+
+    Trainer tr;
+    build_trainer(&tr, c, o.batch, init, on_gpu);
+    Batch batch, vbatch;
+    resize_batch(&batch, o.batch, c.T);
+    resize_batch(&vbatch, o.batch, c.T);
+    Rng batch_rng((uint64_t)o.seed + 1);
+
+    const bool tty = isatty(1);
+    const int log_every = o.log_every > 0 ? o.log_every : std::max(1, o.steps / 20);
+    double val_loss = NAN, train_loss = NAN, step_time = 0;
+    int timed_steps = 0;
+    const double t_start = now_seconds();
+    for (int step = 0; step < o.steps; ++step) {
+        next_train_batch(ds, batch_rng, &batch);
+        const double lr = learning_rate(step, o.steps, o.warmup, o.lr, o.min_lr_frac);
+        const double t0 = now_seconds();
+        train_loss = trainer_step(&tr, batch, opt, lr, nullptr);
+        const double dt = now_seconds() - t0;
+        if (!std::isfinite(train_loss)) throw RunError(strf("training diverged: loss %g at step %d (lower --lr?)", train_loss, step + 1));
+        if (step > 0 || o.steps == 1) { step_time += dt; ++timed_steps; }   // the first step pays for start-up
+        const bool last = step + 1 == o.steps;
+        if ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
+        const double ms = timed_steps ? 1e3 * step_time / timed_steps : 1e3 * dt;
+        const double elapsed = now_seconds() - t_start;
+        const double left = ms * 1e-3 * (o.steps - step - 1) * (elapsed / std::max(1e-9, step_time + (timed_steps ? 0 : dt)));
+        const std::string line = strf("step %*d/%d | loss %.4f | val %s | %.1fk tok/s | %.1f ms/step | %s elapsed, %s left",
+                                      (int)std::to_string(o.steps).size(), step + 1, o.steps, train_loss,
+                                      std::isnan(val_loss) ? "  -   " : strf("%.4f", val_loss).c_str(),
+                                      (double)o.batch * c.T / ms, ms, format_duration(elapsed).c_str(),
+                                      format_duration(left).c_str());
+        if (tty) std::printf("\r%s\033[K%s", line.c_str(), last ? "\n" : "");
+        else if ((step + 1) % log_every == 0 || step == 0 || last) std::printf("%s\n", line.c_str());
+        std::fflush(stdout);
+        if (o.check > 0 && ((step + 1) % o.check == 0 || step == 0)) {
+            if (tty) std::printf("\n");
+            print_agreement(step + 1, agreement_check(trainer_head0(&tr)), on_gpu, c.T);
+        }
+    }
+    if (o.steps == 0) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
+
+    std::printf("\nfinal: train loss %.4f (last batch), validation loss %.4f (%d batches), %.1f ms/step, %.1fk tokens/s, %s total\n",
+                train_loss, val_loss, o.val_batches, timed_steps ? 1e3 * step_time / timed_steps : 0.0,
+                timed_steps ? (double)o.batch * c.T * timed_steps / step_time / 1e3 : 0.0,
+                format_duration(now_seconds() - t_start).c_str());
+    if (o.sample_len > 0) {
+        std::string s = sample_text(&tr, ds, o.sample_len, o.temperature, (uint64_t)o.seed + 2);
+        std::printf("\nsample (temperature %g, %d characters):\n%s\n\n", o.temperature, o.sample_len, s.c_str());
+    }
+    std::vector<float> params = trainer_params(&tr);
+    const std::string title = c.prior == PRIOR_GOAT ? "learned GOAT prior (init " + o.prior_init + ")" : "fixed prior (" + std::string(PRIOR_NAMES[c.prior]) + ")";
+    print_prior(c, params, title);
+    if (!o.svg.empty() && has_prior_tables(c)) {
+        write_prior_svg(o.svg, c, params, title + strf(", %s, %d steps", ds.name.c_str(), o.steps));
+        std::printf("prior drawn in %s\n", o.svg.c_str());
+    }
+    if (!o.save.empty()) {
+        save_checkpoint(o.save, c, ds.vocab, params, step0 + o.steps);
+        std::printf("checkpoint written to %s\n", o.save.c_str());
+    }
+    free_trainer(&tr);
+    return 0;
+}
+
+}  // namespace
+
+#ifndef TRAIN_TINY_NO_MAIN
+int main(int argc, char** argv) {
+    try {
+        return train_main(argc, argv);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "error: %s\n\n", e.what());
+        print_usage(stderr);
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
+#endif
