@@ -7,7 +7,7 @@
 //   prior cost        time with kappa and u / time with kappa = u = nullptr, forward + backward
 // Inputs are rotated over N_ROTATE buffer sets so that L2 (60 MB) never holds the next call's inputs.
 // Before timing, each version runs a small shape (B=1, H=2, L=200) against the CPU reference and is skipped
-// when it disagrees. Flags: --quick (d = 64, L = 4096 only).
+// when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 23 (time only v2 and v3).
 #include "goat.h"
 #include "reference.h"
 
@@ -281,9 +281,16 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
 
 int main(int argc, char** argv) {
     bool quick = false;
+    std::string versions = "123";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
-        else { std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]); return 2; }
+        else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
+                 std::strspn(argv[a + 1], "123") == std::strlen(argv[a + 1]) && argv[a + 1][0])
+            versions = argv[++a];
+        else {
+            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 23; default 123]\n", argv[0]);
+            return 2;
+        }
     }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -303,6 +310,7 @@ int main(int argc, char** argv) {
     std::vector<Row> rows;
     for (int d : ds) {
         for (const Candidate& c : candidates) {
+            if (versions.find((char)('0' + c.version)) == std::string::npos) continue;
             if (!validate(c.version, c.dtype, d)) continue;   // never time a version that is wrong
             for (int L : Ls) {
                 if (c.version == GOAT_V1_NAIVE && L != 1024 && !quick) continue;   // v1 only at L = 1024
