@@ -309,12 +309,12 @@ static void forward_impl(GoatDims dims, const T* q, const T* k, const T* v, cons
                     z[j] = (double)dims.scale * s + log_prior_hij(kappa, u, L, h, i, j);
                 }
                 double lse_i = logsumexp(z.data(), n_keys);
+                // P_ij = exp(z_ij - lse_i); an empty row (lse = -inf) has P = 0 and o = 0
+                for (int j = 0; j < n_keys; ++j) z[j] = (lse_i == NEG_INF || z[j] == NEG_INF) ? 0.0 : std::exp(z[j] - lse_i);
                 T* o_i = o + (bh * L + i) * d;
                 for (int c = 0; c < d; ++c) {
                     double acc = 0;
-                    if (lse_i != NEG_INF)
-                        for (int j = 0; j < n_keys; ++j)
-                            if (z[j] != NEG_INF) acc += std::exp(z[j] - lse_i) * (double)v_bh[(size_t)j * d + c];
+                    for (int j = 0; j < n_keys; ++j) acc += z[j] * (double)v_bh[(size_t)j * d + c];
                     o_i[c] = (T)acc;
                 }
                 lse[bh * L + i] = (T)lse_i;

@@ -33,6 +33,16 @@
 //   checkpoints      --save / --load
 //   main
 //
+// Measured (seed 1337, defaults unless named):
+//   H200, --device gpu (goat.cu v2 tiled fp32 + cuBLAS sgemm): 10.2 ms/step, 800k tokens/s; validation loss
+//     0.503 after 1500 steps (16 s; it is at 0.507 by step 1000: the grammar's entropy is the floor).
+//   --compare 20 --layers 2 --context 64 --batch 4 on the H200: largest relative loss difference 9.7e-8.
+//   2-core CPU, `make demo` config (2 layers, 4 x 16, T = 64, B = 8, 600 steps): 95 ms/step, validation
+//     loss 0.66 in about a minute.
+//   --task copy (defaults, 600 steps, H200): u_h(0) - mean u_h(1..) = +3.5 in layer 0 (the first-token spike
+//     of GOAT.md section 7); kappa shows only a weak recency slope (copying the current token needs no
+//     attention: the residual stream already holds it).
+//
 // Rules it keeps: every tensor states its shape; fixed seeds, printed; every CUDA and cuBLAS call checked by
 // a macro that names the statement, file and line; bad flags, files and checkpoints give a message and a
 // non-zero exit, never a crash. Without nvcc the file is plain C++ (all CUDA code is under __CUDACC__):
@@ -1425,8 +1435,8 @@ __global__ void sumsq_kernel(double* out, const float* x, size_t n) {
     if (threadIdx.x == 0) atomicAdd(out, partial[0]);
 }
 
-// Dense layers with cuBLAS (column-major), written for our row-major tensors:
-// out (N,OC) = inp (N,C) @ w (OC,C)^T  is, column-major, out^T (OC x N) = w^T... = op_T(w as C x OC) @ inp^T.
+// Dense layers with cuBLAS. cuBLAS is column-major: our row-major (N,OC) out is its (OC x N) matrix out^T, so
+// out (N,OC) = inp (N,C) @ w (OC,C)^T is computed as out^T = op_T(w seen as C x OC) @ (inp^T seen as C x N).
 void matmul_forward_gpu(cublasHandle_t h, float* out, const float* inp, const float* w, int N, int C, int OC) {
     const float one = 1.f, zero = 0.f;
     CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, w, C, inp, C, &zero, out, OC));
@@ -1549,6 +1559,7 @@ void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector
     m->goat_ws_bytes = goat_backward_workspace_size(attention_params(m, 0, B));
     if (m->goat_ws_bytes) CUDA_CHECK(cudaMalloc(&m->goat_ws, m->goat_ws_bytes));
     CUBLAS_CHECK(cublasCreate(&m->cublas));
+    CUBLAS_CHECK(cublasSetMathMode(m->cublas, CUBLAS_DEFAULT_MATH));   // true fp32 (no TF32): --compare holds 1e-4
     m->t = 0;
 }
 
@@ -1972,7 +1983,8 @@ bool prior_tables_for_display(const ModelConfig& c, const std::vector<float>& pa
 void print_prior(const ModelConfig& c, const std::vector<float>& params, const std::string& what) {
     std::vector<double> kappa, u;
     if (!prior_tables_for_display(c, params, &kappa, &u)) {
-        std::printf("attention prior: none in this run (--prior %s)\n", PRIOR_NAMES[c.prior]);
+        std::printf("attention prior: none in this run (--prior %s%s)\n", PRIOR_NAMES[c.prior],
+                    c.prior == PRIOR_ABS ? ": positions come from the learned embedding wpe" : "");
         return;
     }
     std::vector<int> at = {0, 1, 2, 3, 4};
@@ -2200,10 +2212,14 @@ double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) 
         if (!std::isfinite(train_loss)) throw RunError(strf("training diverged: loss %g at step %d (lower --lr?)", train_loss, step + 1));
         if (step > 0 || o.steps == 1) { step_time += dt; ++timed_steps; }   // the first step pays for start-up
         const bool last = step + 1 == o.steps;
+        if (o.check > 0 && ((step + 1) % o.check == 0 || step == 0)) {   // before validation reuses the buffers
+            if (tty) std::printf("\n");
+            print_agreement(step + 1, agreement_check(trainer_head0(&tr)), on_gpu, c.T);
+        }
         if ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
         const double ms = timed_steps ? 1e3 * step_time / timed_steps : 1e3 * dt;
         const double elapsed = now_seconds() - t_start;
-        const double left = ms * 1e-3 * (o.steps - step - 1) * (elapsed / std::max(1e-9, step_time + (timed_steps ? 0 : dt)));
+        const double left = elapsed / (step + 1) * (o.steps - step - 1);   // validation and checks included
         const std::string line = strf("step %*d/%d | loss %.4f | val %s | %.1fk tok/s | %.1f ms/step | %s elapsed, %s left",
                                       (int)std::to_string(o.steps).size(), step + 1, o.steps, train_loss,
                                       std::isnan(val_loss) ? "  -   " : strf("%.4f", val_loss).c_str(),
@@ -2212,15 +2228,11 @@ double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) 
         if (tty) std::printf("\r%s\033[K%s", line.c_str(), last ? "\n" : "");
         else if ((step + 1) % log_every == 0 || step == 0 || last) std::printf("%s\n", line.c_str());
         std::fflush(stdout);
-        if (o.check > 0 && ((step + 1) % o.check == 0 || step == 0)) {
-            if (tty) std::printf("\n");
-            print_agreement(step + 1, agreement_check(trainer_head0(&tr)), on_gpu, c.T);
-        }
     }
     if (o.steps == 0) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
 
-    std::printf("\nfinal: train loss %.4f (last batch), validation loss %.4f (%d batches), %.1f ms/step, %.1fk tokens/s, %s total\n",
-                train_loss, val_loss, o.val_batches, timed_steps ? 1e3 * step_time / timed_steps : 0.0,
+    std::printf("\nfinal: train loss %s (last batch), validation loss %.4f (%d batches), %.1f ms/step, %.1fk tokens/s, %s total\n",
+                std::isnan(train_loss) ? "-" : strf("%.4f", train_loss).c_str(), val_loss, o.val_batches, timed_steps ? 1e3 * step_time / timed_steps : 0.0,
                 timed_steps ? (double)o.batch * c.T * timed_steps / step_time / 1e3 : 0.0,
                 format_duration(now_seconds() - t_start).c_str());
     if (o.sample_len > 0) {

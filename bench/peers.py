@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""bench/peers.py: the PyTorch routes to (GOAT-style) attention, timed in the same run as our kernel.
+
+Optional: needs PyTorch with CUDA (nothing in the build or the tests uses it). It runs ./build/bench for our
+kernel (v3, bf16; the bench validates it before timing) and then times, on the same shapes (bf16, causal,
+H = 16, B*L = 32768, d in {64, 128}, L in {1024, 4096, 16384}):
+
+  sdpa-flash     F.scaled_dot_product_attention, flash backend, no prior
+  sdpa-cudnn     the same, cuDNN backend, no prior
+  packing        the paper's route: prior lanes written into q and k (GOAT.md section 4: the content keeps
+                 d - 2R - 1 dims), one SDPA call with scale 1; gradients flow to lam_sym, lam_asym and u
+  bias           SDPA with a materialised L x L log-prior that requires grad (L <= 4096: it needs B*H*L^2 memory)
+  flex           FlexAttention with the prior as a learnable score_mod (smaller kernel_options: the default
+                 configuration runs out of shared memory on this GPU)
+
+TFLOP/s by the FlashAttention convention: 4*B*H*L^2*d forward, halved for causal; forward+backward 3.5x that.
+The last table gives our forward+backward speed over each peer's (above 1: ours is faster).
+
+Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench]
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+H, TOKENS, R = 16, 32768, 4
+WARMUP, REPEATS = 2, 7
+
+
+def time_ms(fn):
+    """Median milliseconds of fn() by CUDA events, after warm-up."""
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fwd_flops(B, L, d):
+    return 4.0 * B * H * L * L * d / 2  # causal halves the square
+
+
+def prior_params(L, device):
+    """Learnable GOAT prior: lam_sym, lam_asym [H][R] and a key table u [H][L] (the sink's output)."""
+    lam_sym = (0.1 * torch.randn(H, R, device=device)).requires_grad_()
+    lam_asym = (0.1 * torch.randn(H, R, device=device)).requires_grad_()
+    u = (0.1 * torch.randn(H, L, device=device)).requires_grad_()
+    w = 1e4 ** (-torch.arange(R, device=device, dtype=torch.float32) / (R - 1))
+    return lam_sym, lam_asym, u, w
+
+
+def kappa_table(lam_sym, lam_asym, w, L):
+    """kappa[h][delta + L - 1] for delta in [-(L-1), L-1] (GOAT.md section 3)."""
+    delta = torch.arange(-(L - 1), L, device=w.device, dtype=torch.float32)
+    ang = delta[None, :] * w[:, None]  # [R][2L-1]
+    return lam_sym @ torch.cos(ang) + lam_asym @ torch.sin(ang)  # [H][2L-1]
+
+
+def run_path(name, B, L, d, device):
+    """Returns (fwd_ms, fwdbwd_ms) for one peer path, or raises."""
+    q, k, v, dout = (torch.randn(B, H, L, d, device=device, dtype=torch.bfloat16) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    if name in ("sdpa-flash", "sdpa-cudnn"):
+        backend = SDPBackend.FLASH_ATTENTION if name == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
+
+        def fwd():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif name == "packing":
+        lam_sym, lam_asym, u, w = prior_params(L, device)
+        dc = d - 2 * R - 1  # content dims left after the prior lanes
+        pos = torch.arange(L, device=device, dtype=torch.float32)
+        c, s = torch.cos(pos[:, None] * w[None, :]), torch.sin(pos[:, None] * w[None, :])  # [L][R]
+
+        def fwd():
+            phi = torch.cat([lam_sym[:, None, :] * c + lam_asym[:, None, :] * s,
+                             lam_sym[:, None, :] * s - lam_asym[:, None, :] * c], dim=-1)  # [H][L][2R]
+            psi = torch.cat([c, s], dim=-1)  # [L][2R]
+            qp = torch.cat([q[..., :dc] * dc ** -0.5, phi.expand(B, H, L, 2 * R).to(q.dtype),
+                            torch.ones(B, H, L, 1, device=device, dtype=q.dtype)], dim=-1)
+            kp = torch.cat([k[..., :dc], psi.expand(B, H, L, 2 * R).to(k.dtype),
+                            u[None, :, :, None].expand(B, H, L, 1).to(k.dtype)], dim=-1)
+            return F.scaled_dot_product_attention(qp, kp, v, is_causal=True, scale=1.0)
+    elif name == "bias":
+        if L > 4096:
+            raise RuntimeError("skipped: the L x L bias needs B*H*L^2 memory")
+        lam_sym, lam_asym, u, w = prior_params(L, device)
+        i = torch.arange(L, device=device)
+        idx = (i[:, None] - i[None, :]) + L - 1
+        mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf")).to(device)
+
+        def fwd():
+            kap = kappa_table(lam_sym, lam_asym, w, L)
+            bias = (kap[:, idx] + u[:, None, :] + mask).to(q.dtype)  # [H][L][L]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].expand(B, H, L, L))
+    elif name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        lam_sym, lam_asym, u, w = prior_params(L, device)
+        block_mask = create_block_mask(lambda b, h, qi, kj: kj <= qi, None, None, L, L, device=device)
+        flex = torch.compile(flex_attention)
+        opts = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+        def fwd():
+            kap = kappa_table(lam_sym, lam_asym, w, L)
+
+            def score_mod(score, b, h, qi, kj):
+                return score + kap[h, qi - kj + L - 1] + u[h, kj]
+            return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
+    else:
+        raise ValueError(name)
+
+    with torch.no_grad():
+        fwd_ms = time_ms(fwd)
+    fwdbwd_ms = time_ms(lambda: fwd().backward(dout))
+    return fwd_ms, fwdbwd_ms
+
+
+def ours(bench, quick):
+    """Our v3 numbers from ./build/bench (same process tree, same GPU, same run of this script)."""
+    cmd = [bench, "--versions", "3"] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"v3 mma \(bf16\)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", line)
+        if m:
+            d, L = int(m.group(1)), int(m.group(2))
+            rows[(d, L)] = (float(m.group(4)), float(m.group(6)))
+    if not rows:
+        sys.exit("bench printed no v3 rows:\n" + out)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="d = 64, L = 4096 only")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    ap.add_argument("--bench", default="./build/bench")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("peers.py: no CUDA device")
+    device = "cuda"
+    shapes = [(64, 4096)] if args.quick else [(d, L) for d in (64, 128) for L in (1024, 4096, 16384)]
+    paths = ["sdpa-flash", "sdpa-cudnn", "packing", "bias"] + ([] if args.no_flex else ["flex"])
+    print(f"peers on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, causal, H={H}, B*L={TOKENS}")
+    table = {("goat v3", d, L): t for (d, L), t in ours(args.bench, args.quick).items()}
+    for d, L in shapes:
+        B = TOKENS // L
+        for p in paths:
+            try:
+                table[(p, d, L)] = run_path(p, B, L, d, device)
+            except Exception as e:  # a peer that fails is reported, not hidden
+                table[(p, d, L)] = str(e).splitlines()[0][:60] if str(e) else type(e).__name__
+            torch.cuda.empty_cache()
+    cols = shapes
+    head = "| path | " + " | ".join(f"d={d} L={L}" for d, L in cols) + " |"
+    print("\nTFLOP/s forward / forward+backward")
+    print(head)
+    print("|---" * (len(cols) + 1) + "|")
+    for p in ["goat v3"] + paths:
+        cells = []
+        for d, L in cols:
+            t = table.get((p, d, L))
+            if isinstance(t, tuple):
+                f = fwd_flops(TOKENS // L, L, d)
+                cells.append(f"{f / t[0] / 1e9:.0f} / {3.5 * f / t[1] / 1e9:.0f}")
+            else:
+                cells.append("-" if t is None else f"failed ({t})")
+        print(f"| {p} | " + " | ".join(cells) + " |")
+    print("\nour forward+backward speed / the peer's (above 1: GOAT v3 faster)")
+    print(head)
+    print("|---" * (len(cols) + 1) + "|")
+    for p in paths:
+        cells = []
+        for d, L in cols:
+            a, b = table.get(("goat v3", d, L)), table.get((p, d, L))
+            cells.append(f"{b[1] / a[1]:.2f}x" if isinstance(a, tuple) and isinstance(b, tuple) else "-")
+        print(f"| {p} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
