@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# bench/gpu_all.sh: everything the GPU machine checks, in one call: GPU tests, compute-sanitizer on the small
+# cases, the benchmark (validates, then times), the PyTorch peers in the same run, and the trainer's CPU/GPU
+# agreement. Uses the binaries in build/ (build them with `make` first, e.g. where doctest is installed).
+# Logs go to $OUT (or build/gpu_logs) and a short summary is printed last.
+set -u
+cd "$(dirname "$0")/.."
+LOG=${OUT:-build/gpu_logs}
+mkdir -p "$LOG"
+status=0
+step() { echo "== $*"; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$LOG/gpu.txt"
+
+step "GPU tests"
+./build/test_gpu --require-gpu > "$LOG/test_gpu.log" 2>&1 || status=1
+grep -E "^\[doctest\] (test cases|assertions|Status)" "$LOG/test_gpu.log"
+
+step "compute-sanitizer memcheck + racecheck (small cases)"
+for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 1 ./build/test_gpu --require-gpu -tc='*small*' \
+        > "$LOG/sanitize_$tool.log" 2>&1 || status=1
+    echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_$tool.log" | tail -1)"
+done
+
+step "trainer: CPU vs GPU, 20 steps"
+./build/train_tiny --compare 20 --layers 2 --context 64 --batch 4 > "$LOG/compare.log" 2>&1 || status=1
+tail -3 "$LOG/compare.log"
+
+step "bench (v2 fp32, v3 bf16)"
+./build/bench --versions ${BENCH_VERSIONS:-23} > "$LOG/bench.log" 2>&1 || status=1
+
+if python3 -c "import torch" 2>/dev/null; then
+    step "PyTorch peers (same run)"
+    PYTHONUNBUFFERED=1 python3 bench/peers.py ${PEERS_ARGS:---no-flex} > "$LOG/peers.log" 2>&1 || status=1
+fi
+
+step "summary"
+grep -A40 "^version" "$LOG/bench.log"
+[ -f "$LOG/peers.log" ] && tail -25 "$LOG/peers.log"
+echo "exit status $status"
+exit $status
