@@ -4,7 +4,8 @@
 // every version that handles the dtype (v1 fp32 at L = 1024 only, it is slow; v2 fp32; v3 bf16 if it runs):
 //   fwd TFLOP/s       4 B H L^2 d / 2 flops (causal halves the square), by CUDA events, median of repeats
 //   fwd+bwd TFLOP/s   3.5x the forward flops (the backward counts 2.5x) over forward + backward
-//   prior cost        time with kappa and u / time with kappa = u = nullptr, forward + backward
+//   prior cost        time with kappa, u (and dkappa, du in the backward) / time with all four nullptr,
+//                     forward and forward + backward
 // Inputs are rotated over N_ROTATE buffer sets so that L2 (60 MB) never holds the next call's inputs.
 // Before timing, each version runs a small shape (B=1, H=2, L=200) against the CPU reference and is skipped
 // when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 23 (time only v2 and v3).
@@ -184,7 +185,7 @@ static float median_ms(F fn, int repeats, int warmup) {
 struct Row {
     std::string version;
     int d, L, B;
-    float fwd_ms, fwdbwd_ms, fwdbwd_noprior_ms;
+    float fwd_ms, fwd_noprior_ms, fwdbwd_ms, fwdbwd_noprior_ms;
     double fwd_tflops, fwdbwd_tflops;
 };
 
@@ -240,8 +241,10 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
         GoatParams q = p;
         int r = rep % N_ROTATE;
         q.q = buf.q[r]; q.k = buf.k[r]; q.v = buf.v[r]; q.dout = buf.dout[r];
-        q.kappa = prior ? buf.kappa : nullptr;
+        q.kappa = prior ? buf.kappa : nullptr;     // prior off: no tables and no prior gradients
         q.u = prior ? buf.u : nullptr;
+        q.dkappa = prior ? buf.dkappa : nullptr;
+        q.du = prior ? buf.du : nullptr;
         return q;
     };
     const bool slow = version == GOAT_V1_NAIVE;
@@ -250,6 +253,7 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
     row.version = goat_version_name(version);
     row.d = d; row.L = L; row.B = B;
     row.fwd_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, true), 0)); }, repeats, warmup);
+    row.fwd_noprior_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, false), 0)); }, repeats, warmup);
     row.fwdbwd_ms = median_ms([&](int rep) {
         GoatParams q = with_inputs(rep, true);
         check(goat_forward(q, 0));
@@ -319,12 +323,13 @@ int main(int argc, char** argv) {
         }
     }
 
-    std::printf("\n%-16s %4s %6s %3s %10s %10s %12s %12s %11s\n", "version", "d", "L", "B", "fwd ms", "fwd TF/s",
-                "fwd+bwd ms", "fwd+bwd TF/s", "prior cost");
+    std::printf("\n%-16s %4s %6s %3s %10s %10s %12s %12s %11s %11s\n", "version", "d", "L", "B", "fwd ms", "fwd TF/s",
+                "fwd+bwd ms", "fwd+bwd TF/s", "prior fwd", "prior f+b");
     for (const Row& r : rows)
-        std::printf("%-16s %4d %6d %3d %10.3f %10.2f %12.3f %12.2f %10.3fx\n", r.version.c_str(), r.d, r.L, r.B,
-                    r.fwd_ms, r.fwd_tflops, r.fwdbwd_ms, r.fwdbwd_tflops, r.fwdbwd_ms / r.fwdbwd_noprior_ms);
-    std::printf("(TFLOP/s by 4*B*H*L^2*d/2 forward, 3.5x that for forward+backward; prior cost = fwd+bwd time "
-                "with kappa, u / without)\n");
+        std::printf("%-16s %4d %6d %3d %10.3f %10.2f %12.3f %12.2f %10.3fx %10.3fx\n", r.version.c_str(), r.d, r.L,
+                    r.B, r.fwd_ms, r.fwd_tflops, r.fwdbwd_ms, r.fwdbwd_tflops, r.fwd_ms / r.fwd_noprior_ms,
+                    r.fwdbwd_ms / r.fwdbwd_noprior_ms);
+    std::printf("(TFLOP/s by 4*B*H*L^2*d/2 forward, 3.5x that for forward+backward; prior fwd, prior f+b = time with "
+                "kappa, u and their gradients / time with none of them)\n");
     return 0;
 }
