@@ -382,19 +382,25 @@ struct Dataset {
     uint64_t val_seed = 0;             // copy task: validation sequence b of batch k uses Rng(val_seed + k)
 };
 
-std::string read_text_file(const std::string& path) {
+// The whole file as bytes; `what` names it in errors ("data file", "checkpoint"). Directories, missing and
+// unreadable files are RunErrors.
+std::string read_whole_file(const std::string& path, const char* what) {
     struct stat st;
-    if (stat(path.c_str(), &st) != 0) throw RunError(strf("cannot open data file '%s': %s", path.c_str(), std::strerror(errno)));
-    if (S_ISDIR(st.st_mode)) throw RunError(strf("data file '%s' is a directory", path.c_str()));
+    if (stat(path.c_str(), &st) != 0) throw RunError(strf("cannot open %s '%s': %s", what, path.c_str(), std::strerror(errno)));
+    if (S_ISDIR(st.st_mode)) throw RunError(strf("%s '%s' is a directory", what, path.c_str()));
     FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw RunError(strf("cannot open data file '%s': %s", path.c_str(), std::strerror(errno)));
-    std::string text;
+    if (!f) throw RunError(strf("cannot open %s '%s': %s", what, path.c_str(), std::strerror(errno)));
+    std::string bytes;
     char buf[1 << 16];
     size_t n;
-    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.append(buf, n);
     bool bad = std::ferror(f);
     std::fclose(f);
-    if (bad) throw RunError(strf("cannot read data file '%s'", path.c_str()));
+    if (bad) throw RunError(strf("cannot read %s '%s'", what, path.c_str()));
+    return bytes;
+}
+std::string read_text_file(const std::string& path) {
+    std::string text = read_whole_file(path, "data file");
     if (text.empty()) throw RunError(strf("data file '%s' is empty", path.c_str()));
     return text;
 }
@@ -2087,15 +2093,7 @@ void save_checkpoint(const std::string& path, const ModelConfig& c, const std::v
 // data's vocabulary. Every problem is a RunError with a message; nothing is trusted before it is checked.
 std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c, const std::vector<unsigned char>& vocab,
                                    int* step) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw RunError(strf("cannot open checkpoint '%s': %s", path.c_str(), std::strerror(errno)));
-    std::string bytes;
-    char buf[1 << 16];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.append(buf, n);
-    bool bad = std::ferror(f);
-    std::fclose(f);
-    if (bad) throw RunError(strf("cannot read checkpoint '%s'", path.c_str()));
+    std::string bytes = read_whole_file(path, "checkpoint");
     CheckpointHeader h;
     if (bytes.size() < sizeof(h)) throw RunError(strf("checkpoint '%s' is too short to be one (%zu bytes)", path.c_str(), bytes.size()));
     std::memcpy(&h, bytes.data(), sizeof(h));

@@ -25,7 +25,9 @@ static const double TOL_FD = 1e-6;
 static const double FD_H = 1e-5;
 
 // ----------------------------------------------------------------------------------------------------------
-// helpers
+// helpers (in an anonymous namespace: the test binary also links train_tiny.cu's names)
+
+namespace {
 
 // Random scores (scale `mag`) and a random log-prior with -inf above the diagonal when causal.
 static void random_problem(Rng& rng, int L, int S, bool causal, double mag, std::vector<double>& s,
@@ -124,6 +126,8 @@ static void check_outputs(const Outputs& a, const Outputs& b, double tol) {
         CHECK(r.ok);
     }
 }
+
+}  // namespace
 
 // ----------------------------------------------------------------------------------------------------------
 // 1. The EOT family
