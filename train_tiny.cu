@@ -30,6 +30,9 @@
 //   trainer          the one switch between the two backends
 //   agreement        --check (Sinkhorn vs closed form vs kernel) and --compare (CPU vs GPU losses)
 //   output           progress line, samples, the learned prior in the terminal and as an SVG
+//   evaluation       validation loss; --eval-contexts (loss at T*m with the prior rebuilt for that L),
+//                    --sink-stats (mass on token 0 against content range), --prior-csv (the prior's tables);
+//                    what experiments/run.sh measures
 //   checkpoints      --save / --load
 //   main
 //
@@ -44,6 +47,9 @@
 //   --task copy (defaults, 600 steps, H200): u_h(0) - mean u_h(1..) = +3.5 in layer 0 (the first-token spike
 //     of GOAT.md section 7); kappa shows only a weak recency slope (copying the current token needs no
 //     attention: the residual stream already holds it).
+//   experiments/run.sh (31 runs of 3 layers, 4 x 32, T = 128, B = 32, 600 steps, eval at 1x-8x T, H200): 59 s
+//     in all; 1.7 ms/step with a fixed prior, 2.6-3.2 ms/step with GOAT's (likely the host-side prior tables;
+//     not profiled). README, "Reproducing the paper's claims in miniature".
 //
 // Rules it keeps: every tensor states its shape; fixed seeds, printed; every CUDA and cuBLAS call checked by
 // a macro that names the statement, file and line; bad flags, files and checkpoints give a message and a
@@ -118,6 +124,8 @@ std::string format_duration(double s) {
 enum PriorKind { PRIOR_GOAT = 0, PRIOR_NONE = 1, PRIOR_ALIBI = 2, PRIOR_ABS = 3 };
 const char* const PRIOR_NAMES[] = {"goat", "none", "alibi", "abs"};
 
+constexpr int MAX_EVAL_CONTEXT = 32768;   // --eval-contexts: largest T*m (the activation buffers grow with it)
+
 struct Options {
     // model
     int layers = 4;            // transformer blocks
@@ -153,6 +161,12 @@ struct Options {
     int check = 0;             // every N steps print the Sinkhorn / closed form / kernel agreement (0 = off)
     int compare = 0;           // run N steps on CPU and GPU side by side and exit (0 = off)
     std::string device = "auto";  // auto | gpu | cpu
+    // after training: the experiments of experiments/run.sh (README, "Reproducing the paper's claims")
+    std::string eval_contexts; // multipliers m, e.g. "1,2,4,8": validation loss at context T*m (empty = off)
+    int eval_seqs = 64;        // validation sequences per multiplier
+    std::string sink_stats;    // CSV: mass on token 0 against the content range, per layer, head, query
+    std::string prior_csv;     // CSV: the learned prior's tables kappa_h(delta), u_h(j) at context T
+    std::vector<int> eval_mults;   // parsed from eval_contexts by parse_args
 };
 
 struct Flag {
@@ -195,6 +209,10 @@ std::vector<Flag> flag_table(Options* o) {
         {"--check", 'i', &o->check, "every N steps: Sinkhorn vs closed form vs fused kernel on layer 0, head 0"},
         {"--compare", 'i', &o->compare, "run N steps on CPU and GPU from the same init, print both losses, exit"},
         {"--device", 's', &o->device, "auto | gpu | cpu (auto: the GPU when this build and machine have one)"},
+        {"--eval-contexts", 's', &o->eval_contexts, "after training, validation loss at context T*m for each m of a list like 1,2,4,8"},
+        {"--eval-seqs", 'i', &o->eval_seqs, "validation sequences per --eval-contexts multiplier"},
+        {"--sink-stats", 's', &o->sink_stats, "CSV: per layer, head, query: mass on token 0 and content range (empty = none)"},
+        {"--prior-csv", 's', &o->prior_csv, "CSV: the prior's tables kappa_h(delta) and u_h(j) at context T (empty = none)"},
     };
 }
 
@@ -292,6 +310,26 @@ bool parse_args(int argc, char** argv, Options* o) {
     need(o->compare >= 0, "--compare must be >= 0");
     one_of(o->device, {"auto", "gpu", "cpu"}, "--device");
     need(!(o->compare > 0 && o->device == "cpu"), "--compare runs both backends; it cannot be used with --device cpu");
+    need(o->eval_seqs >= 1 && o->eval_seqs <= 4096, "--eval-seqs must be in 1..4096");
+    o->eval_mults.clear();
+    if (!o->eval_contexts.empty()) {   // "1,2,4,8": positive integers, T*m within what the buffers allow
+        const std::string& list = o->eval_contexts;
+        size_t pos = 0;
+        while (true) {
+            size_t comma = list.find(',', pos);
+            const std::string item = list.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+            char* end = nullptr;
+            errno = 0;
+            const long long m = std::strtoll(item.c_str(), &end, 10);
+            need(!item.empty() && *end == '\0' && errno != ERANGE && m >= 1 && m <= 64,
+                 "--eval-contexts needs a comma-separated list of multipliers in 1..64, like 1,2,4,8 (got '" + list + "')");
+            need(m * o->context <= MAX_EVAL_CONTEXT,
+                 strf("--eval-contexts: context %lld * %d exceeds %d tokens", m, o->context, MAX_EVAL_CONTEXT));
+            o->eval_mults.push_back((int)m);
+            if (comma == std::string::npos) break;
+            pos = comma + 1;
+        }
+    }
     return true;
 }
 
@@ -511,6 +549,8 @@ struct ModelConfig {
     int prior = PRIOR_GOAT;  // PriorKind
     int R = 0;        // pos_rank of the GOAT prior
     int M = 0;        // abs_rank of the GOAT prior
+    int T_train = 0;  // context the model was trained at: normalises the sink's position features (GOAT.md
+                      // section 3). Equal to T, except in a model built to evaluate at a longer context T.
 };
 
 ModelConfig model_config(const Options& o, int V) {
@@ -524,6 +564,7 @@ ModelConfig model_config(const Options& o, int V) {
         if (o.prior == PRIOR_NAMES[k]) c.prior = k;
     c.R = o.pos_rank;
     c.M = o.abs_rank;
+    c.T_train = o.context;
     return c;
 }
 
@@ -543,7 +584,7 @@ GoatPrior unpack_prior(const ModelConfig& c, const real* x) {
     p.R = c.R;
     p.M = c.M;
     p.base = 1e4;
-    p.T_train = c.T;
+    p.T_train = c.T_train > 0 ? c.T_train : c.T;
     auto take = [&](std::vector<double>* v, size_t n) { v->assign(x, x + n); x += n; };
     const size_t H = c.n_head, W = GOAT_MLP_WIDTH;
     take(&p.lam_sym, H * c.R);
@@ -2064,6 +2105,197 @@ void write_prior_svg(const std::string& path, const ModelConfig& c, const std::v
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// evaluation: validation loss, --eval-contexts, --sink-stats, --prior-csv
+//
+// What experiments/run.sh measures (README, "Reproducing the paper's claims in miniature"). All of it runs
+// after training, on the trained weights, on the run's backend.
+
+// Mean loss over n_batches fixed validation batches (val_batch) of b->B sequences of b->T tokens each.
+double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) {
+    double sum = 0;
+    for (int k = 0; k < n_batches; ++k) {
+        val_batch(ds, k, n_batches, b);
+        sum += trainer_loss(tr, *b);
+    }
+    return sum / n_batches;
+}
+
+// The largest divisor of n that is at most cap: batches of one size that cover exactly n sequences.
+int eval_batch_size(int n, int cap) {
+    for (int b = std::max(1, std::min(n, cap)); b > 1; --b)
+        if (n % b == 0) return b;
+    return 1;
+}
+
+// The text task's validation split must hold one window at the longest evaluation context; checked before
+// training so that a run cannot fail at its end. The copy task draws fresh sequences of any length.
+void check_eval_data(const Options& o, const Dataset& ds) {
+    if (ds.task != TASK_TEXT || o.eval_mults.empty()) return;
+    const int longest = o.context * *std::max_element(o.eval_mults.begin(), o.eval_mults.end());
+    if (ds.val.size() < (size_t)longest + 1)
+        throw RunError(strf("%s: the validation split has %zu tokens; --eval-contexts needs at least %d (context %d "
+                            "and a next token); use a longer file, a larger --val-frac or smaller multipliers",
+                            ds.name.c_str(), ds.val.size(), longest + 1, longest));
+}
+
+struct ContextEval {
+    int mult = 1, context = 0;   // multiplier m and context L = T_train * m
+    bool available = false;      // false: the model cannot run at this L (learned absolute positions, m > 1)
+    double loss = NAN;           // mean next-token loss over every position 0..L-1 of every sequence
+    long long tokens = 0;        // positions scored
+    int seqs = 0;                // sequences scored
+};
+
+// Validation loss of the trained weights `params` (shape c, trained at context c.T) at context L = c.T * mult:
+// a model with the same weights is built for L on the same backend, so a GPU run evaluates with goat_forward
+// at that L; the GOAT prior's tables kappa (H, 2L-1) and u (H, L) are rebuilt from the learned parameters for
+// it (the sink's position features stay normalised by T_train), ALiBi's table is built for L, and positions
+// run 0..L-1 with no window. n_seqs sequences of L + 1 tokens, evenly spaced over the validation split (text)
+// or drawn from fixed seeds (copy), in batches of at most batch_cap. Learned absolute positions (wpe) end at
+// T_train: for prior abs and mult > 1 the result says "not available" instead of inventing positions.
+ContextEval eval_at_context(const ModelConfig& c, const Dataset& ds, const std::vector<float>& params, int mult,
+                            int n_seqs, int batch_cap, bool on_gpu) {
+    ContextEval e;
+    e.mult = mult;
+    e.context = c.T * mult;
+    if (c.prior == PRIOR_ABS && mult > 1) return e;
+    ModelConfig ce = c;
+    ce.T = e.context;
+    ce.T_train = c.T_train > 0 ? c.T_train : c.T;
+    if (num_params(ce) != params.size()) throw RunError("eval_at_context: parameter count changes with the context");
+    if (ds.task == TASK_TEXT && ds.val.size() < (size_t)e.context + 1)
+        throw RunError(strf("eval at context %d: the validation split has only %zu tokens", e.context, ds.val.size()));
+    const int B = eval_batch_size(n_seqs, batch_cap), n_batches = n_seqs / B;
+    Trainer tr;
+    build_trainer(&tr, ce, B, params, on_gpu);
+    Batch b;
+    resize_batch(&b, B, ce.T);
+    e.loss = validation_loss(&tr, ds, n_batches, &b);
+    free_trainer(&tr);
+    e.available = true;
+    e.seqs = n_seqs;
+    e.tokens = (long long)n_seqs * e.context;
+    return e;
+}
+
+// One machine-readable line per multiplier (experiments/run.sh greps for "^eval ").
+void print_context_eval(const ContextEval& e, int T_train) {
+    if (e.available)
+        std::printf("eval ctx=%d mult=%d loss=%.4f tokens=%lld seqs=%d\n", e.context, e.mult, e.loss, e.tokens, e.seqs);
+    else
+        std::printf("eval ctx=%d mult=%d loss=n/a (learned positions end at T_train = %d)\n", e.context, e.mult, T_train);
+}
+
+// q and k of layer l for the first nb sequences of the last forward, (nb,H,T,d) each, and that layer's prior
+// tables kappa (H,2T-1), u (H,T) (left empty when the attention has none).
+void trainer_layer_qk(Trainer* tr, int l, int nb, std::vector<float>* q, std::vector<float>* k,
+                      std::vector<float>* kappa, std::vector<float>* u) {
+    const ModelConfig& c = tr->cfg;
+    const size_t n = (size_t)nb * c.T * c.C, nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    q->resize(n);
+    k->resize(n);
+    kappa->clear();
+    u->clear();
+#ifdef __CUDACC__
+    if (tr->on_gpu) {   // the layer's (B_alloc,H,T,d) slice starts with sequence 0
+        LayerActs<float> la = layer_acts(tr->gpu.a, c, tr->gpu.B, l);
+        CUDA_CHECK(cudaMemcpy(q->data(), la.q, n * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(k->data(), la.k, n * sizeof(float), cudaMemcpyDeviceToHost));
+        if (tr->gpu.tables) {   // the host mirrors of the tables the last forward uploaded
+            kappa->assign(tr->gpu.h_kappa.begin() + l * nk, tr->gpu.h_kappa.begin() + (l + 1) * nk);
+            u->assign(tr->gpu.h_u.begin() + l * nu, tr->gpu.h_u.begin() + (l + 1) * nu);
+        }
+        return;
+    }
+#endif
+    LayerActs<float> la = layer_acts(tr->cpu.a, c, tr->cpu.B, l);
+    std::copy(la.q, la.q + n, q->begin());
+    std::copy(la.k, la.k + n, k->begin());
+    if (tr->cpu.tables) {
+        kappa->assign(tr->cpu.kappa.begin() + l * nk, tr->cpu.kappa.begin() + (l + 1) * nk);
+        u->assign(tr->cpu.u.begin() + l * nu, tr->cpu.u.begin() + (l + 1) * nu);
+    }
+}
+
+constexpr int SINK_SEQS = 4;   // --sink-stats looks at the first 4 sequences of validation batch 0
+
+struct SinkRow {
+    int layer, head, seq, i;   // query i >= 1 of sequence seq, in layer `layer`, head `head`
+    double mass0;              // P_i0 = softmax_j(s_ij + K_ij) at j = 0, over the allowed keys j <= i
+    double range;              // w_i = max_j s_ij - min_j s_ij over j <= i, content scores only (no prior)
+};
+
+// The sink picture of GOAT.md section 6, for every layer and head: one forward at the training context on
+// validation batch 0, then, for its first min(SINK_SEQS, B) sequences and every query i >= 1, the mass on
+// token 0 and the content range, with s_ij = q_i.k_j / sqrt(d). Recomputed in double on the host from the
+// model's q and k (copied from the device on the GPU backend) and its prior tables: a diagnostic, not a kernel.
+std::vector<SinkRow> sink_stats(Trainer* tr, const Dataset& ds, int n_val_batches, Batch* vb) {
+    const ModelConfig& c = tr->cfg;
+    const int T = c.T, H = c.n_head, d = c.C / H, nb = std::min(SINK_SEQS, vb->B);
+    const double scale = 1.0 / std::sqrt((double)d);
+    val_batch(ds, 0, n_val_batches, vb);
+    trainer_loss(tr, *vb);
+    std::vector<SinkRow> rows;
+    std::vector<float> q, k, kappa, u;
+    std::vector<double> z(T);   // z_ij = s_ij + K_ij for the current row
+    for (int l = 0; l < c.n_layer; ++l) {
+        trainer_layer_qk(tr, l, nb, &q, &k, &kappa, &u);
+        for (int h = 0; h < H; ++h)
+            for (int b = 0; b < nb; ++b) {
+                const float* q_bh = q.data() + ((size_t)b * H + h) * T * d;   // (T,d)
+                const float* k_bh = k.data() + ((size_t)b * H + h) * T * d;   // (T,d)
+                for (int i = 1; i < T; ++i) {
+                    double s_max = -INFINITY, s_min = INFINITY, z_max = -INFINITY;
+                    for (int j = 0; j <= i; ++j) {
+                        double s = 0;
+                        for (int x = 0; x < d; ++x) s += (double)q_bh[(size_t)i * d + x] * k_bh[(size_t)j * d + x];
+                        s *= scale;
+                        s_max = std::max(s_max, s);
+                        s_min = std::min(s_min, s);
+                        const double K = kappa.empty() ? 0.0 : (double)kappa[(size_t)h * (2 * T - 1) + (i - j) + T - 1] +
+                                                                   u[(size_t)h * T + j];
+                        z[j] = s + K;
+                        z_max = std::max(z_max, z[j]);
+                    }
+                    double sum = 0;
+                    for (int j = 0; j <= i; ++j) sum += std::exp(z[j] - z_max);
+                    rows.push_back({l, h, b, i, std::exp(z[0] - z_max) / sum, s_max - s_min});
+                }
+            }
+    }
+    return rows;
+}
+
+void write_sink_csv(const std::string& path, const std::vector<SinkRow>& rows) {
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) throw RunError(strf("cannot write sink statistics '%s': %s", path.c_str(), std::strerror(errno)));
+    std::fprintf(f, "layer,head,seq,i,mass_on_token0,content_range\n");
+    for (const SinkRow& r : rows)
+        std::fprintf(f, "%d,%d,%d,%d,%.6g,%.6g\n", r.layer, r.head, r.seq, r.i, r.mass0, r.range);
+    if (std::fclose(f) != 0) throw RunError(strf("cannot write sink statistics '%s'", path.c_str()));
+}
+
+// The prior's tables at the training context, one value a row: table "kappa" at x = delta = i - j = 0..T-1
+// (the causal half) and table "u" at x = j = 0..T-1. K_ij = kappa_h(i - j) + u_h(j) exactly (GOAT.md section 3),
+// so experiments/plots.cpp rebuilds the log-prior and its causal softmax from this file. False: no prior.
+bool write_prior_csv(const std::string& path, const ModelConfig& c, const std::vector<float>& params) {
+    std::vector<double> kappa, u;
+    if (!prior_tables_for_display(c, params, &kappa, &u)) return false;
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) throw RunError(strf("cannot write prior tables '%s': %s", path.c_str(), std::strerror(errno)));
+    std::fprintf(f, "layer,head,table,x,value\n");
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    for (int l = 0; l < c.n_layer; ++l)
+        for (int h = 0; h < c.n_head; ++h) {
+            for (int x = 0; x < c.T; ++x)
+                std::fprintf(f, "%d,%d,kappa,%d,%.8g\n", l, h, x, kappa[l * nk + (size_t)h * (2 * c.T - 1) + (c.T - 1) + x]);
+            for (int x = 0; x < c.T; ++x) std::fprintf(f, "%d,%d,u,%d,%.8g\n", l, h, x, u[l * nu + (size_t)h * c.T + x]);
+        }
+    if (std::fclose(f) != 0) throw RunError(strf("cannot write prior tables '%s'", path.c_str()));
+    return true;
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // checkpoints
 //
 // Layout (little-endian): CheckpointHeader, then V vocabulary bytes, then n_params floats (the flat array of
@@ -2133,19 +2365,11 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
 // ----------------------------------------------------------------------------------------------------------
 // main
 
-double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) {
-    double sum = 0;
-    for (int k = 0; k < n_batches; ++k) {
-        val_batch(ds, k, n_batches, b);
-        sum += trainer_loss(tr, *b);
-    }
-    return sum / n_batches;
-}
-
 [[maybe_unused]] int train_main(int argc, char** argv) {
     Options o;
     if (!parse_args(argc, argv, &o)) { print_usage(stdout); return 0; }
     Dataset ds = load_dataset(o);
+    check_eval_data(o, ds);
     const ModelConfig c = model_config(o, (int)ds.vocab.size());
 
     const bool have_gpu = gpu_available();
@@ -2261,7 +2485,28 @@ double validation_loss(Trainer* tr, const Dataset& ds, int n_batches, Batch* b) 
         save_checkpoint(o.save, c, ds.vocab, params, step0 + o.steps);
         std::printf("checkpoint written to %s\n", o.save.c_str());
     }
+    if (!o.prior_csv.empty()) {
+        if (write_prior_csv(o.prior_csv, c, params)) std::printf("prior tables written to %s\n", o.prior_csv.c_str());
+        else std::printf("--prior-csv: --prior %s has no prior tables; nothing written\n", PRIOR_NAMES[c.prior]);
+    }
+    if (!o.sink_stats.empty()) {
+        std::vector<SinkRow> rows = sink_stats(&tr, ds, o.val_batches, &vbatch);
+        write_sink_csv(o.sink_stats, rows);
+        std::printf("sink statistics (all %d layers, %d heads, %d sequences of validation batch 0, queries 1..%d): "
+                    "%zu rows written to %s\n", c.n_layer, c.n_head, std::min(SINK_SEQS, o.batch), c.T - 1, rows.size(),
+                    o.sink_stats.c_str());
+    }
     free_trainer(&tr);
+    if (!o.eval_mults.empty()) {
+        std::printf("evaluation at longer contexts: %s backend, prior tables rebuilt for each L, positions 0..L-1 "
+                    "(no window), %d validation sequences per context\n", on_gpu ? "GPU (goat_forward)" : "CPU", o.eval_seqs);
+        const double t_eval = now_seconds();
+        for (int m : o.eval_mults) {
+            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu), c.T);
+            std::fflush(stdout);
+        }
+        std::printf("evaluation took %.1f s\n", now_seconds() - t_eval);
+    }
     return 0;
 }
 

@@ -7,7 +7,9 @@
 //   2. training works: a 2-layer model on the embedded corpus ends below a loss it cannot reach with lr = 0;
 //   3. float and double models agree over a few steps (what --compare asks of the GPU, on the CPU);
 //   4. the --check oracle: Sinkhorn with rho = 0, the closed form and the CPU attention agree;
-//   5. checkpoints round-trip, and every kind of bad checkpoint, data file and flag gives an error, never a crash.
+//   5. checkpoints round-trip, and every kind of bad checkpoint, data file and flag gives an error, never a crash;
+//   6. the experiments' measurements (experiments/run.sh): evaluation at longer contexts (a model rebuilt at
+//      L = T*m agrees with the trained one on the first T positions), abs refused past T_train, sink statistics.
 // Seeds are fixed and printed.
 #define TRAIN_TINY_NO_MAIN
 #include "../train_tiny.cu"
@@ -349,6 +351,10 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
     CHECK(g.lr == 1e-3);
     CHECK(g.prior == "alibi");
     CHECK(g.seed == 7);
+    CHECK(g.eval_mults.empty());
+    Options e;
+    CHECK(parse({"--context", "128", "--eval-contexts", "1,2,4,8"}, &e));
+    CHECK(e.eval_mults == std::vector<int>{1, 2, 4, 8});
     const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
         {{"--bogus"}, "unknown flag"},
         {{"--layers"}, "needs a value"},
@@ -361,9 +367,152 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
         {{"--head-dim", "256"}, "d <= 128"},
         {{"--device", "tpu"}, "one of"},
         {{"--context", "99999999999"}, "integer"},
+        {{"--eval-contexts", "1,x"}, "multipliers"},
+        {{"--eval-contexts", "0"}, "multipliers"},
+        {{"--eval-contexts", ",2"}, "multipliers"},
+        {{"--eval-contexts", "1,2,"}, "multipliers"},
+        {{"--eval-contexts", "65"}, "multipliers"},
+        {{"--context", "4096", "--eval-contexts", "1,16"}, "exceeds"},
+        {{"--eval-seqs", "0"}, "--eval-seqs"},
     };
     for (const auto& [args, needle] : bad) {
         Options x;
         expect_error<UsageError>([&] { parse(args, &x); }, needle);
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6. the experiments' measurements
+
+// A text dataset for the tiny shape: the embedded corpus with its own vocabulary mapped into V = 7 tokens, so
+// the tiny configs above apply (the content does not matter here, only that the model sees real windows).
+Dataset tiny_text_dataset(int V, int T) {
+    Dataset ds = make_text_dataset(embedded_corpus(4000), "embedded", T, 0.25);
+    for (int& x : ds.train) x %= V;
+    for (int& x : ds.val) x %= V;
+    ds.vocab.resize(V);
+    return ds;
+}
+
+TEST_CASE("train_tiny: a model rebuilt at context 2T agrees with the trained one on the first T positions") {
+    // Causal attention: positions 0..T-1 of a 2T-token sequence see exactly what a T-token model sees, so a
+    // correct rebuild (prior tables for L = 2T from the same parameters, the sink features still normalised by
+    // T_train, no window) gives the same per-position losses there. A prior table rebuilt with T_train = 2T, or
+    // any shift of positions, breaks this.
+    for (int prior : {PRIOR_GOAT, PRIOR_ALIBI, PRIOR_NONE}) {
+        ModelConfig c = tiny_config(prior);
+        c.T_train = c.T;
+        ModelConfig c2 = c;
+        c2.T = 2 * c.T;
+        const std::vector<float> params = random_params(c, TEST_SEED);
+        CpuModel<float> m1, m2;
+        build_cpu_model(&m1, c, 1, params);
+        build_cpu_model(&m2, c2, 1, params);
+        Batch b2;
+        random_batch(c2, 1, TEST_SEED + 9, &b2);
+        std::vector<int> in1(b2.inputs.begin(), b2.inputs.begin() + c.T), tg1(b2.targets.begin(), b2.targets.begin() + c.T);
+        cpu_forward(&m1, in1.data(), tg1.data(), 1);
+        cpu_forward(&m2, b2.inputs.data(), b2.targets.data(), 1);
+        double max_diff = 0;
+        for (int t = 0; t < c.T; ++t) max_diff = std::max(max_diff, (double)std::fabs(m1.a.losses[t] - m2.a.losses[t]));
+        std::printf("context 2T vs T, --prior %s: max |loss difference| over positions 0..T-1 = %.1e\n", PRIOR_NAMES[prior], max_diff);
+        CHECK(max_diff < 1e-5);   // float forward, same arithmetic per position; only the tables' rounding differs
+    }
+}
+
+TEST_CASE("train_tiny: evaluation at longer contexts runs on the CPU, and abs is refused past T_train") {
+    const ModelConfig c = [] { ModelConfig x = tiny_config(PRIOR_GOAT); x.T_train = x.T; return x; }();
+    const Dataset ds = tiny_text_dataset(c.V, c.T);
+    const std::vector<float> params = random_params(c, TEST_SEED);
+    // m = 1 with the validation loss's own sequences and batch size reproduces it exactly
+    Trainer tr;
+    build_trainer(&tr, c, 2, params, false);
+    Batch vb;
+    resize_batch(&vb, 2, c.T);
+    const double val = validation_loss(&tr, ds, 3, &vb);
+    free_trainer(&tr);
+    const ContextEval e1 = eval_at_context(c, ds, params, 1, 6, 2, false);
+    std::printf("eval at T: %.6f, validation_loss: %.6f\n", e1.loss, val);
+    CHECK(e1.available);
+    CHECK(e1.loss == doctest::Approx(val).epsilon(1e-12));
+    for (int m : {2, 8}) {
+        const ContextEval e = eval_at_context(c, ds, params, m, 5, 4, false);
+        std::printf("eval at %d x T = %d: loss %.4f over %lld tokens\n", m, e.context, e.loss, e.tokens);
+        CHECK(e.available);
+        CHECK(e.context == m * c.T);
+        CHECK(std::isfinite(e.loss));
+        CHECK(e.loss > 0);
+        CHECK(e.tokens == 5LL * m * c.T);
+    }
+    // learned absolute positions: m = 1 runs, m > 1 is "not available" (no error, no invented positions)
+    ModelConfig ca = tiny_config(PRIOR_ABS);
+    ca.T_train = ca.T;
+    const std::vector<float> pa = random_params(ca, TEST_SEED);
+    CHECK(eval_at_context(ca, ds, pa, 1, 2, 2, false).available);
+    const ContextEval ea = eval_at_context(ca, ds, pa, 4, 2, 2, false);
+    CHECK_FALSE(ea.available);
+    CHECK(std::isnan(ea.loss));
+    CHECK(ea.tokens == 0);
+    // a validation split too short for the longest context is refused before training
+    Options o;
+    REQUIRE(parse({"--context", "16", "--eval-contexts", "1,64"}, &o));   // needs 1025 of 1000
+    expect_error<RunError>([&] { check_eval_data(o, ds); }, "validation split");
+    CHECK(eval_batch_size(64, 32) == 32);
+    CHECK(eval_batch_size(10, 4) == 2);
+    CHECK(eval_batch_size(7, 4) == 1);
+}
+
+TEST_CASE("train_tiny: --sink-stats rows: every layer, head and query, masses in [0, 1], matching the attention") {
+    for (int prior : {PRIOR_GOAT, PRIOR_NONE}) {
+        ModelConfig c = tiny_config(prior);
+        c.T_train = c.T;
+        const Dataset ds = tiny_text_dataset(c.V, c.T);
+        Trainer tr;
+        build_trainer(&tr, c, 5, random_params(c, TEST_SEED), false);
+        Batch vb;
+        resize_batch(&vb, 5, c.T);
+        const std::vector<SinkRow> rows = sink_stats(&tr, ds, 2, &vb);
+        const int nb = std::min(SINK_SEQS, 5);
+        CHECK(rows.size() == (size_t)c.n_layer * c.n_head * nb * (c.T - 1));
+        // P_i0 again, from the attention's own saved lse: exp(s_i0 + K_i0 - lse_i)
+        const int H = c.n_head, T = c.T, d = c.C / H;
+        double max_diff = 0;
+        bool in_range = true;
+        for (const SinkRow& r : rows) {
+            in_range = in_range && r.mass0 >= 0 && r.mass0 <= 1 && r.range >= 0 && r.i >= 1 && r.i < T;
+            LayerActs<float> la = layer_acts(tr.cpu.a, c, tr.cpu.B, r.layer);
+            const size_t bh = (size_t)r.seq * H + r.head;
+            double s = 0;
+            for (int x = 0; x < d; ++x) s += (double)la.q[(bh * T + r.i) * d + x] * la.k[(bh * T + 0) * d + x];
+            s /= std::sqrt((double)d);
+            double K = 0;
+            if (tr.cpu.tables) {
+                const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
+                K = tr.cpu.kappa[r.layer * nk + (size_t)r.head * (2 * T - 1) + r.i + T - 1] + tr.cpu.u[r.layer * nu + (size_t)r.head * T];
+            }
+            max_diff = std::max(max_diff, std::fabs(r.mass0 - std::exp(s + K - la.lse[bh * T + r.i])));
+        }
+        std::printf("sink stats, --prior %s: %zu rows, max |P_i0 - exp(z_i0 - lse_i)| = %.1e\n", PRIOR_NAMES[prior], rows.size(), max_diff);
+        CHECK(in_range);
+        CHECK(max_diff < 1e-5);   // double recomputation against the float attention's lse
+        // the CSV: a header, then one line per row
+        const std::string path = temp_path("sink.csv");
+        write_sink_csv(path, rows);
+        const std::string text = read_bytes(path);
+        CHECK(text.rfind("layer,head,seq,i,mass_on_token0,content_range\n", 0) == 0);
+        CHECK((size_t)std::count(text.begin(), text.end(), '\n') == rows.size() + 1);
+        std::remove(path.c_str());
+        free_trainer(&tr);
+    }
+}
+
+TEST_CASE("train_tiny: --prior-csv holds kappa and u for every layer and head; none has no tables") {
+    ModelConfig c = tiny_config(PRIOR_GOAT);
+    const std::string path = temp_path("prior.csv");
+    REQUIRE(write_prior_csv(path, c, random_params(c, TEST_SEED)));
+    const std::string text = read_bytes(path);
+    CHECK((size_t)std::count(text.begin(), text.end(), '\n') == 1 + (size_t)c.n_layer * c.n_head * 2 * c.T);
+    std::remove(path.c_str());
+    ModelConfig cn = tiny_config(PRIOR_NONE);
+    CHECK_FALSE(write_prior_csv(path, cn, random_params(cn, TEST_SEED)));
 }
