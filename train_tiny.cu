@@ -1431,16 +1431,23 @@ __global__ void residual_backward_kernel(float* da, float* db, const float* dout
     }
 }
 
+// One warp's softmax statistics of a row z (V): max m and sum of exp(z - m), both broadcast to every lane.
+__device__ void row_softmax_stats(const float* z, int V, int lane, float* m_out, float* s_out) {
+    float m = -INFINITY, s = 0.f;
+    for (int v = lane; v < V; v += 32) m = fmaxf(m, z[v]);
+    m = warp_max(m);
+    for (int v = lane; v < V; v += 32) s += expf(z[v] - m);
+    *m_out = m;
+    *s_out = warp_sum(s);
+}
+
 // one warp per row: losses (N)
 __global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int N, int V) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const float* z = logits + (size_t)row * V;
-    float m = -INFINITY, s = 0.f;
-    for (int v = lane; v < V; v += 32) m = fmaxf(m, z[v]);
-    m = warp_max(m);
-    for (int v = lane; v < V; v += 32) s += expf(z[v] - m);
-    s = warp_sum(s);
+    float m, s;
+    row_softmax_stats(z, V, lane, &m, &s);
     if (lane == 0) losses[row] = m + logf(s) - z[targets[row]];
 }
 
@@ -1449,11 +1456,8 @@ __global__ void crossentropy_backward_kernel(float* dlogits, const float* logits
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const float* z = logits + (size_t)row * V;
-    float m = -INFINITY, s = 0.f;
-    for (int v = lane; v < V; v += 32) m = fmaxf(m, z[v]);
-    m = warp_max(m);
-    for (int v = lane; v < V; v += 32) s += expf(z[v] - m);
-    s = warp_sum(s);
+    float m, s;
+    row_softmax_stats(z, V, lane, &m, &s);
     for (int v = lane; v < V; v += 32)
         dlogits[(size_t)row * V + v] += (expf(z[v] - m) / s - (v == targets[row] ? 1.f : 0.f)) * dloss;
 }
