@@ -24,6 +24,7 @@
 //       About 15x v2. Below PyTorch SDPA's flash backend without a prior (~215-340 forward): see README.
 #include "goat.h"
 
+#include <cuda.h>  // CUtensorMap and its enums (types only; the driver call goes through the runtime)
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -1724,13 +1725,837 @@ static GoatStatus v3_backward(const GoatParams& p, void* workspace, cudaStream_t
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// v4 bf16 wgmma: the forward on Hopper's warpgroup tensor-core instructions (sm_90a), backward = v3's
+//
+// What the launchers below call:
+//   static bool v4_supports(const GoatParams& p);    // v3's conditions, and this GPU runs the sm_90a code
+//   static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream);
+// The backward of v4 is v3's (the forward's outputs o and lse are the same contract).
+//
+// Why a new version: v3's mma.sync is the Ampere instruction; on Hopper it reaches about half the tensor
+// rate. wgmma (PTX ISA "asynchronous warpgroup level matrix instructions") is issued by a warpgroup of 4 warps,
+// computes a 64 x N x 16 product, reads B (and optionally A) straight from shared memory through a 64-bit
+// descriptor, and runs asynchronously: a warpgroup can do other work until wgmma.wait_group.
+//
+// What is here, in reading order:
+//   1. helpers       descriptors of 128-byte-swizzled shared tiles, the wgmma instructions (operand lists
+//                    written out for N = 64 and 128), fences, the tile layout and its cp.async loader
+//   2. forward       one block per (query tile of 64 * NWG rows, b*h); warpgroup w owns 64 query rows.
+//                    Per key tile j: S = Q_i K_j^T (A = Q from shared memory, B = K_j from shared memory),
+//                    the GOAT prior kappa(i - j) + u(j) and the mask in registers before the running max (as v3),
+//                    then O += P V_j (A = P from registers, B = V_j from shared memory, N-major).
+//                    Overlap inside a warpgroup (FlashAttention-3, Shah et al. 2024, section 3.2): in iteration j
+//                    the warpgroup issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, then does the
+//                    softmax of S_j while the second product still runs; so V lags K by one tile.
+//   3. launcher
+//
+// Shared-memory layout (what the descriptors describe): a tile of R rows x D bf16 is stored as D/64 column
+// blocks of [R][64]; each row of a block is 128 bytes, and 16-byte chunk c of row r sits at chunk c ^ (r % 8)
+// ("128-byte swizzle", the pattern wgmma undoes; every block starts on a 1024-byte boundary). K-major operands
+// (Q and K for S = Q K^T, where the reduction runs along d) and the N-major operand (V for P V, where the
+// reduction runs along the keys, the rows) use this one layout; only their descriptors differ.
+// Loads are cp.async by all threads (no TMA, no warp specialisation: the next steps, see README).
+//
+// Rounding: as v3 (q, k, v bf16; P rounded to bf16 before P V; scores, m, l, O in fp32), so the same CPU twin
+// (GoatTiling::emulate_bf16) bounds its error. Exponentials: exp2 of (z - m) log2(e) with z in natural units.
+
+// Tile choices per head dimension: NWG warpgroups (64 query rows each) per block, B_c keys per tile,
+// MIN_BLOCKS blocks per multiprocessor (a register cap). Chosen by measurement (README, bench/bench.cu).
+#ifndef GOAT_V4_D64_CFG  // NWG, B_c, MIN_BLOCKS as three macros (nvcc splits -D values at commas)
+#define GOAT_V4_D64_NWG 3
+#define GOAT_V4_D64_BC 128
+#define GOAT_V4_D64_MINB 1
+#endif
+#ifndef GOAT_V4_D128_CFG
+#define GOAT_V4_D128_NWG 2
+#define GOAT_V4_D128_BC 128
+#define GOAT_V4_D128_MINB 1
+#endif
+template <int NWG_, int B_c_, int MIN_BLOCKS_> struct V4Cfg {
+    static constexpr int NWG = NWG_, B_c = B_c_, MIN_BLOCKS = MIN_BLOCKS_;
+};
+template <int D> struct V4Tiles;
+template <> struct V4Tiles<64> : V4Cfg<GOAT_V4_D64_NWG, GOAT_V4_D64_BC, GOAT_V4_D64_MINB> {};
+template <> struct V4Tiles<128> : V4Cfg<GOAT_V4_D128_NWG, GOAT_V4_D128_BC, GOAT_V4_D128_MINB> {};
+
+// Set to 1 by the device code compiled for sm_90a (wgmma exists there); 0 in any other device build. The
+// launcher reads it once per device to decide whether v4 can run (see v4_supports).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ int v4_has_wgmma = 1;
+#else
+__device__ int v4_has_wgmma = 0;
+#endif
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GOAT_V4_DEVICE 1
+#endif
+
+// ----------------------------------------------------------------------------------------------------------
+// 1. helpers
+
+#ifdef GOAT_V4_DEVICE  // the helpers exist only in the sm_90a device build, the one that uses them
+
+// Descriptor of a shared-memory matrix for wgmma (PTX ISA "matrix descriptor format"): start address, leading
+// and stride byte offsets (all >> 4), layout type 1 = 128-byte swizzle in bits 62-63. For a K-major operand
+// the stride byte offset is the distance between groups of 8 rows (1024 bytes here) and the leading offset is
+// unused; for an N-major operand the leading offset is the distance between 64-column blocks and the stride
+// offset again that between groups of 8 rows (along the reduction).
+static __device__ __forceinline__ uint64_t v4_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
+           (1ull << 62);
+}
+
+// The wgmma instructions used here: D[64][N] (+)= A[64][16] B[16][N], fp32 accumulators, bf16 operands.
+// ss: A and B from shared memory, both K-major (S = Q K^T). rs: A from registers (the mma.sync A fragment
+// layout per warp: P straight from the score accumulators), B N-major from shared memory (O += P V).
+// acc = 0 overwrites D. Accumulator layout per warp (warp w of the warpgroup owns rows 16 w .. 16 w + 15):
+// d[4 n + 2 hh + e] is row 16 w + g + 8 hh, column 8 n + 2 t + e (g = lane / 4, t = lane % 4), as mma.sync's.
+static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(acc));
+}
+static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(acc));
+}
+static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+
+static __device__ __forceinline__ void v4_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void v4_wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+static __device__ __forceinline__ void v4_wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keep the compiler from moving reads or writes of accumulator registers across a wgmma issue or wait.
+template <int R>
+static __device__ __forceinline__ void v4_fence_regs(float (&d)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
+}
+// cp.async writes go through the generic proxy, wgmma reads through the async proxy: each writing thread
+// fences after its copies landed and before the barrier that publishes them.
+static __device__ __forceinline__ void v4_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <int N>
+static __device__ __forceinline__ void v4_wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
+    if constexpr (N == 64) v4_wgmma_ss_n64(d, da, db, acc);
+    else v4_wgmma_ss_n128(d, da, db, acc);
+}
+template <int N>
+static __device__ __forceinline__ void v4_wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db) {
+    if constexpr (N == 64) v4_wgmma_rs_n64(d, a, db, 1);
+    else v4_wgmma_rs_n128(d, a, db, 1);
+}
+
+// Byte offset of 16-byte chunk c (columns 8c .. 8c + 7) of row r in a swizzled tile of R rows (layout above).
+template <int R>
+static __device__ __forceinline__ uint32_t v4_tile_off(int r, int c) {
+    return (uint32_t)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// Block-wide: rows row0 .. row0 + R - 1 of x ([L][D] bf16) -> swizzled tile at shared address base; rows >= L
+// are zero-filled (they are masked or never written back).
+template <int D, int R, int NTHREADS>
+static __device__ __forceinline__ void v4_load_tile(uint32_t base, const v3_bf16* x, int row0, int L) {
+    constexpr int CH = D / 8;
+#pragma unroll 4
+    for (int c = threadIdx.x; c < R * CH; c += NTHREADS) {
+        const int r = c / CH, cc = c % CH, row = row0 + r;
+        const bool valid = row < L;
+        v3_cp_async_16(base + v4_tile_off<R>(r, cc), x + (size_t)(valid ? row : 0) * D + cc * 8, valid);
+    }
+}
+
+#endif  // GOAT_V4_DEVICE
+
+// ----------------------------------------------------------------------------------------------------------
+// 2. forward kernel
+//
+// Grid (T_r = ceil(L / B_r), B*H), B_r = 64 NWG; block 128 NWG threads. Shapes per block:
+//   Q_i [B_r][d] (shared), K_j, V_j [2][B_c][d] (shared, two buffers each), kappa window [2][B_r + B_c - 1],
+//   u slice [2][B_c] (shared, loaded with K_j), S [64][B_c] per warpgroup (registers), P_{j-1} as bf16 A
+//   fragments (registers), O [64][d] fp32 per warpgroup (registers), m, l (registers).
+// Writes o and lse exactly as v3 does.
+
+template <int D, int NWG, int B_c>
+struct V4Fwd {
+    static constexpr int B_r = 64 * NWG, NTHREADS = 128 * NWG;
+    static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
+    static constexpr size_t OFF_Q = 0;                                    // every tile 1024-byte aligned
+    static constexpr size_t OFF_K = OFF_Q + (size_t)B_r * D * 2;
+    static constexpr size_t OFF_V = OFF_K + (size_t)2 * B_c * D * 2;
+    static constexpr size_t OFF_KAPPA = OFF_V + (size_t)2 * B_c * D * 2;
+    static constexpr size_t OFF_U = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
+    static constexpr size_t SMEM = OFF_U + (size_t)2 * B_c * 4 + 1024;    // + 1024: aligning the base
+    static_assert(D == 64 || D == 128, "d must be 64 or 128");
+    static_assert(B_c == 64 || B_c == 128, "B_c is an N of the wgmma instructions above");
+    static_assert(SMEM <= 227 * 1024, "shared memory per block");
+};
+
+template <int D, int NWG, int B_c, int MIN_BLOCKS>
+__global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS) v4_forward_kernel(V3Args a) {
+#ifdef GOAT_V4_DEVICE
+    using T = V4Fwd<D, NWG, B_c>;
+    constexpr int B_r = T::B_r, NTHREADS = T::NTHREADS, KW = T::KW, KW_PAD = T::KW_PAD;
+    constexpr int NS = B_c / 2;   // score accumulators per thread
+    constexpr int NO = D / 2;     // output accumulators per thread
+    constexpr int KP = B_c / 16;  // k-steps of P V (16 keys each)
+    extern __shared__ __align__(1024) unsigned char v4_smem[];
+    const uint32_t raw = v3_smem_u32(v4_smem), sbase = (raw + 1023u) & ~1023u;
+    unsigned char* smem = v4_smem + (sbase - raw);
+    const uint32_t Q_s = sbase + (uint32_t)T::OFF_Q, K_s = sbase + (uint32_t)T::OFF_K, V_s = sbase + (uint32_t)T::OFF_V;
+    float* kappa_s = reinterpret_cast<float*>(smem + T::OFF_KAPPA);
+    float* u_s = reinterpret_cast<float*>(smem + T::OFF_U);
+
+    const int L = a.L, T_r = v3_cdiv(L, B_r);
+    const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
+    const int bh = blockIdx.y, h = bh % a.H;
+    const int i0 = it * B_r;
+    const size_t off = (size_t)bh * L * D;
+    const v3_bf16* q_bh = a.q + off;
+    const v3_bf16* k_bh = a.k + off;
+    const v3_bf16* v_bh = a.v + off;
+    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
+    const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int j_end = a.causal ? min(L, i0 + B_r) : L;
+    const int n_kt = v3_cdiv(j_end, B_c);
+
+    auto load_k = [&](int jt, int buf) {  // K_j, its kappa window and u slice -> buffer buf
+        const int j0 = jt * B_c;
+        v4_load_tile<D, B_c, NTHREADS>(K_s + buf * B_c * D * 2, k_bh, j0, L);
+        v3_load_slice<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, v3_kappa_window_start(i0, j0, B_c, L),
+                                    2 * L - 1, a.k);
+        v3_load_slice<B_c, NTHREADS>(u_s + buf * B_c, u_h, j0, L, a.k);
+    };
+    auto load_v = [&](int jt, int buf) { v4_load_tile<D, B_c, NTHREADS>(V_s + buf * B_c * D * 2, v_bh, jt * B_c, L); };
+    // descriptors: k-step kk of Q (this warpgroup's 64 rows) and of K_j; k-step kk (16 keys) of V_j
+    auto desc_q = [&](int kk) {
+        return v4_desc(Q_s + (kk / 4) * B_r * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int buf, int kk) {
+        return v4_desc(K_s + buf * B_c * D * 2 + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int buf, int kk) { return v4_desc(V_s + buf * B_c * D * 2 + kk * 16 * 128, B_c * 128, 1024); };
+
+    // phase 1: Q_i and K_0 (with its prior slices)
+    v4_load_tile<D, B_r, NTHREADS>(Q_s, q_bh, i0, L);
+    load_k(0, 0);
+    v3_cp_async_commit();
+
+    float O[NO];
+#pragma unroll
+    for (int x = 0; x < NO; ++x) O[x] = 0.f;
+    uint32_t P[KP][4];                    // P_{j-1}, bf16 A fragments of O += P V
+    float m[2] = {-INFINITY, -INFINITY};  // running max of z (natural units) for rows g and g + 8
+    float l[2] = {0.f, 0.f};              // running sum of exp(z - m), this thread's columns only
+    const int r_loc0 = 64 * wg + 16 * warp + g;  // tile-local row of d[.. + 0, 1]; d[.. + 2, 3] at + 8
+
+    for (int jt = 0; jt < n_kt; ++jt) {
+        const int buf = jt & 1, j0 = jt * B_c;
+        // phase 2: K_j (buffer buf) has landed; V_{j-1} (buffer buf ^ 1) too; every warpgroup is done with
+        // iteration j - 1, so K buffer buf ^ 1 and V buffer buf are free: prefetch K_{j+1} and V_j there
+        v3_cp_async_wait_all();
+        v4_fence_proxy_async();
+        __syncthreads();
+        if (jt + 1 < n_kt) load_k(jt + 1, buf ^ 1);
+        load_v(jt, buf);
+        v3_cp_async_commit();
+
+        // phase 3: issue S = Q_i K_j^T, then O += P_{j-1} V_{j-1}; both run while this warpgroup goes on
+        float S[NS];
+#pragma unroll
+        for (int x = 0; x < NS; ++x) S[x] = 0.f;
+        v4_fence_regs(O);
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) v4_wgmma_ss<B_c>(S, desc_q(kk), desc_k(buf, kk), 1);
+        v4_wgmma_commit();
+        if (jt > 0) {
+#pragma unroll
+            for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(buf ^ 1, kk));
+            v4_wgmma_commit();
+            v4_wgmma_wait<1>();  // S is ready; P V may still run
+        } else {
+            v4_wgmma_wait<0>();
+        }
+        v4_fence_regs(S);
+
+        // phase 4: z = scale s + kappa(i - j) + u(j), masked entries -inf; the new running max
+        const float* kap = kappa_s + buf * KW_PAD;
+        const float* uu = u_s + buf * B_c;
+        const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * wg);
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < B_c / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
+                float z = fmaf(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1] + uu[c_loc]);
+                if (need_mask) {
+                    const int i = i0 + r_loc, j = j0 + c_loc;
+                    if (j >= L || (a.causal && j > i)) z = -INFINITY;
+                }
+                S[4 * n + e] = z;
+                mx[e >> 1] = fmaxf(mx[e >> 1], z);
+            }
+        float alpha[2], mlog2[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+            const float m_new = fmaxf(m[hh], mx[hh]);
+            // a row with nothing allowed so far keeps m = -inf; subtract 0 instead so exp gives 0, never NaN
+            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+            alpha[hh] = exp2f((m[hh] - m_use) * V3_LOG2E);
+            m[hh] = m_new;
+            l[hh] *= alpha[hh];
+            mlog2[hh] = m_use * V3_LOG2E;
+        }
+        // phase 5: P = exp(z - m), l += P (unrounded), while P_{j-1} V_{j-1} finishes
+#pragma unroll
+        for (int x = 0; x < NS; ++x) {
+            const int hh = (x >> 1) & 1;
+            const float p = exp2f(fmaf(S[x], V3_LOG2E, -mlog2[hh]));
+            l[hh] += p;
+            S[x] = p;
+        }
+        // phase 6: wait for P_{j-1} V_{j-1}, rescale O to the new max, keep P_j (bf16) for the next iteration
+        v4_wgmma_wait<0>();
+        v4_fence_regs(O);
+#pragma unroll
+        for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
+#pragma unroll
+        for (int kk = 0; kk < KP; ++kk) {
+            P[kk][0] = v3_pack_bf16(S[8 * kk + 0], S[8 * kk + 1]);
+            P[kk][1] = v3_pack_bf16(S[8 * kk + 2], S[8 * kk + 3]);
+            P[kk][2] = v3_pack_bf16(S[8 * kk + 4], S[8 * kk + 5]);
+            P[kk][3] = v3_pack_bf16(S[8 * kk + 6], S[8 * kk + 7]);
+        }
+    }
+
+    // phase 7: the last O += P V
+    v3_cp_async_wait_all();
+    v4_fence_proxy_async();
+    __syncthreads();
+    v4_fence_regs(O);
+    v4_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v((n_kt - 1) & 1, kk));
+    v4_wgmma_commit();
+    v4_wgmma_wait<0>();
+    v4_fence_regs(O);
+
+    // phase 8: o = O / l (bf16), lse = m + ln l; rows >= L are never written
+    v3_bf16* o_bh = a.o + off;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        const int i = i0 + r_loc0 + 8 * hh;
+        const float inv_l = l[hh] > 0.f ? 1.f / l[hh] : 0.f;  // l = 0 only for a row with nothing allowed
+        if (i < L) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<__nv_bfloat162*>(o_bh + (size_t)i * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(O[4 * n + 2 * hh] * inv_l, O[4 * n + 2 * hh + 1] * inv_l);
+            if (t == 0) a.lse[(size_t)bh * L + i] = l[hh] > 0.f ? m[hh] + logf(l[hh]) : -INFINITY;
+        }
+    }
+#else
+    (void)a;  // not built for sm_90a: v4_supports() keeps the launcher from getting here
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// 3. launcher
+
+// Does this device run the sm_90a code? (compute capability 9.0 and a build with the sm_90a target; read once
+// per device from v4_has_wgmma with a synchronous copy, so the first call should not be inside graph capture)
+static bool v4_device_ok() {
+    static int cached[64];  // 0 = unknown, 1 = yes, 2 = no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cached[dev] == 0) {
+        int major = 0, minor = 0, flag = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        bool ok = major == 9 && minor == 0 &&
+                  cudaMemcpyFromSymbol(&flag, v4_has_wgmma, sizeof(int)) == cudaSuccess && flag == 1;
+        cudaGetLastError();  // a failed probe leaves no sticky error behind for the caller
+        cached[dev] = ok ? 1 : 2;
+    }
+    return cached[dev] == 1;
+}
+
+static bool v4_supports(const GoatParams& p) { return v3_supports(p) && v4_device_ok(); }
+
+template <int D>
+static GoatStatus v4_forward_d(const GoatParams& p, cudaStream_t stream) {
+    using C = V4Tiles<D>;
+    using T = V4Fwd<D, C::NWG, C::B_c>;
+    auto kernel = v4_forward_kernel<D, C::NWG, C::B_c, C::MIN_BLOCKS>;
+    GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+    const dim3 grid(v3_cdiv(p.L, T::B_r), p.B * p.H);
+    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(v3_args(p))));
+    return GoatStatus();
+}
+
+static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
+    if (!v4_supports(p))
+        return goat_status(2, "v4 needs dtype bf16, d in {64, 128}, B*H <= 65535 and a compute capability 9.0 GPU "
+                              "with goat.cu built for sm_90a");
+    return p.d == 64 ? v4_forward_d<64>(p, stream) : v4_forward_d<128>(p, stream);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// v5 bf16 wgmma + TMA, warp-specialised: v4's forward with a producer warpgroup (sm_90a), backward = v3's
+//
+// What the launchers below call:
+//   static bool v5_supports(const GoatParams& p);    // v4's conditions, and q, k, v 16-byte aligned
+//   static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream);
+//
+// What changes from v4 (FlashAttention-3's structure, Shah et al. 2024, section 3.1):
+//   - warpgroup 0 is the producer: one thread issues the tile copies on the tensor memory accelerator (TMA,
+//     cp.async.bulk.tensor: one instruction per 64-column block of a tile, written already 128-byte swizzled,
+//     the layout v4 describes); its warp also copies the prior slices. It then gives most of its registers
+//     away (setmaxnreg.dec), and the consumer warpgroups take them (setmaxnreg.inc).
+//   - warpgroups 1 .. NWG are consumers, each owning 64 query rows; they never issue a load and never meet at a
+//     block-wide barrier: a ring of STAGES shared-memory stages, each with mbarriers "K full", "V full" (the
+//     copy engine counts the bytes in) and "empty" (every consumer warp arrives when done with the stage), lets
+//     producer and consumers run ahead of each other by up to STAGES tiles.
+//   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
+//     while the second product runs.
+// The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
+// the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
+
+// Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
+// depths (K_j is needed one iteration before V_j, so K gets the deeper ring).
+#ifndef GOAT_V5_D64_CFG
+#define GOAT_V5_D64_NWG 2
+#define GOAT_V5_D64_BC 128
+#define GOAT_V5_D64_KS 3
+#define GOAT_V5_D64_VS 3
+#endif
+#ifndef GOAT_V5_D128_CFG
+#define GOAT_V5_D128_NWG 2
+#define GOAT_V5_D128_BC 128
+#define GOAT_V5_D128_KS 3
+#define GOAT_V5_D128_VS 2
+#endif
+#ifndef GOAT_V5_PINGPONG  // consumer turn-taking (below); measured slower here, so off (README)
+#define GOAT_V5_PINGPONG 0
+#endif
+template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
+    static constexpr int NWG = NWG_, B_c = B_c_, KS = KS_, VS = VS_;
+};
+template <int D> struct V5Tiles;
+template <> struct V5Tiles<64> : V5Cfg<GOAT_V5_D64_NWG, GOAT_V5_D64_BC, GOAT_V5_D64_KS, GOAT_V5_D64_VS> {};
+template <> struct V5Tiles<128> : V5Cfg<GOAT_V5_D128_NWG, GOAT_V5_D128_BC, GOAT_V5_D128_KS, GOAT_V5_D128_VS> {};
+
+#ifdef GOAT_V4_DEVICE
+// mbarrier helpers (PTX ISA "mbarrier"): a 64-bit shared-memory object counting arrivals and, for the TMA,
+// transaction bytes; a wait names the phase parity it waits for (0, 1, 0, ... as the barrier is reused).
+static __device__ __forceinline__ void v5_mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void v5_mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+static __device__ __forceinline__ void v5_mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void v5_mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The calling thread's earlier cp.async copies, once they land, count as one arrival on bar ("noinc": the
+// barrier's expected count includes these arrivals from its init).
+static __device__ __forceinline__ void v5_cp_async_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// 2^x on the special function unit, flushing subnormal results to 0 (exp2f adds range handling around the
+// same instruction; P below 2^-126 is 0 for every purpose here).
+static __device__ __forceinline__ float v5_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+// Named barriers 1.. (0 is __syncthreads): the consumers' turn-taking below.
+static __device__ __forceinline__ void v5_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+static __device__ __forceinline__ void v5_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// One TMA copy of box (c0 = column, c1 = row, c2 = b*h) of tensor map tm into shared memory at dst, counted
+// in on barrier bar.
+static __device__ __forceinline__ void v5_tma_load(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2,
+                                                   uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+#endif  // GOAT_V4_DEVICE
+
+// Grid (T_r = ceil(L / B_r), B*H), B_r = 64 NWG; block 128 (NWG + 1) threads. Shared memory: Q_i [B_r][d],
+// K ring KS x (K_j [B_c][d], kappa window [B_r + B_c - 1], u slice [B_c]), V ring VS x V_j [B_c][d], mbarriers.
+template <int D, int NWG, int B_c, int KS, int VS>
+struct V5Fwd {
+    static constexpr int B_r = 64 * NWG, NTHREADS = 128 * (NWG + 1);
+    static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
+    static constexpr uint32_t TILE_KV = (uint32_t)B_c * D * 2;   // bytes of one K or V tile
+    static constexpr size_t OFF_Q = 0;
+    static constexpr size_t OFF_K = OFF_Q + (size_t)B_r * D * 2;
+    static constexpr size_t OFF_V = OFF_K + (size_t)KS * TILE_KV;
+    static constexpr size_t OFF_KAPPA = OFF_V + (size_t)VS * TILE_KV;
+    static constexpr size_t OFF_U = OFF_KAPPA + (size_t)KS * KW_PAD * 4;
+    // barriers: Q full, K full [KS], K empty [KS], V full [VS], V empty [VS]
+    static constexpr size_t OFF_BAR = (OFF_U + (size_t)KS * B_c * 4 + 7) / 8 * 8;
+    static constexpr size_t SMEM = OFF_BAR + (size_t)(1 + 2 * KS + 2 * VS) * 8 + 1024;
+    // consumer and producer registers after setmaxnreg (multiples of 8; 65536 per multiprocessor in all)
+    static constexpr int REG_CONSUMER = NWG == 2 ? 240 : 160, REG_PRODUCER = NWG == 2 ? 24 : 32;
+    static_assert(D == 64 || D == 128, "d must be 64 or 128");
+    static_assert(B_c == 64 || B_c == 128, "B_c is an N of the wgmma instructions");
+    static_assert(NWG == 2 || NWG == 3, "2 or 3 consumer warpgroups");
+    static_assert(KS >= 2 && VS >= 2, "rings of at least two stages");
+    static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
+    static_assert(SMEM <= 227 * 1024, "shared memory per block");
+    static_assert(128 * REG_PRODUCER + 128 * NWG * REG_CONSUMER <= 65536, "register file");
+};
+
+template <int D, int NWG, int B_c, int KS, int VS>
+__global__ void __launch_bounds__((NWG + 1) * 128, 1)
+v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                  const __grid_constant__ CUtensorMap tm_v) {
+#ifdef GOAT_V4_DEVICE
+    using T = V5Fwd<D, NWG, B_c, KS, VS>;
+    constexpr int B_r = T::B_r, KW = T::KW, KW_PAD = T::KW_PAD;
+    constexpr int NS = B_c / 2, NO = D / 2, KP = B_c / 16;
+    extern __shared__ __align__(1024) unsigned char v5_smem[];
+    const uint32_t raw = v3_smem_u32(v5_smem), sbase = (raw + 1023u) & ~1023u;
+    unsigned char* smem = v5_smem + (sbase - raw);
+    const uint32_t Q_s = sbase + (uint32_t)T::OFF_Q, K_s = sbase + (uint32_t)T::OFF_K, V_s = sbase + (uint32_t)T::OFF_V;
+    float* kappa_s = reinterpret_cast<float*>(smem + T::OFF_KAPPA);
+    float* u_s = reinterpret_cast<float*>(smem + T::OFF_U);
+    const uint32_t bar_q = sbase + (uint32_t)T::OFF_BAR;
+    auto bar_kfull = [&](int s) { return bar_q + 8u * (1 + s); };
+    auto bar_kempty = [&](int s) { return bar_q + 8u * (1 + KS + s); };
+    auto bar_vfull = [&](int s) { return bar_q + 8u * (1 + 2 * KS + s); };
+    auto bar_vempty = [&](int s) { return bar_q + 8u * (1 + 2 * KS + VS + s); };
+
+    const int L = a.L, T_r = v3_cdiv(L, B_r);
+    const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
+    const int bh = blockIdx.y, h = bh % a.H;
+    const int i0 = it * B_r;
+    const int j_end = a.causal ? min(L, i0 + B_r) : L;
+    const int n_kt = v3_cdiv(j_end, B_c);
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+
+    if (threadIdx.x == 0) {
+        v5_mbar_init(bar_q, 1);
+        for (int s = 0; s < KS; ++s) {
+            v5_mbar_init(bar_kfull(s), 1 + 32);  // the TMA thread's expect_tx + the 32 lanes' prior copies
+            v5_mbar_init(bar_kempty(s), 4 * NWG);  // lane 0 of every consumer warp
+        }
+        for (int s = 0; s < VS; ++s) {
+            v5_mbar_init(bar_vfull(s), 1);
+            v5_mbar_init(bar_vempty(s), 4 * NWG);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        v4_fence_proxy_async();
+    }
+    __syncthreads();  // the last block-wide barrier: from here on the roles only meet at the mbarriers
+
+    if (wg == 0) {
+        // ---- producer: one warp; order K_0, then (K_{j+1}, V_j) so that a wait for a free V stage never
+        // holds back the K tile the consumers need first
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::REG_PRODUCER));
+        if (warp != 0) return;
+        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
+        const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
+        if (lane == 0) {
+            v5_mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb) v5_tma_load(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, bh, bar_q);
+        }
+        auto load_k = [&](int jt) {  // K_j by TMA and its prior slices by cp.async, all counted on K full
+            const int s = jt % KS, j0 = jt * B_c;
+            if (jt >= KS) v5_mbar_wait(bar_kempty(s), ((jt / KS) - 1) & 1);
+            const uint32_t kap_s = v3_smem_u32(kappa_s + s * KW_PAD), uu_s = v3_smem_u32(u_s + s * B_c);
+            const int ks = v3_kappa_window_start(i0, j0, B_c, L);
+            for (int e = lane; e < KW; e += 32) {
+                const int idx = ks + e;
+                const bool valid = kappa_h && idx >= 0 && idx < 2 * L - 1;
+                v3_cp_async_4(kap_s + 4 * e, valid ? (const void*)(kappa_h + idx) : (const void*)a.k, valid);
+            }
+            for (int e = lane; e < B_c; e += 32) {
+                const bool valid = u_h && j0 + e < L;
+                v3_cp_async_4(uu_s + 4 * e, valid ? (const void*)(u_h + j0 + e) : (const void*)a.k, valid);
+            }
+            v5_cp_async_arrive(bar_kfull(s));
+            if (lane == 0) {
+                v5_mbar_arrive_tx(bar_kfull(s), T::TILE_KV);
+#pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb)
+                    v5_tma_load(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, bh, bar_kfull(s));
+            }
+        };
+        auto load_v = [&](int jt) {
+            const int s = jt % VS, j0 = jt * B_c;
+            if (lane == 0) {
+                if (jt >= VS) v5_mbar_wait(bar_vempty(s), ((jt / VS) - 1) & 1);
+                v5_mbar_arrive_tx(bar_vfull(s), T::TILE_KV);
+#pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb)
+                    v5_tma_load(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, bh, bar_vfull(s));
+            }
+            __syncwarp();
+        };
+        load_k(0);
+        for (int jt = 0; jt < n_kt; ++jt) {
+            if (jt + 1 < n_kt) load_k(jt + 1);
+            load_v(jt);
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup c = wg - 1 owns tile rows 64 c .. 64 c + 63
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
+    const int c = wg - 1, g = lane / 4, t = lane % 4;
+    const size_t off = (size_t)bh * L * D;
+    auto desc_q = [&](int kk) {
+        return v4_desc(Q_s + (kk / 4) * B_r * 128 + c * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int s, int kk) {
+        return v4_desc(K_s + s * T::TILE_KV + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int s, int kk) { return v4_desc(V_s + s * T::TILE_KV + kk * 16 * 128, B_c * 128, 1024); };
+    // Turn-taking ("ping-pong", FlashAttention-3 section 3.2): consumer c issues its products only after
+    // consumer c - 1 issued its own, so one warpgroup's softmax runs while the other's products run. Named
+    // barrier 1 + c is c's turn; the last consumer hands the first turn out once before the loop and the first
+    // consumer takes one extra turn after it, so every barrier sees as many arrivals as waits.
+    constexpr bool PINGPONG = GOAT_V5_PINGPONG != 0;
+    if (PINGPONG && c == NWG - 1) v5_bar_arrive(1, 256);
+
+    float O[NO];
+#pragma unroll
+    for (int x = 0; x < NO; ++x) O[x] = 0.f;
+    uint32_t P[KP][4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int r_loc0 = 64 * c + 16 * warp + g;
+    v5_mbar_wait(bar_q, 0);
+
+    for (int jt = 0; jt < n_kt; ++jt) {
+        const int s = jt % KS, j0 = jt * B_c, sv = (jt - 1 + VS) % VS;
+        float S[NS];
+#pragma unroll
+        for (int x = 0; x < NS; ++x) S[x] = 0.f;
+        v5_mbar_wait(bar_kfull(s), (jt / KS) & 1);
+        if (jt > 0) v5_mbar_wait(bar_vfull(sv), ((jt - 1) / VS) & 1);
+        if (PINGPONG) v5_bar_sync(1 + c, 256);
+        v4_fence_regs(O);
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) v4_wgmma_ss<B_c>(S, desc_q(kk), desc_k(s, kk), 1);
+        v4_wgmma_commit();
+        if (jt > 0) {
+#pragma unroll
+            for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+            v4_wgmma_commit();
+        }
+        if (PINGPONG) v5_bar_arrive(1 + (c + 1) % NWG, 256);
+        if (jt > 0) v4_wgmma_wait<1>();
+        else v4_wgmma_wait<0>();
+        v4_fence_regs(S);
+
+        const float* kap = kappa_s + s * KW_PAD;
+        const float* uu = u_s + s * B_c;
+        const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < B_c / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
+                float z = fmaf(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1] + uu[c_loc]);
+                if (need_mask) {
+                    const int i = i0 + r_loc, j = j0 + c_loc;
+                    if (j >= L || (a.causal && j > i)) z = -INFINITY;
+                }
+                S[4 * n + e] = z;
+                mx[e >> 1] = fmaxf(mx[e >> 1], z);
+            }
+        // K_j and its prior slices are no longer read by this warp
+        __syncwarp();
+        if (lane == 0) v5_mbar_arrive(bar_kempty(s));
+        float alpha[2], mlog2[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+            const float m_new = fmaxf(m[hh], mx[hh]);
+            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+            alpha[hh] = exp2f((m[hh] - m_use) * V3_LOG2E);
+            m[hh] = m_new;
+            l[hh] *= alpha[hh];
+            mlog2[hh] = m_use * V3_LOG2E;
+        }
+#pragma unroll
+        for (int x = 0; x < NS; ++x) {
+            const int hh = (x >> 1) & 1;
+            const float p = v5_exp2(fmaf(S[x], V3_LOG2E, -mlog2[hh]));
+            l[hh] += p;
+            S[x] = p;
+        }
+        v4_wgmma_wait<0>();
+        v4_fence_regs(O);
+        if (jt > 0) {  // V_{j-1} is no longer read by this warp
+            __syncwarp();
+            if (lane == 0) v5_mbar_arrive(bar_vempty(sv));
+        }
+#pragma unroll
+        for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
+#pragma unroll
+        for (int kk = 0; kk < KP; ++kk) {
+            P[kk][0] = v3_pack_bf16(S[8 * kk + 0], S[8 * kk + 1]);
+            P[kk][1] = v3_pack_bf16(S[8 * kk + 2], S[8 * kk + 3]);
+            P[kk][2] = v3_pack_bf16(S[8 * kk + 4], S[8 * kk + 5]);
+            P[kk][3] = v3_pack_bf16(S[8 * kk + 6], S[8 * kk + 7]);
+        }
+    }
+    if (PINGPONG && c == 0) v5_bar_sync(1, 256);  // the extra turn (see above)
+    {   // the last O += P V
+        const int sv = (n_kt - 1) % VS;
+        v5_mbar_wait(bar_vfull(sv), ((n_kt - 1) / VS) & 1);
+        v4_fence_regs(O);
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+        v4_wgmma_commit();
+        v4_wgmma_wait<0>();
+        v4_fence_regs(O);
+    }
+
+    v3_bf16* o_bh = a.o + off;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        const int i = i0 + r_loc0 + 8 * hh;
+        const float inv_l = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
+        if (i < L) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<__nv_bfloat162*>(o_bh + (size_t)i * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(O[4 * n + 2 * hh] * inv_l, O[4 * n + 2 * hh + 1] * inv_l);
+            if (t == 0) a.lse[(size_t)bh * L + i] = l[hh] > 0.f ? m[hh] + logf(l[hh]) : -INFINITY;
+        }
+    }
+#else
+    (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
+#endif
+}
+
+// launcher: the TMA descriptors, then the kernel
+static bool v5_supports(const GoatParams& p) {
+    auto aligned = [](const void* x) { return ((uintptr_t)x & 15) == 0; };
+    return v4_supports(p) && aligned(p.q) && aligned(p.k) && aligned(p.v);
+}
+
+// cuTensorMapEncodeTiled through the runtime (the driver library is loaded by the runtime anyway).
+typedef CUresult (*V5EncodeFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static V5EncodeFn v5_encode_fn() {
+    static V5EncodeFn fn = nullptr;
+    if (!fn) {
+        void* f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = reinterpret_cast<V5EncodeFn>(f);
+    }
+    return fn;
+}
+
+// x as [B*H][L][d] bf16, boxes of 64 columns x rows rows x 1, 128-byte swizzle, zero fill outside.
+static GoatStatus v5_tensor_map(CUtensorMap* tm, const void* x, const GoatParams& p, int rows) {
+    V5EncodeFn enc = v5_encode_fn();
+    if (!enc) return goat_status(3, "v5: cuTensorMapEncodeTiled not available from the CUDA driver");
+    const cuuint64_t dims[3] = {(cuuint64_t)p.d, (cuuint64_t)p.L, (cuuint64_t)p.B * p.H};
+    const cuuint64_t strides[2] = {(cuuint64_t)p.d * 2, (cuuint64_t)p.L * p.d * 2};  // bytes, dims 1 and 2
+    const cuuint32_t box[3] = {64, (cuuint32_t)rows, 1};
+    const cuuint32_t estride[3] = {1, 1, 1};
+    CUresult r = enc(tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(x), dims, strides, box, estride,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return goat_status(3, "v5: cuTensorMapEncodeTiled failed (CUresult %d)", (int)r);
+    return GoatStatus();
+}
+
+template <int D>
+static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
+    using C = V5Tiles<D>;
+    using T = V5Fwd<D, C::NWG, C::B_c, C::KS, C::VS>;
+    CUtensorMap tq, tk, tv;
+    GoatStatus st = v5_tensor_map(&tq, p.q, p, T::B_r);
+    if (st.ok()) st = v5_tensor_map(&tk, p.k, p, C::B_c);
+    if (st.ok()) st = v5_tensor_map(&tv, p.v, p, C::B_c);
+    if (!st.ok()) return st;
+    auto kernel = v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS>;
+    GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+    const dim3 grid(v3_cdiv(p.L, T::B_r), p.B * p.H);
+    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(v3_args(p), tq, tk, tv)));
+    return GoatStatus();
+}
+
+static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
+    if (!v5_supports(p))
+        return goat_status(2, "v5 needs what v4 needs and q, k, v aligned to 16 bytes");
+    return p.d == 64 ? v5_forward_d<64>(p, stream) : v5_forward_d<128>(p, stream);
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // launchers
 
 static const char* dtype_name(int dtype) { return dtype == GOAT_F32 ? "fp32" : dtype == GOAT_BF16 ? "bf16" : "?"; }
 
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
-    return p.dtype == GOAT_BF16 ? GOAT_V3_MMA_BF16 : GOAT_V2_TILED;
+    if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
+    if (v5_supports(p)) return GOAT_V5_WGMMA_TMA_BF16;
+    return v4_supports(p) ? GOAT_V4_WGMMA_BF16 : GOAT_V3_MMA_BF16;
 }
 
 const char* goat_version_name(int version) {
@@ -1739,6 +2564,8 @@ const char* goat_version_name(int version) {
         case GOAT_V1_NAIVE: return "v1 naive (fp32)";
         case GOAT_V2_TILED: return "v2 tiled (fp32)";
         case GOAT_V3_MMA_BF16: return "v3 mma (bf16)";
+        case GOAT_V4_WGMMA_BF16: return "v4 wgmma (bf16)";
+        case GOAT_V5_WGMMA_TMA_BF16: return "v5 wgmma+tma (bf16)";
         default: return "unknown";
     }
 }
@@ -1776,8 +2603,8 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         return goat_status(1, "B*H*L*d = %lld overflows int", (long long)p.B * p.H * p.L * p.d);
     if (!std::isfinite(p.scale)) return goat_status(1, "scale must be finite (got %g)", p.scale);
     if (p.dtype != GOAT_F32 && p.dtype != GOAT_BF16) return goat_status(1, "dtype %d is not a GoatDtype", (int)p.dtype);
-    if (p.version < GOAT_AUTO || p.version > GOAT_V3_MMA_BF16)
-        return goat_status(1, "version %d out of range 0..3", p.version);
+    if (p.version < GOAT_AUTO || p.version > GOAT_V5_WGMMA_TMA_BF16)
+        return goat_status(1, "version %d out of range 0..5", p.version);
     if (!p.q) return goat_status(1, "q is null");
     if (!p.k) return goat_status(1, "k is null");
     if (!p.v) return goat_status(1, "v is null");
@@ -1790,10 +2617,13 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         if (!p.dv) return goat_status(1, "dv is null");
     }
     const int version = goat_resolve_version(p);
-    if (version == GOAT_V3_MMA_BF16) {
+    if (version == GOAT_V3_MMA_BF16 || version == GOAT_V4_WGMMA_BF16 || version == GOAT_V5_WGMMA_TMA_BF16) {
         if (!v3_supports(p))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
+        if (version >= GOAT_V4_WGMMA_BF16 && !v4_device_ok())
+            return goat_status(2, "%s needs a compute capability 9.0 GPU and goat.cu built for sm_90a "
+                                  "(-gencode=arch=compute_90a,code=sm_90a)", goat_version_name(version));
     } else if (p.dtype != GOAT_F32) {
         return goat_status(2, "%s needs dtype fp32 (got %s)", goat_version_name(version), dtype_name(p.dtype));
     }
@@ -1836,6 +2666,8 @@ GoatStatus goat_forward(const GoatParams& p, cudaStream_t stream) {
     if (!st.ok()) return st;
     const int version = goat_resolve_version(p);
     if (version == GOAT_V3_MMA_BF16) return v3_forward(p, stream);
+    if (version == GOAT_V4_WGMMA_BF16) return v4_forward(p, stream);
+    if (version == GOAT_V5_WGMMA_TMA_BF16) return v5_forward(p, stream);
 
     GoatF32 f = goat_f32_view(p);
     const size_t rows = (size_t)p.B * p.H * p.L;
@@ -1905,7 +2737,7 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
 
     void* workspace = p.workspace;
     if (!workspace && need > 0) GOAT_CUDA_CHECK(cudaMallocAsync(&workspace, need, stream));
-    st = version == GOAT_V3_MMA_BF16 ? v3_backward(p, workspace, stream)
+    st = version >= GOAT_V3_MMA_BF16 ? v3_backward(p, workspace, stream)
                                      : f32_backward(p, version, (char*)workspace, stream);
     if (!p.workspace && workspace) {
         cudaError_t err = cudaFreeAsync(workspace, stream);

@@ -23,6 +23,8 @@ enum GoatVersion {
     GOAT_V1_NAIVE = 1,     // fp32, one thread per query row: the first kernel to read
     GOAT_V2_TILED = 2,     // fp32, tiled online softmax in shared memory
     GOAT_V3_MMA_BF16 = 3,  // bf16 tensor cores (mma.sync m16n8k16), FlashAttention-2 style
+    GOAT_V4_WGMMA_BF16 = 4,  // bf16, Hopper wgmma forward (needs a CC 9.0 GPU and an sm_90a build); v3 backward
+    GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup (q, k, v 16-byte aligned); v3 backward
 };
 
 struct GoatParams {

@@ -1,14 +1,15 @@
 // bench/bench.cu: speed of the GOAT attention kernels (goat.cu), each version validated before it is timed.
 //
 // For d in {64, 128} and L in {1024, 4096, 16384} (H = 16, B = 2 * 16384 / L: 32768 tokens per head), causal,
-// every version that handles the dtype (v1 fp32 at L = 1024 only, it is slow; v2 fp32; v3 bf16 if it runs):
+// every version that handles the dtype (v1 fp32 at L = 1024 only, it is slow; v2 fp32; v3 bf16; v4, v5 bf16 where
+// the GPU runs them):
 //   fwd TFLOP/s       4 B H L^2 d / 2 flops (causal halves the square), by CUDA events, median of repeats
 //   fwd+bwd TFLOP/s   3.5x the forward flops (the backward counts 2.5x) over forward + backward
 //   prior cost        time with kappa, u (and dkappa, du in the backward) / time with all four nullptr,
 //                     forward and forward + backward
 // Inputs are rotated over N_ROTATE buffer sets so that L2 (60 MB) never holds the next call's inputs.
 // Before timing, each version runs a small shape (B=1, H=2, L=200) against the CPU reference and is skipped
-// when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 23 (time only v2 and v3).
+// when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 34 (time only v3 and v4).
 #include "goat.h"
 #include "reference.h"
 
@@ -283,16 +284,22 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
 // ----------------------------------------------------------------------------------------------------------
 // main
 
+static bool v4_runs_here() {
+    GoatParams p;
+    p.B = p.H = p.L = 1; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
+    return goat_resolve_version(p) >= GOAT_V4_WGMMA_BF16;
+}
+
 int main(int argc, char** argv) {
     bool quick = false;
-    std::string versions = "123";   // which versions to time: digits of GoatVersion
+    std::string versions = "12345";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
         else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
-                 std::strspn(argv[a + 1], "123") == std::strlen(argv[a + 1]) && argv[a + 1][0])
+                 std::strspn(argv[a + 1], "12345") == std::strlen(argv[a + 1]) && argv[a + 1][0])
             versions = argv[++a];
         else {
-            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 23; default 123]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 345; default 12345]\n", argv[0]);
             return 2;
         }
     }
@@ -309,12 +316,17 @@ int main(int argc, char** argv) {
     const std::vector<int> ds = quick ? std::vector<int>{64} : std::vector<int>{64, 128};
     const std::vector<int> Ls = quick ? std::vector<int>{4096} : std::vector<int>{1024, 4096, 16384};
     struct Candidate { int version; GoatDtype dtype; };
-    const Candidate candidates[] = {{GOAT_V1_NAIVE, GOAT_F32}, {GOAT_V2_TILED, GOAT_F32}, {GOAT_V3_MMA_BF16, GOAT_BF16}};
+    const Candidate candidates[] = {{GOAT_V1_NAIVE, GOAT_F32}, {GOAT_V2_TILED, GOAT_F32}, {GOAT_V3_MMA_BF16, GOAT_BF16},
+                                    {GOAT_V4_WGMMA_BF16, GOAT_BF16}, {GOAT_V5_WGMMA_TMA_BF16, GOAT_BF16}};
 
     std::vector<Row> rows;
     for (int d : ds) {
         for (const Candidate& c : candidates) {
             if (versions.find((char)('0' + c.version)) == std::string::npos) continue;
+            if (c.version >= GOAT_V4_WGMMA_BF16 && !v4_runs_here()) {
+                std::printf("v%d: not run (needs a compute capability 9.0 GPU and an sm_90a build)\n", c.version);
+                continue;
+            }
             if (!validate(c.version, c.dtype, d)) continue;   // never time a version that is wrong
             for (int L : Ls) {
                 if (c.version == GOAT_V1_NAIVE && L != 1024 && !quick) continue;   // v1 only at L = 1024

@@ -27,16 +27,16 @@ step "trainer: CPU vs GPU, 20 steps"
 ./build/train_tiny --compare 20 --layers 2 --context 64 --batch 4 > "$LOG/compare.log" 2>&1 || status=1
 tail -3 "$LOG/compare.log"
 
-step "bench (v2 fp32, v3 bf16)"
-./build/bench --versions ${BENCH_VERSIONS:-23} > "$LOG/bench.log" 2>&1 || status=1
+step "bench (v2 fp32; v3, v4, v5 bf16)"
+./build/bench --versions ${BENCH_VERSIONS:-2345} > "$LOG/bench.log" 2>&1 || status=1
 
 if python3 -c "import torch" 2>/dev/null; then
     step "PyTorch peers (same run)"
-    PYTHONUNBUFFERED=1 python3 bench/peers.py ${PEERS_ARGS:---no-flex} > "$LOG/peers.log" 2>&1 || status=1
+    PYTHONUNBUFFERED=1 python3 bench/peers.py --bench-log "$LOG/bench.log" ${PEERS_ARGS:---no-flex} > "$LOG/peers.log" 2>&1 || status=1
 fi
 
 step "summary"
 grep -A40 "^version" "$LOG/bench.log"
-[ -f "$LOG/peers.log" ] && tail -25 "$LOG/peers.log"
+[ -f "$LOG/peers.log" ] && tail -32 "$LOG/peers.log"
 echo "exit status $status"
 exit $status

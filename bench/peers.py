@@ -2,8 +2,9 @@
 """bench/peers.py: the PyTorch routes to (GOAT-style) attention, timed in the same run as our kernel.
 
 Optional: needs PyTorch with CUDA (nothing in the build or the tests uses it). It runs ./build/bench for our
-kernel (v3, bf16; the bench validates it before timing) and then times, on the same shapes (bf16, causal,
-H = 16, B*L = 32768, d in {64, 128}, L in {1024, 4096, 16384}):
+bf16 kernels (v3, v4, v5 where they run; the bench validates each before timing), or reads the output of such
+a run (--bench-log), and then times, on the same shapes (bf16, causal, H = 16, B*L = 32768, d in {64, 128},
+L in {1024, 4096, 16384}):
 
   sdpa-flash     F.scaled_dot_product_attention, flash backend, no prior
   sdpa-cudnn     the same, cuDNN backend, no prior
@@ -14,9 +15,10 @@ H = 16, B*L = 32768, d in {64, 128}, L in {1024, 4096, 16384}):
                  configuration runs out of shared memory on this GPU)
 
 TFLOP/s by the FlashAttention convention: 4*B*H*L^2*d forward, halved for causal; forward+backward 3.5x that.
-The last table gives our forward+backward speed over each peer's (above 1: ours is faster).
+The last two tables give the speed of our fastest version (the highest-numbered that ran: what GOAT_AUTO picks)
+over each peer's, forward and forward+backward (above 1: ours is faster).
 
-Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench]
+Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench | --bench-log FILE]
 """
 import argparse
 import re
@@ -128,18 +130,23 @@ def run_path(name, B, L, d, device):
     return fwd_ms, fwdbwd_ms
 
 
-def ours(bench, quick):
-    """Our v3 numbers from ./build/bench (same process tree, same GPU, same run of this script)."""
-    cmd = [bench, "--versions", "3"] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+def ours(bench, quick, log):
+    """Our bf16 rows {(version, d, L): (fwd ms, fwd+bwd ms)} from ./build/bench (run here, same GPU, same run
+    of this script) or from the saved output of such a run."""
+    if log:
+        with open(log) as f:
+            out = f.read()
+    else:
+        cmd = [bench, "--versions", "345"] + (["--quick"] if quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"v3 mma \(bf16\)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", line)
+        m = re.match(r"(v\d) [^(]*\(bf16\)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+", line)
         if m:
-            d, L = int(m.group(1)), int(m.group(2))
-            rows[(d, L)] = (float(m.group(4)), float(m.group(6)))
+            d, L = int(m.group(2)), int(m.group(3))
+            rows[("goat " + m.group(1), d, L)] = (float(m.group(5)), float(m.group(7)))
     if not rows:
-        sys.exit("bench printed no v3 rows:\n" + out)
+        sys.exit("bench printed no bf16 rows:\n" + out)
     return rows
 
 
@@ -148,6 +155,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="d = 64, L = 4096 only")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     ap.add_argument("--bench", default="./build/bench")
+    ap.add_argument("--bench-log", default="", help="read our rows from this saved bench output instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("peers.py: no CUDA device")
@@ -155,7 +163,9 @@ def main():
     shapes = [(64, 4096)] if args.quick else [(d, L) for d in (64, 128) for L in (1024, 4096, 16384)]
     paths = ["sdpa-flash", "sdpa-cudnn", "packing", "bias"] + ([] if args.no_flex else ["flex"])
     print(f"peers on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, causal, H={H}, B*L={TOKENS}")
-    table = {("goat v3", d, L): t for (d, L), t in ours(args.bench, args.quick).items()}
+    table = ours(args.bench, args.quick, args.bench_log)
+    mine = sorted({k[0] for k in table})
+    best = mine[-1]
     for d, L in shapes:
         B = TOKENS // L
         for p in paths:
@@ -169,7 +179,7 @@ def main():
     print("\nTFLOP/s forward / forward+backward")
     print(head)
     print("|---" * (len(cols) + 1) + "|")
-    for p in ["goat v3"] + paths:
+    for p in mine + paths:
         cells = []
         for d, L in cols:
             t = table.get((p, d, L))
@@ -179,15 +189,16 @@ def main():
             else:
                 cells.append("-" if t is None else f"failed ({t})")
         print(f"| {p} | " + " | ".join(cells) + " |")
-    print("\nour forward+backward speed / the peer's (above 1: GOAT v3 faster)")
-    print(head)
-    print("|---" * (len(cols) + 1) + "|")
-    for p in paths:
-        cells = []
-        for d, L in cols:
-            a, b = table.get(("goat v3", d, L)), table.get((p, d, L))
-            cells.append(f"{b[1] / a[1]:.2f}x" if isinstance(a, tuple) and isinstance(b, tuple) else "-")
-        print(f"| {p} | " + " | ".join(cells) + " |")
+    for which, idx in (("forward", 0), ("forward+backward", 1)):
+        print(f"\n{best} {which} speed / the peer's (above 1: {best} faster)")
+        print(head)
+        print("|---" * (len(cols) + 1) + "|")
+        for p in paths:
+            cells = []
+            for d, L in cols:
+                a, b = table.get((best, d, L)), table.get((p, d, L))
+                cells.append(f"{b[idx] / a[idx]:.2f}x" if isinstance(a, tuple) and isinstance(b, tuple) else "-")
+            print(f"| {p} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -412,12 +412,15 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
         {"lse", 1, [](GoatParams& p) { p.lse = nullptr; }},
         {"scale", 1, [](GoatParams& p) { p.scale = INFINITY; }},
         {"scale", 1, [](GoatParams& p) { p.scale = NAN; }},
-        {"version", 1, [](GoatParams& p) { p.version = 4; }},
+        {"version", 1, [](GoatParams& p) { p.version = 6; }},
         {"version", 1, [](GoatParams& p) { p.version = -1; }},
         {"overflows", 1, [](GoatParams& p) { p.B = 1 << 20; p.H = 1 << 10; }},
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V1_NAIVE; }},
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V2_TILED; }},
         {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V3_MMA_BF16; }},                       // v3 with fp32
+        {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V4_WGMMA_BF16; }},                     // v4 with fp32
+        {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V4_WGMMA_BF16; }},  // v4, d = 8
+        {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V5_WGMMA_TMA_BF16; }},  // v5, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V3_MMA_BF16; }},    // v3, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_AUTO; }},          // AUTO -> v3, d = 8
     };
@@ -460,6 +463,11 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
     auto_f32.version = GOAT_AUTO;
     CHECK(goat_resolve_version(auto_f32) == GOAT_V2_TILED);
     auto_f32.dtype = GOAT_BF16;
-    CHECK(goat_resolve_version(auto_f32) == GOAT_V3_MMA_BF16);
+    auto_f32.d = 64;
+    // AUTO in bf16: v5 on a compute capability 9.0 GPU (this build targets sm_90a; aligned buffers), v3 elsewhere
+    int major = 0, minor = 0;
+    CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+    CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+    CHECK(goat_resolve_version(auto_f32) == (major == 9 && minor == 0 ? GOAT_V5_WGMMA_TMA_BF16 : GOAT_V3_MMA_BF16));
     CHECK(goat_backward_workspace_size(good) > 0);
 }

@@ -1,4 +1,7 @@
-// tests/test_gpu_bf16.cu: the bf16 tensor-core kernels (v3) of goat.cu against the CPU reference (doctest).
+// tests/test_gpu_bf16.cu: the bf16 tensor-core kernels (v3, v4) of goat.cu against the CPU reference (doctest).
+//
+// Every check runs v3 and, where the GPU runs them (compute capability 9.0, sm_90a build), v4 and v5 (their
+// own wgmma forward, then v3's backward fed their o and lse).
 //
 // The judge is the double-precision reference (goat_forward_cpu / goat_backward_cpu on doubles) on the same
 // bf16-rounded inputs. A bf16 kernel cannot match it to fp32 accuracy, so the yardstick is the CPU tiled twin
@@ -208,9 +211,26 @@ std::vector<float> download_f32(const DevBuf& src, size_t n) {
     return x;
 }
 
-// One v3 forward + backward on the GPU (deterministic or not). with_prior_grads = false passes
+// Does this GPU run v4? (what GOAT_AUTO picks for a supported bf16 problem)
+bool v4_available() {
+    GoatParams p;
+    p.B = p.H = p.L = 1; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
+    const int v = goat_resolve_version(p);
+    return v == GOAT_V4_WGMMA_BF16 || v == GOAT_V5_WGMMA_TMA_BF16;
+}
+// The bf16 versions to check on this GPU.
+std::vector<int> bf16_versions() {
+    std::vector<int> v = {GOAT_V3_MMA_BF16};
+    if (v4_available()) {
+        v.push_back(GOAT_V4_WGMMA_BF16);
+        v.push_back(GOAT_V5_WGMMA_TMA_BF16);
+    }
+    return v;
+}
+
+// One bf16 forward + backward on the GPU (deterministic or not). with_prior_grads = false passes
 // dkappa = du = nullptr (and checks that those buffers were left untouched).
-Results run_v3(const Problem& pr, bool deterministic, bool with_prior_grads = true) {
+Results run_v3(const Problem& pr, bool deterministic, bool with_prior_grads = true, int version = GOAT_V3_MMA_BF16) {
     const size_t nx = pr.n_x(), nr = pr.n_rows(), nk = pr.n_kappa(), nu = pr.n_u();
     DevBuf q(nx * 2), k(nx * 2), v(nx * 2), dout(nx * 2), o(nx * 2), dq(nx * 2), dk(nx * 2), dv(nx * 2);
     DevBuf lse(nr * 4), kappa(nk * 4), u(nu * 4), dkappa(nk * 4), du(nu * 4);
@@ -222,7 +242,7 @@ Results run_v3(const Problem& pr, bool deterministic, bool with_prior_grads = tr
     GoatParams p;
     p.B = pr.dims.B; p.H = pr.dims.H; p.L = pr.dims.L; p.d = pr.dims.d;
     p.scale = pr.dims.scale; p.causal = pr.dims.causal;
-    p.dtype = GOAT_BF16; p.version = GOAT_V3_MMA_BF16; p.deterministic = deterministic;
+    p.dtype = GOAT_BF16; p.version = version; p.deterministic = deterministic;
     p.q = q.p; p.k = k.p; p.v = v.p;
     p.kappa = pr.kappa.empty() ? nullptr : (const float*)kappa.p;
     p.u = pr.u.empty() ? nullptr : (const float*)u.p;
@@ -230,7 +250,7 @@ Results run_v3(const Problem& pr, bool deterministic, bool with_prior_grads = tr
     p.dout = dout.p; p.dq = dq.p; p.dk = dk.p; p.dv = dv.p;
     p.dkappa = with_prior_grads ? (float*)dkappa.p : nullptr;
     p.du = with_prior_grads ? (float*)du.p : nullptr;
-    REQUIRE(goat_resolve_version(p) == GOAT_V3_MMA_BF16);
+    REQUIRE(goat_resolve_version(p) == version);
 
     GoatStatus st = goat_forward(p, 0);
     INFO("goat_forward: ", st.message);
@@ -308,20 +328,24 @@ void expect_within_twin(const char* tag, const Results& got, const Results& tw, 
 void check(const Problem& pr, bool with_prior_grads = true) {
     const Results ref = judge(pr);
     const Results tw = twin(pr);
-    const Results got = run_v3(pr, false, with_prior_grads);
-    expect_within_twin("v3", got, tw, ref, with_prior_grads);
+    for (int version : bf16_versions()) {
+        const Results got = run_v3(pr, false, with_prior_grads, version);
+        expect_within_twin(version == GOAT_V3_MMA_BF16 ? "v3" : version == GOAT_V4_WGMMA_BF16 ? "v4" : "v5", got, tw, ref, with_prior_grads);
+    }
 }
 
 void check_deterministic(const Problem& pr) {
     const Results ref = judge(pr);
     const Results tw = twin(pr);
-    const Results a = run_v3(pr, true), b = run_v3(pr, true);
-    expect_within_twin("v3 det", a, tw, ref);
-    for (auto x : {std::make_pair(&a.o, &b.o), std::make_pair(&a.lse, &b.lse), std::make_pair(&a.dq, &b.dq),
+    for (int version : bf16_versions()) {
+        const Results a = run_v3(pr, true, true, version), b = run_v3(pr, true, true, version);
+        expect_within_twin(version == GOAT_V3_MMA_BF16 ? "v3 det" : version == GOAT_V4_WGMMA_BF16 ? "v4 det" : "v5 det", a, tw, ref);
+        for (auto x : {std::make_pair(&a.o, &b.o), std::make_pair(&a.lse, &b.lse), std::make_pair(&a.dq, &b.dq),
                    std::make_pair(&a.dk, &b.dk), std::make_pair(&a.dv, &b.dv),
                    std::make_pair(&a.dkappa, &b.dkappa), std::make_pair(&a.du, &b.du)})
         CHECK_MESSAGE(std::memcmp(x.first->data(), x.second->data(), x.first->size() * 4) == 0,
                       "deterministic mode: two runs differ");
+    }
 }
 
 }  // namespace
@@ -384,4 +408,17 @@ TEST_CASE("v3 no prior: kappa = u = nullptr, dkappa and du still computed") {
 TEST_CASE("v3 deterministic: larger shapes, bit-identical twice") {
     check_deterministic(make_problem(3, 2, 700, 128, true, Prior::masked));
     check_deterministic(make_problem(2, 3, 333, 64, false, Prior::random));
+}
+
+TEST_CASE("v4 and v5 run wherever the GPU is compute capability 9.0 (so the checks above cover them)") {
+    int major = 0, minor = 0;
+    BF16_CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+    BF16_CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+    INFO("compute capability ", major, ".", minor);
+    CHECK(v4_available() == (major == 9 && minor == 0));
+}
+
+TEST_CASE("v3, v4, v5 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
+    check(make_problem(1, 2, 2500, 64, true, Prior::random));
+    check(make_problem(2, 1, 2500, 128, true, Prior::masked));
 }
