@@ -6,6 +6,8 @@
 //   v1 naive      fp32, one thread per query row; the first kernel to read
 //   v2 tiled      fp32, FlashAttention-2 style tiles and online softmax in shared memory
 //   v3 bf16 mma   bf16 tensor cores (mma.sync m16n8k16, ldmatrix, cp.async)
+//   v4 bf16 wgmma the forward on Hopper's warpgroup instructions (sm_90a); backward = v3's
+//   v5 wgmma+TMA  v4 warp-specialised: a TMA producer warpgroup and mbarrier rings; backward = v3's
 //   launchers     argument checks, workspace, dispatcher (goat_forward / goat_backward)
 //
 // Each kernel has a CPU twin in reference.cpp: goat_forward_cpu / goat_backward_cpu (the closed form, what v1
@@ -21,7 +23,10 @@
 //       (d = 128), L = 1024..16384 (fp32 FMA on shared-memory tiles, no tensor cores).
 //   v3: forward 131-165 TFLOP/s at d = 64, 163-217 at d = 128; forward+backward 93-123 (d = 64), 118-158
 //       (d = 128), L = 1024..16384, prior and its gradients on (the prior's gradients cost the backward 15-30%).
-//       About 15x v2. Below PyTorch SDPA's flash backend without a prior (~215-340 forward): see README.
+//       About 15x v2.
+//   v4: forward 124-207 TFLOP/s at d = 64, 221-315 at d = 128 (L = 1024..16384).
+//   v5: forward 182-272 TFLOP/s at d = 64, 291-472 at d = 128 (L = 1024..16384); 0.93-1.02x PyTorch SDPA's flash
+//       backend without a prior at d = 64, 1.29-1.42x at d = 128, same run (README).
 #include "goat.h"
 
 #include <cuda.h>  // CUtensorMap and its enums (types only; the driver call goes through the runtime)
@@ -654,7 +659,8 @@ __global__ void v2_reduce_prior_grads_kernel(GoatF32 p) {
 //   static GoatStatus v3_backward(const GoatParams& p, void* workspace, cudaStream_t stream);
 // Arguments have been validated by the caller (pointers non-null, sizes positive) before these are called.
 //
-// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 93, L=16k 165 | 123; d=128 L=1k 163 | 118, L=16k 217 | 158 (SDPA flash: ~215-340 fwd).
+// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 93, L=16k
+// 165 | 123; d=128 L=1k 163 | 118, L=16k 217 | 158 (SDPA flash: ~180-330 fwd).
 //
 // What is here, in reading order (FlashAttention-2, Dao 2023; names from the papers: B_r, B_c, m, l, Q_i, K_j):
 //   1. device helpers      cp.async, ldmatrix, mma.sync m16n8k16 (bf16 in, fp32 accumulate), swizzled tiles
@@ -1732,6 +1738,9 @@ static GoatStatus v3_backward(const GoatParams& p, void* workspace, cudaStream_t
 //   static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream);
 // The backward of v4 is v3's (the forward's outputs o and lse are the same contract).
 //
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 124/180/207 (3 warpgroups,
+// 168 registers), d=128 221/284/315 (2 warpgroups, 255 registers); v3: 131/155/163 and 162/199/217.
+//
 // Why a new version: v3's mma.sync is the Ampere instruction; on Hopper it reaches about half the tensor
 // rate. wgmma (PTX ISA "asynchronous warpgroup level matrix instructions") is issued by a warpgroup of 4 warps,
 // computes a 64 x N x 16 product, reads B (and optionally A) straight from shared memory through a 64-bit
@@ -2151,6 +2160,10 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 //     while the second product runs.
 // The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
 // the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
+//
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 182/241/272, d=128
+// 291/411/472. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
+// by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272.
 
 // Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
 // depths (K_j is needed one iteration before V_j, so K gets the deeper ring).
