@@ -820,6 +820,58 @@ static __device__ __forceinline__ void v3_ldsm_B_trans(uint32_t (&b)[4], uint32_
     v3_ldsm_x4_trans(b, v3_chunk_addr<CH>(base, 16 * kk + (lane & 15), n0 / 8 + (lane >> 4)));
 }
 
+// Diagonal sums of one warp's 16 x 8 NT fp32 tile held as mma C fragments c[NT][4] (rows r = 16 keys, columns
+// 8 NT queries; lane (g, t) holds rows g, g + 8 at columns 8n + 2t, 8n + 2t + 1): dst[y] = sum of the entries
+// with y = column - row + 15, y in [0, 8 NT + 14]; dst has 8 NT + 16 floats (the last one gets 0). In a fixed
+// order (deterministic), with 2 (NT + 1) + NT / 2 + 1 + NT / 4 + 1 shuffles and no shared-memory traffic but the
+// 8 NT + 16 stores, each slot written once, bank-conflict free.
+//   1. thread-local: entries (n = i - 1, row g) and (n = i, row g + 8) lie on one diagonal 8i + 7 + 2t + e - g
+//      (e = column parity), so NT + 1 partial sums per column parity.
+//   2. for a fixed column 2t + e, the 8 lanes g = 0..7 hold different diagonals (one term each), so a rotation
+//      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
+//      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
+//   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
+template <int NT>
+static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane) {
+    static_assert(NT % 4 == 0, "NT must be a multiple of 4 (B_r a multiple of 32)");
+    constexpr int NI = NT + 1, NJ = NT + 2, NS = NJ / 2, NP = NS / 2;  // NS is odd
+    const int G = lane >> 2, t = lane & 3;
+    const bool b1 = (t & 1) != 0, b2 = (t & 2) != 0;
+    float r[NJ];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int s = G + 2 * t + e, src = 4 * (s & 7) + t;
+        const bool wrap = s >= 8;
+        float sh[NI];
+#pragma unroll
+        for (int i = 0; i < NI; ++i) {
+            float pr;
+            if (i == 0) pr = c[0][2 + e];
+            else if (i == NT) pr = c[NT - 1][e];
+            else pr = c[i - 1][e] + c[i][2 + e];
+            sh[i] = __shfl_sync(0xffffffffu, pr, src);
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const float lo = j < NI ? sh[j] : 0.f, hi = j >= 1 ? sh[j - 1] : 0.f;
+            const float v = wrap ? hi : lo;
+            r[j] = e == 0 ? v : r[j] + v;
+        }
+    }
+    float s1[NS];  // s1[i]: diagonal group j = 2i + b1
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+        s1[i] = (b1 ? r[2 * i + 1] : r[2 * i]) + __shfl_xor_sync(0xffffffffu, b1 ? r[2 * i] : r[2 * i + 1], 1);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {  // group j = 4p + t
+        const float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
+                        __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
+        dst[8 * (4 * p + t) + 7 - G] = f;
+    }
+    const float f = s1[NS - 1] + __shfl_xor_sync(0xffffffffu, s1[NS - 1], 2);  // group j = NT + b1
+    if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
+}
+
 // Block-wide: rows row0 .. row0 + ROWS - 1 of x ([L][D] bf16, one (b, h)) -> swizzled tile; rows >= L are
 // zero-filled and never read.
 template <int D, int ROWS, int NTHREADS>
@@ -1077,15 +1129,15 @@ template <int D, int B_r, int B_c, bool KV_IN_REGS>
 struct V3Bwd {
     static constexpr int NWARPS = B_c / 16, NTHREADS = 32 * NWARPS;
     static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
-    static constexpr int DSF_STRIDE = B_r + 8;  // fp32 dS^T rows padded: the float2 stores of a half-warp hit
-                                                // 16 different bank pairs
+    static constexpr int DIAG_W = B_r + 16;  // per-warp diagonal sums of dS^T: warp-local diagonals
+                                             // y = q - (k - 16 warp) + 15 in [0, B_r + 14], one slot of padding
     static constexpr size_t OFF_K = 0;
     static constexpr size_t OFF_V = OFF_K + (size_t)B_c * D * 2;
     static constexpr size_t OFF_Q = OFF_V + (size_t)B_c * D * 2;
     static constexpr size_t OFF_DO = OFF_Q + (size_t)2 * B_r * D * 2;
     static constexpr size_t OFF_DS = OFF_DO + (size_t)2 * B_r * D * 2;
-    static constexpr size_t OFF_DSF = OFF_DS + (size_t)B_c * B_r * 2;
-    static constexpr size_t OFF_KAPPA = OFF_DSF + (size_t)B_c * DSF_STRIDE * 4;
+    static constexpr size_t OFF_DIAG = OFF_DS + (size_t)B_c * B_r * 2;
+    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)NWARPS * DIAG_W * 4;
     static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
     static constexpr size_t OFF_DI = OFF_LSE + (size_t)2 * B_r * 4;
     static constexpr size_t OFF_SHIFT = OFF_DI + (size_t)2 * B_r * 4;
@@ -1095,6 +1147,7 @@ struct V3Bwd {
     static_assert(KW <= NTHREADS, "one thread per diagonal of the dS tile");
     static_assert(B_r <= NTHREADS, "one thread per query row for lse and D");
     static_assert(NWARPS % (B_r / 16) == 0, "dQ warp grid: B_r/16 row groups must divide the warps");
+    static_assert(B_r % 32 == 0, "warp diagonal reduction: B_r / 8 + 2 diagonal groups, split over 4 lanes");
 };
 
 template <int D, int B_r, int B_c, bool KV_IN_REGS>
@@ -1102,7 +1155,7 @@ __global__ void __launch_bounds__(B_c / 16 * 32, 1)
 v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     using T = V3Bwd<D, B_r, B_c, KV_IN_REGS>;
     constexpr int NTHREADS = T::NTHREADS, NWARPS = T::NWARPS, CH = D / 8, CH_DS = B_r / 8;
-    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DSF_STRIDE = T::DSF_STRIDE;
+    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W;
     constexpr int NT_S = B_r / 8;  // n-tiles of S^T per warp (queries)
     constexpr int NT_D = D / 8;    // n-tiles of dK, dV per warp (head dimension)
     extern __shared__ __align__(128) unsigned char v3_smem[];
@@ -1111,7 +1164,7 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     v3_bf16* Q_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_Q);
     v3_bf16* dO_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_DO);
     v3_bf16* dS_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_DS);
-    float* dSf_s = reinterpret_cast<float*>(v3_smem + T::OFF_DSF);
+    float* diag_s = reinterpret_cast<float*>(v3_smem + T::OFF_DIAG);
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* lse_s = reinterpret_cast<float*>(v3_smem + T::OFF_LSE);
     float* Di_s = reinterpret_cast<float*>(v3_smem + T::OFF_DI);
@@ -1270,12 +1323,13 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
             }
         }
 
-        // phase 6: dS^T to shared memory (bf16 for dQ, fp32 for dkappa); du += row sums of the fp32 dS^T
+        // phase 6: bf16 dS^T to shared memory for dQ; du += row sums of the fp32 dS^T; this warp's diagonal
+        // sums of the fp32 dS^T to diag_s (summed over the warps in phase 9)
 #pragma unroll
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
-                const int k_loc = k_loc0 + 8 * hh, q_loc = 8 * n + 2 * t;
+                const int k_loc = k_loc0 + 8 * hh;
                 const float s0 = dP[n][2 * hh], s1 = dP[n][2 * hh + 1];
                 du_acc[hh] += s0 + s1;
                 if (dq_atomic) {
@@ -1283,10 +1337,9 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
                     const uint32_t x = v3_pack_bf16(s0, s1);
                     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x));
                 }
-                if (want_dkappa)
-                    *reinterpret_cast<float2*>(dSf_s + k_loc * DSF_STRIDE + q_loc) = make_float2(s0, s1);
             }
-        __syncthreads();
+        if (want_dkappa) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
+        if (dq_atomic || want_dkappa) __syncthreads();
 
         // phase 7: dQ_i += dS K_j: warps tile [B_r][d] as (B_r/16 row groups) x (the rest column groups);
         // fp32 atomics (two floats at a time) into dq_accum
@@ -1329,22 +1382,18 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
         }
 
         // phase 9: dkappa. Thread x sums tile-local diagonal x = (i - i0) - (j - j0) + B_c - 1 of the fp32 dS
-        // in a fixed order. Diagonals x < B_r get no more terms from later query tiles (those have larger i):
+        // from the per-warp sums (warp w has it as y = x - (B_c - 16) + 16 w; at most B_r / 16 + 1 warps), in
+        // warp order. Diagonals x < B_r get no more terms from later query tiles (those have larger i):
         // they are final and added out once; the others move down by B_r for the next tile via shift_s.
         if (want_dkappa && tid < KW) {
             const int x = tid;
-            const int c_lo = max(0, B_c - 1 - x), c_hi = min(B_c, B_r + B_c - 1 - x);  // key rows on diagonal x
-            const float* diag = dSf_s + x - (B_c - 1);  // element (c, c + x - (B_c - 1)) is diag[c (stride + 1)]
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;  // four chains: fixed order, shorter latency
-            int c = c_lo;
-            for (; c + 3 < c_hi; c += 4) {
-                s0 += diag[c * (DSF_STRIDE + 1)];
-                s1 += diag[(c + 1) * (DSF_STRIDE + 1)];
-                s2 += diag[(c + 2) * (DSF_STRIDE + 1)];
-                s3 += diag[(c + 3) * (DSF_STRIDE + 1)];
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const int y = x - (B_c - 16) + 16 * w;
+                if (y >= 0 && y <= B_r + 14) s += diag_s[w * DIAG_W + y];
             }
-            for (; c < c_hi; ++c) s0 += diag[c * (DSF_STRIDE + 1)];
-            const float total = dkappa_run + ((s0 + s1) + (s2 + s3));
+            const float total = dkappa_run + s;
             if (x < B_r) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
                 if (delta >= -(L - 1) && delta <= L - 1 - j0) {
