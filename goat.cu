@@ -1305,40 +1305,44 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
                 dP[n][e] = p * (dP[n][e] - D_t[q_loc]);  // dP now holds dS^T (fp32)
             }
 
-        // phase 5: dV_j += P^T dO_i and dK_j += dS^T Q_i (P, dS rounded to bf16 as A operands)
+        // phase 5: P^T, dS^T -> bf16 A operands (where P and dS are rounded; the fp32 tiles end here, which
+        // keeps them out of the registers of phase 6); bf16 dS^T to shared memory for dQ; du += row sums of the
+        // fp32 dS^T; this warp's diagonal sums of the fp32 dS^T to diag_s (summed over the warps in phase 9)
+        uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
 #pragma unroll
         for (int kk = 0; kk < B_r / 16; ++kk) {
-            uint32_t pa[4], sa[4];
-            v3_c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
-            v3_c_to_a(sa, dP[2 * kk], dP[2 * kk + 1]);
+            v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+            v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+        }
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
+        if (want_dkappa) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
+        if (dq_atomic) {
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {  // sa[kk][x]: n-tile 2 kk + x / 2, key row k_loc0 + 8 (x % 2)
+                    const uint32_t addr = v3_chunk_addr<CH_DS>(dS_base, k_loc0 + 8 * (x & 1), 2 * kk + (x >> 1)) + 4 * t;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+                }
+        }
+
+        // phase 6: dV_j += P^T dO_i and dK_j += dS^T Q_i
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk) {
 #pragma unroll
             for (int np = 0; np < NT_D / 2; ++np) {
                 uint32_t bo[4], bq[4];
                 v3_ldsm_B_trans<CH>(bo, dO_base, 16 * np, kk, lane);
                 v3_ldsm_B_trans<CH>(bq, Q_base, 16 * np, kk, lane);
-                v3_mma(dV_acc[2 * np], pa, bo[0], bo[1]);
-                v3_mma(dV_acc[2 * np + 1], pa, bo[2], bo[3]);
-                v3_mma(dK_acc[2 * np], sa, bq[0], bq[1]);
-                v3_mma(dK_acc[2 * np + 1], sa, bq[2], bq[3]);
+                v3_mma(dV_acc[2 * np], pa[kk], bo[0], bo[1]);
+                v3_mma(dV_acc[2 * np + 1], pa[kk], bo[2], bo[3]);
+                v3_mma(dK_acc[2 * np], sa[kk], bq[0], bq[1]);
+                v3_mma(dK_acc[2 * np + 1], sa[kk], bq[2], bq[3]);
             }
         }
-
-        // phase 6: bf16 dS^T to shared memory for dQ; du += row sums of the fp32 dS^T; this warp's diagonal
-        // sums of the fp32 dS^T to diag_s (summed over the warps in phase 9)
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int k_loc = k_loc0 + 8 * hh;
-                const float s0 = dP[n][2 * hh], s1 = dP[n][2 * hh + 1];
-                du_acc[hh] += s0 + s1;
-                if (dq_atomic) {
-                    const uint32_t addr = v3_chunk_addr<CH_DS>(dS_base, k_loc, n) + 4 * t;
-                    const uint32_t x = v3_pack_bf16(s0, s1);
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x));
-                }
-            }
-        if (want_dkappa) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
         if (dq_atomic || want_dkappa) __syncthreads();
 
         // phase 7: dQ_i += dS K_j: warps tile [B_r][d] as (B_r/16 row groups) x (the rest column groups);
