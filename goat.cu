@@ -1120,11 +1120,14 @@ __global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows) {
 // Grid (T_c = ceil(L / B_c), B*H); block B_c / 16 warps, warp w owns keys j0 + 16w .. j0 + 16w + 15.
 // Shapes per block: K_j, V_j [B_c][d] (shared; also registers when KV_IN_REGS), Q_i, dO_i [2][B_r][d]
 // (shared, double-buffered), lse_i, D_i [2][B_r], kappa window [2][B_r + B_c - 1], S^T, P^T, dP^T, dS^T
-// [B_c][B_r] (registers, 16 keys per warp), dS^T bf16 [B_c][B_r] and fp32 [B_c][B_r + 8] (shared, for dQ and
-// dkappa), dK_j, dV_j [B_c][d] fp32 (registers), du partial [B_c] (registers).
+// [B_c][B_r] (registers, 16 keys per warp), dS^T bf16 [B_c][B_r] (shared, for dQ), per-warp diagonal sums
+// of dS^T [B_c / 16][B_r + 16] (shared, for dkappa), dK_j, dV_j [B_c][d] fp32 (registers), du partial [B_c]
+// (registers).
 // Per query tile: rebuild P^T = exp(z^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D),
 // dK += dS^T Q, dQ += dS K (fp32 atomics into dq_accum unless DQ is done by v3_dq_kernel), du += row sums of
-// dS^T, dkappa += diagonal sums of dS^T (reduced in shared memory, one add per delta once final).
+// dS^T, dkappa += diagonal sums of dS^T (each warp reduces its 16 x B_r slice in registers and shuffles,
+// v3_warp_diag_sums; then one thread per diagonal adds the <= B_r / 16 + 1 warp sums in fixed order, one
+// add per delta once final).
 template <int D, int B_r, int B_c, bool KV_IN_REGS>
 struct V3Bwd {
     static constexpr int NWARPS = B_c / 16, NTHREADS = 32 * NWARPS;
@@ -1150,7 +1153,8 @@ struct V3Bwd {
     static_assert(B_r % 32 == 0, "warp diagonal reduction: B_r / 8 + 2 diagonal groups, split over 4 lanes");
 };
 
-template <int D, int B_r, int B_c, bool KV_IN_REGS>
+// DKAPPA: a.dkappa != nullptr (a template argument, so that the kernel without dkappa carries none of its code).
+template <int D, int B_r, int B_c, bool KV_IN_REGS, bool DKAPPA>
 __global__ void __launch_bounds__(B_c / 16 * 32, 1)
 v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     using T = V3Bwd<D, B_r, B_c, KV_IN_REGS>;
@@ -1181,7 +1185,8 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
     const float* lse_bh = a.lse + (size_t)bh * L;
     const float* D_bh = a.D_vec + (size_t)bh * L;
-    const bool want_dkappa = a.dkappa != nullptr, want_du = a.du != nullptr;
+    constexpr bool want_dkappa = DKAPPA;
+    const bool want_du = a.du != nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tid = threadIdx.x;
     const int it_start = a.causal ? j0 / B_r : 0;  // earlier query tiles see none of these keys
@@ -1324,7 +1329,8 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
             for (int kk = 0; kk < B_r / 16; ++kk)
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {  // sa[kk][x]: n-tile 2 kk + x / 2, key row k_loc0 + 8 (x % 2)
-                    const uint32_t addr = v3_chunk_addr<CH_DS>(dS_base, k_loc0 + 8 * (x & 1), 2 * kk + (x >> 1)) + 4 * t;
+                    const uint32_t addr =
+                        v3_chunk_addr<CH_DS>(dS_base, k_loc0 + 8 * (x & 1), 2 * kk + (x >> 1)) + 4 * t;
                     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
                 }
         }
@@ -1744,7 +1750,7 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
     }
     // dK, dV, du, dkappa (and dQ by atomics unless deterministic)
     {
-        auto kernel = v3_backward_kernel<D, B_r, B_c, KVR>;
+        auto kernel = p.dkappa ? v3_backward_kernel<D, B_r, B_c, KVR, true> : v3_backward_kernel<D, B_r, B_c, KVR, false>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
         const dim3 grid(v3_cdiv(p.L, B_c), p.B * p.H);
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, !det, det)));
