@@ -14,13 +14,15 @@
 // rounds where v3 rounds and sets v3's error bound in tests/test_gpu_bf16.cu).
 //
 // Speed notes (measured, H200, ./build/bench: causal, H = 16, B*L = 32768; TFLOP/s by 4*B*H*L^2*d/2 forward,
-// 3.5x that for forward+backward; the prior costs < 1% of the time in every row):
+// 3.5x that for forward+backward; the prior costs < 1% of the forward time in every row, 4-7% of v3's
+// forward+backward):
 //   v1: 0.42 TFLOP/s forward, 0.14 forward+backward (d = 64 and 128, L = 1024); 25x (forward) to 70x
 //       (forward+backward) slower than v2.
 //   v2: forward 10-11.4 TFLOP/s at d = 64, 6.6-7.6 at d = 128; forward+backward 10-11.4 (d = 64), 5.7-6.4
 //       (d = 128), L = 1024..16384 (fp32 FMA on shared-memory tiles, no tensor cores).
-//   v3: forward 131-165 TFLOP/s at d = 64, 163-217 at d = 128; forward+backward 93-123 (d = 64), 118-158
-//       (d = 128), L = 1024..16384, prior and its gradients on (the prior's gradients cost the backward 15-30%).
+//   v3: forward 131-165 TFLOP/s at d = 64, 163-217 at d = 128; forward+backward 113-152 (d = 64), 143-197
+//       (d = 128), L = 1024..16384, prior and its gradients on (time with them / without: 1.05-1.06x at d = 64,
+//       1.04-1.05x at d = 128).
 //       About 15x v2. Below PyTorch SDPA's flash backend without a prior (~215-340 forward): see README.
 #include "goat.h"
 
@@ -653,7 +655,7 @@ __global__ void v2_reduce_prior_grads_kernel(GoatF32 p) {
 //   static GoatStatus v3_backward(const GoatParams& p, void* workspace, cudaStream_t stream);
 // Arguments have been validated by the caller (pointers non-null, sizes positive) before these are called.
 //
-// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 93, L=16k 165 | 123; d=128 L=1k 163 | 118, L=16k 217 | 158 (SDPA flash: ~215-340 fwd).
+// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 113, L=16k 165 | 152; d=128 L=1k 163 | 143, L=16k 217 | 197 (SDPA flash: ~215-340 fwd).
 //
 // What is here, in reading order (FlashAttention-2, Dao 2023; names from the papers: B_r, B_c, m, l, Q_i, K_j):
 //   1. device helpers      cp.async, ldmatrix, mma.sync m16n8k16 (bf16 in, fp32 accumulate), swizzled tiles
@@ -683,7 +685,8 @@ typedef __nv_bfloat16 v3_bf16;
 // Backward: B_c keys per block (16 per warp), B_r queries per Q_i/dO_i tile. dQ kernel (deterministic mode):
 // like the forward. ptxas (build/goat.ptxas.txt): no spills except the forward at d=64 (24 bytes, capped at
 // 128 registers for 2 blocks/SM, faster than 1 block without spills: 165 vs 150 TFLOP/s at L=16k) and the
-// backward at d=128 (~90 bytes at 255 registers; B_r = 32 spills too and was slower).
+// backward at 255 registers: d=128 32 bytes with dkappa, 40 without; d=64 4 bytes with dkappa (B_r = 32 spills
+// too and was slower).
 template <int D> struct V3Tiles;
 template <> struct V3Tiles<64> {
     static constexpr int FWD_B_r = 128, FWD_B_c = 64, FWD_MIN_BLOCKS = 2;
@@ -1153,7 +1156,9 @@ struct V3Bwd {
     static_assert(B_r % 32 == 0, "warp diagonal reduction: B_r / 8 + 2 diagonal groups, split over 4 lanes");
 };
 
-// DKAPPA: a.dkappa != nullptr (a template argument, so that the kernel without dkappa carries none of its code).
+// DKAPPA: a.dkappa != nullptr (a template argument, so that the kernel without dkappa carries none of its code:
+// measured 7-13% faster forward+backward, prior on or off, than the same kernel with a runtime flag; making
+// dq_atomic / deterministic template arguments too made the d=128 kernel with dkappa 3% slower, so they are not).
 template <int D, int B_r, int B_c, bool KV_IN_REGS, bool DKAPPA>
 __global__ void __launch_bounds__(B_c / 16 * 32, 1)
 v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
