@@ -823,58 +823,6 @@ static __device__ __forceinline__ void v3_ldsm_B_trans(uint32_t (&b)[4], uint32_
     v3_ldsm_x4_trans(b, v3_chunk_addr<CH>(base, 16 * kk + (lane & 15), n0 / 8 + (lane >> 4)));
 }
 
-// Diagonal sums of one warp's 16 x 8 NT fp32 tile held as mma C fragments c[NT][4] (rows r = 16 keys, columns
-// 8 NT queries; lane (g, t) holds rows g, g + 8 at columns 8n + 2t, 8n + 2t + 1): dst[y] = sum of the entries
-// with y = column - row + 15, y in [0, 8 NT + 14]; dst has 8 NT + 16 floats (the last one gets 0). In a fixed
-// order (deterministic), with 2 (NT + 1) + NT / 2 + 1 + NT / 4 + 1 shuffles and no shared-memory traffic but the
-// 8 NT + 16 stores, each slot written once, bank-conflict free.
-//   1. thread-local: entries (n = i - 1, row g) and (n = i, row g + 8) lie on one diagonal 8i + 7 + 2t + e - g
-//      (e = column parity), so NT + 1 partial sums per column parity.
-//   2. for a fixed column 2t + e, the 8 lanes g = 0..7 hold different diagonals (one term each), so a rotation
-//      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
-//      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
-//   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
-template <int NT>
-static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane) {
-    static_assert(NT % 4 == 0, "NT must be a multiple of 4 (B_r a multiple of 32)");
-    constexpr int NI = NT + 1, NJ = NT + 2, NS = NJ / 2, NP = NS / 2;  // NS is odd
-    const int G = lane >> 2, t = lane & 3;
-    const bool b1 = (t & 1) != 0, b2 = (t & 2) != 0;
-    float r[NJ];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        const int s = G + 2 * t + e, src = 4 * (s & 7) + t;
-        const bool wrap = s >= 8;
-        float sh[NI];
-#pragma unroll
-        for (int i = 0; i < NI; ++i) {
-            float pr;
-            if (i == 0) pr = c[0][2 + e];
-            else if (i == NT) pr = c[NT - 1][e];
-            else pr = c[i - 1][e] + c[i][2 + e];
-            sh[i] = __shfl_sync(0xffffffffu, pr, src);
-        }
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            const float lo = j < NI ? sh[j] : 0.f, hi = j >= 1 ? sh[j - 1] : 0.f;
-            const float v = wrap ? hi : lo;
-            r[j] = e == 0 ? v : r[j] + v;
-        }
-    }
-    float s1[NS];  // s1[i]: diagonal group j = 2i + b1
-#pragma unroll
-    for (int i = 0; i < NS; ++i)
-        s1[i] = (b1 ? r[2 * i + 1] : r[2 * i]) + __shfl_xor_sync(0xffffffffu, b1 ? r[2 * i] : r[2 * i + 1], 1);
-#pragma unroll
-    for (int p = 0; p < NP; ++p) {  // group j = 4p + t
-        const float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
-                        __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
-        dst[8 * (4 * p + t) + 7 - G] = f;
-    }
-    const float f = s1[NS - 1] + __shfl_xor_sync(0xffffffffu, s1[NS - 1], 2);  // group j = NT + b1
-    if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
-}
-
 // Block-wide: rows row0 .. row0 + ROWS - 1 of x ([L][D] bf16, one (b, h)) -> swizzled tile; rows >= L are
 // zero-filled and never read.
 template <int D, int ROWS, int NTHREADS>
@@ -1117,6 +1065,58 @@ __global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows) {
 #pragma unroll
     for (int w = 16; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
     if (lane == 0) a.D_vec[row] = s;
+}
+
+// Diagonal sums of one warp's 16 x 8 NT fp32 tile held as mma C fragments c[NT][4] (rows r = 16 keys, columns
+// 8 NT queries; lane (g, t) holds rows g, g + 8 at columns 8n + 2t, 8n + 2t + 1): dst[y] = sum of the entries
+// with y = column - row + 15, y in [0, 8 NT + 14]; dst has 8 NT + 16 floats (the last one gets 0). In a fixed
+// order (deterministic), with 2 (NT + 1) + NT / 2 + 1 + NT / 4 + 1 shuffles and no shared-memory traffic but the
+// 8 NT + 16 stores, each slot written once, bank-conflict free.
+//   1. thread-local: entries (n = i - 1, row g) and (n = i, row g + 8) lie on one diagonal 8i + 7 + 2t + e - g
+//      (e = column parity), so NT + 1 partial sums per column parity.
+//   2. for a fixed column 2t + e, the 8 lanes g = 0..7 hold different diagonals (one term each), so a rotation
+//      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
+//      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
+//   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
+template <int NT>
+static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane) {
+    static_assert(NT % 4 == 0, "NT must be a multiple of 4 (B_r a multiple of 32)");
+    constexpr int NI = NT + 1, NJ = NT + 2, NS = NJ / 2, NP = NS / 2;  // NS is odd
+    const int G = lane >> 2, t = lane & 3;
+    const bool b1 = (t & 1) != 0, b2 = (t & 2) != 0;
+    float r[NJ];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int s = G + 2 * t + e, src = 4 * (s & 7) + t;
+        const bool wrap = s >= 8;
+        float sh[NI];
+#pragma unroll
+        for (int i = 0; i < NI; ++i) {
+            float pr;
+            if (i == 0) pr = c[0][2 + e];
+            else if (i == NT) pr = c[NT - 1][e];
+            else pr = c[i - 1][e] + c[i][2 + e];
+            sh[i] = __shfl_sync(0xffffffffu, pr, src);
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const float lo = j < NI ? sh[j] : 0.f, hi = j >= 1 ? sh[j - 1] : 0.f;
+            const float v = wrap ? hi : lo;
+            r[j] = e == 0 ? v : r[j] + v;
+        }
+    }
+    float s1[NS];  // s1[i]: diagonal group j = 2i + b1
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+        s1[i] = (b1 ? r[2 * i + 1] : r[2 * i]) + __shfl_xor_sync(0xffffffffu, b1 ? r[2 * i] : r[2 * i + 1], 1);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {  // group j = 4p + t
+        const float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
+                        __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
+        dst[8 * (4 * p + t) + 7 - G] = f;
+    }
+    const float f = s1[NS - 1] + __shfl_xor_sync(0xffffffffu, s1[NS - 1], 2);  // group j = NT + b1
+    if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
 }
 
 // The main backward kernel.
