@@ -16,14 +16,15 @@
 // rounds where v3 rounds and sets v3's error bound in tests/test_gpu_bf16.cu).
 //
 // Speed notes (measured, H200, ./build/bench: causal, H = 16, B*L = 32768; TFLOP/s by 4*B*H*L^2*d/2 forward,
-// 3.5x that for forward+backward; the prior costs < 1% of the time in every row):
+// 3.5x that for forward+backward; the prior costs < 1% of the forward time in every row, 4-7% of v3's
+// forward+backward):
 //   v1: 0.42 TFLOP/s forward, 0.14 forward+backward (d = 64 and 128, L = 1024); 25x (forward) to 70x
 //       (forward+backward) slower than v2.
 //   v2: forward 10-11.4 TFLOP/s at d = 64, 6.6-7.6 at d = 128; forward+backward 10-11.4 (d = 64), 5.7-6.4
 //       (d = 128), L = 1024..16384 (fp32 FMA on shared-memory tiles, no tensor cores).
-//   v3: forward 131-165 TFLOP/s at d = 64, 163-217 at d = 128; forward+backward 93-123 (d = 64), 118-158
-//       (d = 128), L = 1024..16384, prior and its gradients on (the prior's gradients cost the backward 15-30%).
-//       About 15x v2.
+//   v3: forward 131-165 TFLOP/s at d = 64, 163-217 at d = 128; forward+backward 113-152 (d = 64), 143-197
+//       (d = 128), L = 1024..16384, prior and its gradients on (time with them / without: 1.05-1.06x at d = 64,
+//       1.04-1.05x at d = 128). About 15x v2.
 //   v4: forward 124-207 TFLOP/s at d = 64, 221-315 at d = 128 (L = 1024..16384).
 //   v5: forward 182-272 TFLOP/s at d = 64, 291-472 at d = 128 (L = 1024..16384); 0.93-1.02x PyTorch SDPA's flash
 //       backend without a prior at d = 64, 1.29-1.42x at d = 128, same run (README).
@@ -659,8 +660,8 @@ __global__ void v2_reduce_prior_grads_kernel(GoatF32 p) {
 //   static GoatStatus v3_backward(const GoatParams& p, void* workspace, cudaStream_t stream);
 // Arguments have been validated by the caller (pointers non-null, sizes positive) before these are called.
 //
-// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 93, L=16k
-// 165 | 123; d=128 L=1k 163 | 118, L=16k 217 | 158 (SDPA flash: ~180-330 fwd).
+// Speed (H200, causal, H=16, B=32768/L, prior + its grads on), TFLOP/s fwd | fwd+bwd: d=64 L=1k 131 | 113, L=16k
+// 165 | 152; d=128 L=1k 163 | 143, L=16k 217 | 197 (SDPA flash: ~180-330 fwd).
 //
 // What is here, in reading order (FlashAttention-2, Dao 2023; names from the papers: B_r, B_c, m, l, Q_i, K_j):
 //   1. device helpers      cp.async, ldmatrix, mma.sync m16n8k16 (bf16 in, fp32 accumulate), swizzled tiles
@@ -690,7 +691,8 @@ typedef __nv_bfloat16 v3_bf16;
 // Backward: B_c keys per block (16 per warp), B_r queries per Q_i/dO_i tile. dQ kernel (deterministic mode):
 // like the forward. ptxas (build/goat.ptxas.txt): no spills except the forward at d=64 (24 bytes, capped at
 // 128 registers for 2 blocks/SM, faster than 1 block without spills: 165 vs 150 TFLOP/s at L=16k) and the
-// backward at d=128 (~90 bytes at 255 registers; B_r = 32 spills too and was slower).
+// backward at 255 registers: d=128 32 bytes with dkappa, 40 without; d=64 4 bytes with dkappa (B_r = 32 spills
+// too and was slower).
 template <int D> struct V3Tiles;
 template <> struct V3Tiles<64> {
     static constexpr int FWD_B_r = 128, FWD_B_c = 64, FWD_MIN_BLOCKS = 2;
@@ -1071,28 +1073,83 @@ __global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows) {
     if (lane == 0) a.D_vec[row] = s;
 }
 
+// Diagonal sums of one warp's 16 x 8 NT fp32 tile held as mma C fragments c[NT][4] (rows r = 16 keys, columns
+// 8 NT queries; lane (g, t) holds rows g, g + 8 at columns 8n + 2t, 8n + 2t + 1): dst[y] = sum of the entries
+// with y = column - row + 15, y in [0, 8 NT + 14]; dst has 8 NT + 16 floats (the last one gets 0). In a fixed
+// order (deterministic), with 2 (NT + 1) + NT / 2 + 1 + NT / 4 + 1 shuffles and no shared-memory traffic but the
+// 8 NT + 16 stores, each slot written once, bank-conflict free.
+//   1. thread-local: entries (n = i - 1, row g) and (n = i, row g + 8) lie on one diagonal 8i + 7 + 2t + e - g
+//      (e = column parity), so NT + 1 partial sums per column parity.
+//   2. for a fixed column 2t + e, the 8 lanes g = 0..7 hold different diagonals (one term each), so a rotation
+//      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
+//      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
+//   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
+template <int NT>
+static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane) {
+    static_assert(NT % 4 == 0, "NT must be a multiple of 4 (B_r a multiple of 32)");
+    constexpr int NI = NT + 1, NJ = NT + 2, NS = NJ / 2, NP = NS / 2;  // NS is odd
+    const int G = lane >> 2, t = lane & 3;
+    const bool b1 = (t & 1) != 0, b2 = (t & 2) != 0;
+    float r[NJ];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int s = G + 2 * t + e, src = 4 * (s & 7) + t;
+        const bool wrap = s >= 8;
+        float sh[NI];
+#pragma unroll
+        for (int i = 0; i < NI; ++i) {
+            float pr;
+            if (i == 0) pr = c[0][2 + e];
+            else if (i == NT) pr = c[NT - 1][e];
+            else pr = c[i - 1][e] + c[i][2 + e];
+            sh[i] = __shfl_sync(0xffffffffu, pr, src);
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const float lo = j < NI ? sh[j] : 0.f, hi = j >= 1 ? sh[j - 1] : 0.f;
+            const float v = wrap ? hi : lo;
+            r[j] = e == 0 ? v : r[j] + v;
+        }
+    }
+    float s1[NS];  // s1[i]: diagonal group j = 2i + b1
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+        s1[i] = (b1 ? r[2 * i + 1] : r[2 * i]) + __shfl_xor_sync(0xffffffffu, b1 ? r[2 * i] : r[2 * i + 1], 1);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {  // group j = 4p + t
+        const float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
+                        __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
+        dst[8 * (4 * p + t) + 7 - G] = f;
+    }
+    const float f = s1[NS - 1] + __shfl_xor_sync(0xffffffffu, s1[NS - 1], 2);  // group j = NT + b1
+    if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
+}
+
 // The main backward kernel.
 // Grid (T_c = ceil(L / B_c), B*H); block B_c / 16 warps, warp w owns keys j0 + 16w .. j0 + 16w + 15.
 // Shapes per block: K_j, V_j [B_c][d] (shared; also registers when KV_IN_REGS), Q_i, dO_i [2][B_r][d]
 // (shared, double-buffered), lse_i, D_i [2][B_r], kappa window [2][B_r + B_c - 1], S^T, P^T, dP^T, dS^T
-// [B_c][B_r] (registers, 16 keys per warp), dS^T bf16 [B_c][B_r] and fp32 [B_c][B_r + 8] (shared, for dQ and
-// dkappa), dK_j, dV_j [B_c][d] fp32 (registers), du partial [B_c] (registers).
+// [B_c][B_r] (registers, 16 keys per warp), dS^T bf16 [B_c][B_r] (shared, for dQ), per-warp diagonal sums
+// of dS^T [B_c / 16][B_r + 16] (shared, for dkappa), dK_j, dV_j [B_c][d] fp32 (registers), du partial [B_c]
+// (registers).
 // Per query tile: rebuild P^T = exp(z^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D),
 // dK += dS^T Q, dQ += dS K (fp32 atomics into dq_accum unless DQ is done by v3_dq_kernel), du += row sums of
-// dS^T, dkappa += diagonal sums of dS^T (reduced in shared memory, one add per delta once final).
+// dS^T, dkappa += diagonal sums of dS^T (each warp reduces its 16 x B_r slice in registers and shuffles,
+// v3_warp_diag_sums; then one thread per diagonal adds the <= B_r / 16 + 1 warp sums in fixed order, one
+// add per delta once final).
 template <int D, int B_r, int B_c, bool KV_IN_REGS>
 struct V3Bwd {
     static constexpr int NWARPS = B_c / 16, NTHREADS = 32 * NWARPS;
     static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
-    static constexpr int DSF_STRIDE = B_r + 8;  // fp32 dS^T rows padded: the float2 stores of a half-warp hit
-                                                // 16 different bank pairs
+    static constexpr int DIAG_W = B_r + 16;  // per-warp diagonal sums of dS^T: warp-local diagonals
+                                             // y = q - (k - 16 warp) + 15 in [0, B_r + 14], one slot of padding
     static constexpr size_t OFF_K = 0;
     static constexpr size_t OFF_V = OFF_K + (size_t)B_c * D * 2;
     static constexpr size_t OFF_Q = OFF_V + (size_t)B_c * D * 2;
     static constexpr size_t OFF_DO = OFF_Q + (size_t)2 * B_r * D * 2;
     static constexpr size_t OFF_DS = OFF_DO + (size_t)2 * B_r * D * 2;
-    static constexpr size_t OFF_DSF = OFF_DS + (size_t)B_c * B_r * 2;
-    static constexpr size_t OFF_KAPPA = OFF_DSF + (size_t)B_c * DSF_STRIDE * 4;
+    static constexpr size_t OFF_DIAG = OFF_DS + (size_t)B_c * B_r * 2;
+    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)NWARPS * DIAG_W * 4;
     static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
     static constexpr size_t OFF_DI = OFF_LSE + (size_t)2 * B_r * 4;
     static constexpr size_t OFF_SHIFT = OFF_DI + (size_t)2 * B_r * 4;
@@ -1102,14 +1159,18 @@ struct V3Bwd {
     static_assert(KW <= NTHREADS, "one thread per diagonal of the dS tile");
     static_assert(B_r <= NTHREADS, "one thread per query row for lse and D");
     static_assert(NWARPS % (B_r / 16) == 0, "dQ warp grid: B_r/16 row groups must divide the warps");
+    static_assert(B_r % 32 == 0, "warp diagonal reduction: B_r / 8 + 2 diagonal groups, split over 4 lanes");
 };
 
-template <int D, int B_r, int B_c, bool KV_IN_REGS>
+// DKAPPA: a.dkappa != nullptr (a template argument, so that the kernel without dkappa carries none of its code:
+// measured 7-13% faster forward+backward, prior on or off, than the same kernel with a runtime flag; making
+// dq_atomic / deterministic template arguments too made the d=128 kernel with dkappa 3% slower, so they are not).
+template <int D, int B_r, int B_c, bool KV_IN_REGS, bool DKAPPA>
 __global__ void __launch_bounds__(B_c / 16 * 32, 1)
 v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     using T = V3Bwd<D, B_r, B_c, KV_IN_REGS>;
     constexpr int NTHREADS = T::NTHREADS, NWARPS = T::NWARPS, CH = D / 8, CH_DS = B_r / 8;
-    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DSF_STRIDE = T::DSF_STRIDE;
+    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W;
     constexpr int NT_S = B_r / 8;  // n-tiles of S^T per warp (queries)
     constexpr int NT_D = D / 8;    // n-tiles of dK, dV per warp (head dimension)
     extern __shared__ __align__(128) unsigned char v3_smem[];
@@ -1118,7 +1179,7 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     v3_bf16* Q_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_Q);
     v3_bf16* dO_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_DO);
     v3_bf16* dS_s = reinterpret_cast<v3_bf16*>(v3_smem + T::OFF_DS);
-    float* dSf_s = reinterpret_cast<float*>(v3_smem + T::OFF_DSF);
+    float* diag_s = reinterpret_cast<float*>(v3_smem + T::OFF_DIAG);
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* lse_s = reinterpret_cast<float*>(v3_smem + T::OFF_LSE);
     float* Di_s = reinterpret_cast<float*>(v3_smem + T::OFF_DI);
@@ -1135,7 +1196,8 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
     const float* lse_bh = a.lse + (size_t)bh * L;
     const float* D_bh = a.D_vec + (size_t)bh * L;
-    const bool want_dkappa = a.dkappa != nullptr, want_du = a.du != nullptr;
+    constexpr bool want_dkappa = DKAPPA;
+    const bool want_du = a.du != nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tid = threadIdx.x;
     const int it_start = a.causal ? j0 / B_r : 0;  // earlier query tiles see none of these keys
@@ -1259,41 +1321,46 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
                 dP[n][e] = p * (dP[n][e] - D_t[q_loc]);  // dP now holds dS^T (fp32)
             }
 
-        // phase 5: dV_j += P^T dO_i and dK_j += dS^T Q_i (P, dS rounded to bf16 as A operands)
+        // phase 5: P^T, dS^T -> bf16 A operands (where P and dS are rounded; the fp32 tiles end here, which
+        // keeps them out of the registers of phase 6); bf16 dS^T to shared memory for dQ; du += row sums of the
+        // fp32 dS^T; this warp's diagonal sums of the fp32 dS^T to diag_s (summed over the warps in phase 9)
+        uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
 #pragma unroll
         for (int kk = 0; kk < B_r / 16; ++kk) {
-            uint32_t pa[4], sa[4];
-            v3_c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
-            v3_c_to_a(sa, dP[2 * kk], dP[2 * kk + 1]);
+            v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+            v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+        }
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
+        if (want_dkappa) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
+        if (dq_atomic) {
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {  // sa[kk][x]: n-tile 2 kk + x / 2, key row k_loc0 + 8 (x % 2)
+                    const uint32_t addr =
+                        v3_chunk_addr<CH_DS>(dS_base, k_loc0 + 8 * (x & 1), 2 * kk + (x >> 1)) + 4 * t;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+                }
+        }
+
+        // phase 6: dV_j += P^T dO_i and dK_j += dS^T Q_i
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk) {
 #pragma unroll
             for (int np = 0; np < NT_D / 2; ++np) {
                 uint32_t bo[4], bq[4];
                 v3_ldsm_B_trans<CH>(bo, dO_base, 16 * np, kk, lane);
                 v3_ldsm_B_trans<CH>(bq, Q_base, 16 * np, kk, lane);
-                v3_mma(dV_acc[2 * np], pa, bo[0], bo[1]);
-                v3_mma(dV_acc[2 * np + 1], pa, bo[2], bo[3]);
-                v3_mma(dK_acc[2 * np], sa, bq[0], bq[1]);
-                v3_mma(dK_acc[2 * np + 1], sa, bq[2], bq[3]);
+                v3_mma(dV_acc[2 * np], pa[kk], bo[0], bo[1]);
+                v3_mma(dV_acc[2 * np + 1], pa[kk], bo[2], bo[3]);
+                v3_mma(dK_acc[2 * np], sa[kk], bq[0], bq[1]);
+                v3_mma(dK_acc[2 * np + 1], sa[kk], bq[2], bq[3]);
             }
         }
-
-        // phase 6: dS^T to shared memory (bf16 for dQ, fp32 for dkappa); du += row sums of the fp32 dS^T
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int k_loc = k_loc0 + 8 * hh, q_loc = 8 * n + 2 * t;
-                const float s0 = dP[n][2 * hh], s1 = dP[n][2 * hh + 1];
-                du_acc[hh] += s0 + s1;
-                if (dq_atomic) {
-                    const uint32_t addr = v3_chunk_addr<CH_DS>(dS_base, k_loc, n) + 4 * t;
-                    const uint32_t x = v3_pack_bf16(s0, s1);
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x));
-                }
-                if (want_dkappa)
-                    *reinterpret_cast<float2*>(dSf_s + k_loc * DSF_STRIDE + q_loc) = make_float2(s0, s1);
-            }
-        __syncthreads();
+        if (dq_atomic || want_dkappa) __syncthreads();
 
         // phase 7: dQ_i += dS K_j: warps tile [B_r][d] as (B_r/16 row groups) x (the rest column groups);
         // fp32 atomics (two floats at a time) into dq_accum
@@ -1336,22 +1403,18 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
         }
 
         // phase 9: dkappa. Thread x sums tile-local diagonal x = (i - i0) - (j - j0) + B_c - 1 of the fp32 dS
-        // in a fixed order. Diagonals x < B_r get no more terms from later query tiles (those have larger i):
+        // from the per-warp sums (warp w has it as y = x - (B_c - 16) + 16 w; at most B_r / 16 + 1 warps), in
+        // warp order. Diagonals x < B_r get no more terms from later query tiles (those have larger i):
         // they are final and added out once; the others move down by B_r for the next tile via shift_s.
         if (want_dkappa && tid < KW) {
             const int x = tid;
-            const int c_lo = max(0, B_c - 1 - x), c_hi = min(B_c, B_r + B_c - 1 - x);  // key rows on diagonal x
-            const float* diag = dSf_s + x - (B_c - 1);  // element (c, c + x - (B_c - 1)) is diag[c (stride + 1)]
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;  // four chains: fixed order, shorter latency
-            int c = c_lo;
-            for (; c + 3 < c_hi; c += 4) {
-                s0 += diag[c * (DSF_STRIDE + 1)];
-                s1 += diag[(c + 1) * (DSF_STRIDE + 1)];
-                s2 += diag[(c + 2) * (DSF_STRIDE + 1)];
-                s3 += diag[(c + 3) * (DSF_STRIDE + 1)];
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const int y = x - (B_c - 16) + 16 * w;
+                if (y >= 0 && y <= B_r + 14) s += diag_s[w * DIAG_W + y];
             }
-            for (; c < c_hi; ++c) s0 += diag[c * (DSF_STRIDE + 1)];
-            const float total = dkappa_run + ((s0 + s1) + (s2 + s3));
+            const float total = dkappa_run + s;
             if (x < B_r) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
                 if (delta >= -(L - 1) && delta <= L - 1 - j0) {
@@ -1698,7 +1761,7 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
     }
     // dK, dV, du, dkappa (and dQ by atomics unless deterministic)
     {
-        auto kernel = v3_backward_kernel<D, B_r, B_c, KVR>;
+        auto kernel = p.dkappa ? v3_backward_kernel<D, B_r, B_c, KVR, true> : v3_backward_kernel<D, B_r, B_c, KVR, false>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
         const dim3 grid(v3_cdiv(p.L, B_c), p.B * p.H);
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, !det, det)));
