@@ -2576,11 +2576,16 @@ static V5EncodeFn v5_encode_fn() {
     static V5EncodeFn fn = nullptr;
     if (!fn) {
         void* f = nullptr;
+#if CUDART_VERSION >= 12050
         cudaDriverEntryPointQueryResult q;
         if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) ==
                 cudaSuccess &&
             q == cudaDriverEntryPointSuccess)
             fn = reinterpret_cast<V5EncodeFn>(f);
+#else  // older runtimes: the call that CUDA 12.5 deprecated (not built here: the toolkit here is newer)
+        if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault) == cudaSuccess && f)
+            fn = reinterpret_cast<V5EncodeFn>(f);
+#endif
     }
     return fn;
 }
