@@ -2628,6 +2628,355 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// v6 (DRAFT, not yet run on a GPU): v5's forward, and the backward on wgmma
+//
+// The v3 backward kernel ported to wgmma, structure unchanged: one block per key tile (B_c = 128 keys, two
+// warpgroups of 64 keys; warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query
+// tiles of B_r = 64 rows double-buffered by cp.async (the 128-byte-swizzled layout of v4). Per query tile:
+//   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = 64 queries, K = d
+//   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout)
+//   dV += P^T dO_i, dK += dS^T Q_i      wgmma rs (P^T, dS^T as bf16 A fragments), B N-major; runs while the
+//                                        du/dkappa sums and the bf16 dS^T stores happen
+//   dQ_i += dS K_j                      one warpgroup per query tile (alternating), wgmma ss with A = dS read
+//                                        M-major from the dS^T tile and B = K_j N-major; fp32 atomics as v3
+// The deterministic mode stays on v3's kernels. Not yet run: see README "next steps" and the session notes.
+
+#ifdef GOAT_V4_DEVICE
+static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(acc));
+}
+static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n128(float (&d)[64], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(acc));
+}
+#endif
+
+template <int D>
+struct V6Bwd {
+    static constexpr int B_r = 64, B_c = 128, NWARPS = 8, NTHREADS = 256;
+    static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
+    static constexpr int DIAG_W = B_r + 16;
+    static constexpr size_t OFF_K = 0;                                   // tiles: 1024-byte aligned
+    static constexpr size_t OFF_V = OFF_K + (size_t)B_c * D * 2;
+    static constexpr size_t OFF_Q = OFF_V + (size_t)B_c * D * 2;
+    static constexpr size_t OFF_DO = OFF_Q + (size_t)2 * B_r * D * 2;
+    static constexpr size_t OFF_DS = OFF_DO + (size_t)2 * B_r * D * 2;
+    static constexpr size_t OFF_DIAG = OFF_DS + (size_t)B_c * B_r * 2;
+    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)NWARPS * DIAG_W * 4;
+    static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
+    static constexpr size_t OFF_DI = OFF_LSE + (size_t)2 * B_r * 4;
+    static constexpr size_t OFF_SHIFT = OFF_DI + (size_t)2 * B_r * 4;
+    static constexpr size_t SMEM = OFF_SHIFT + (size_t)B_c * 4 + 1024;
+    static_assert(D == 64 || D == 128, "d must be 64 or 128");
+    static_assert(SMEM <= 227 * 1024, "shared memory per block");
+};
+
+template <int D, bool DKAPPA>
+__global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
+#ifdef GOAT_V4_DEVICE
+    using T = V6Bwd<D>;
+    constexpr int B_r = T::B_r, B_c = T::B_c, NTHREADS = T::NTHREADS, NWARPS = T::NWARPS;
+    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W;
+    constexpr int NT_S = B_r / 8, NT_D = D / 8;
+    extern __shared__ __align__(1024) unsigned char v6_smem[];
+    const uint32_t raw = v3_smem_u32(v6_smem), sbase = (raw + 1023u) & ~1023u;
+    unsigned char* smem = v6_smem + (sbase - raw);
+    const uint32_t K_s = sbase + (uint32_t)T::OFF_K, V_s = sbase + (uint32_t)T::OFF_V;
+    const uint32_t Q_s = sbase + (uint32_t)T::OFF_Q, dO_s = sbase + (uint32_t)T::OFF_DO;
+    const uint32_t dS_s = sbase + (uint32_t)T::OFF_DS;
+    float* diag_s = reinterpret_cast<float*>(smem + T::OFF_DIAG);
+    float* kappa_s = reinterpret_cast<float*>(smem + T::OFF_KAPPA);
+    float* lse_s = reinterpret_cast<float*>(smem + T::OFF_LSE);
+    float* Di_s = reinterpret_cast<float*>(smem + T::OFF_DI);
+    float* shift_s = reinterpret_cast<float*>(smem + T::OFF_SHIFT);
+
+    const int L = a.L, T_r = v3_cdiv(L, B_r);
+    const int jt = blockIdx.x, bh = blockIdx.y, h = bh % a.H;
+    const int j0 = jt * B_c;
+    const size_t off = (size_t)bh * L * D;
+    const v3_bf16* q_bh = a.q + off;
+    const v3_bf16* do_bh = a.dout + off;
+    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
+    const float* lse_bh = a.lse + (size_t)bh * L;
+    const float* D_bh = a.D_vec + (size_t)bh * L;
+    const bool want_du = a.du != nullptr;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wg = threadIdx.x / 128, wwarp = warp % 4;  // warpgroup, warp within it
+    const int tid = threadIdx.x;
+    const int it_start = a.causal ? j0 / B_r : 0;
+    const int k_loc0 = 16 * warp + g;
+
+    constexpr uint32_t QT = (uint32_t)B_r * D * 2;  // bytes of one Q_i or dO_i tile
+    auto load_q = [&](int it, int buf) {
+        const int i0 = it * B_r;
+        v4_load_tile<D, B_r, NTHREADS>(Q_s + buf * QT, q_bh, i0, L);
+        v4_load_tile<D, B_r, NTHREADS>(dO_s + buf * QT, do_bh, i0, L);
+        v3_load_slice<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, v3_kappa_window_start(i0, j0, B_c, L),
+                                    2 * L - 1, a.k);
+    };
+    auto row_stats = [&](int i, float& lse2, float& Di) {
+        lse2 = INFINITY;
+        Di = 0.f;
+        if (i < L) {
+            const float x = lse_bh[i];
+            if (x != -INFINITY) lse2 = x * V3_LOG2E;
+            Di = D_bh[i];
+        }
+    };
+    // descriptors: K-major k-step kk of this warpgroup's 64 rows of K_j / V_j, and of Q_i / dO_i (buffer base);
+    // N-major k-step kk (16 rows) of Q_i / dO_i (reduction over queries) and of K_j (reduction over keys);
+    // M-major k-step kk (16 keys) of the dS^T tile
+    auto desc_kv = [&](uint32_t base, int kk) {
+        return v4_desc(base + (kk / 4) * B_c * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_qk = [&](uint32_t base, int kk) { return v4_desc(base + (kk / 4) * B_r * 128 + (kk % 4) * 32, 16, 1024); };
+    auto desc_qn = [&](uint32_t base, int kk) { return v4_desc(base + kk * 16 * 128, B_r * 128, 1024); };
+    auto desc_kn = [&](int kk) { return v4_desc(K_s + kk * 16 * 128, B_c * 128, 1024); };
+    auto desc_ds = [&](int kk) { return v4_desc(dS_s + kk * 16 * 128, 16, 1024); };
+
+    // phase 1: K_j, V_j, the first query tile; lse, D of the first tile; u of this warp's keys
+    v4_load_tile<D, B_c, NTHREADS>(K_s, a.k + off, j0, L);
+    v4_load_tile<D, B_c, NTHREADS>(V_s, a.v + off, j0, L);
+    load_q(it_start, 0);
+    v3_cp_async_commit();
+    if (tid < B_r) {
+        float x, y;
+        row_stats(it_start * B_r + tid, x, y);
+        lse_s[tid] = x;
+        Di_s[tid] = y;
+    }
+    float u_reg[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = j0 + k_loc0 + 8 * hh;
+        u_reg[hh] = (a.u && j < L) ? a.u[(size_t)h * L + j] : 0.f;
+    }
+    float dkappa_run = 0.f;
+    float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
+#pragma unroll
+    for (int x = 0; x < NT_D * 4; ++x) dK_acc[x] = dV_acc[x] = 0.f;
+    float du_acc[2] = {0.f, 0.f};
+    const float scale_log2 = a.scale * V3_LOG2E;
+
+    for (int it = it_start; it < T_r; ++it) {
+        const int buf = (it - it_start) & 1, i0 = it * B_r;
+        const uint32_t Qb = Q_s + buf * QT, dOb = dO_s + buf * QT;
+        // phase 2: this tile landed (fenced for the async proxy); every warp is done with tile it - 1
+        v3_cp_async_wait_all();
+        v4_fence_proxy_async();
+        __syncthreads();
+        float next_lse2 = 0.f, next_D = 0.f;
+        if (it + 1 < T_r) {
+            load_q(it + 1, buf ^ 1);
+            if (tid < B_r) row_stats(i0 + B_r + tid, next_lse2, next_D);
+        }
+        v3_cp_async_commit();
+        if (DKAPPA && tid < KW) dkappa_run = (tid < B_c - 1 && it > it_start) ? shift_s[tid] : 0.f;
+
+        // phase 3: S^T = K_j Q_i^T and dP^T = V_j dO_i^T
+        float S[NT_S][4], dP[NT_S][4];
+        float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
+        float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
+#pragma unroll
+        for (int x = 0; x < NT_S * 4; ++x) Sf[x] = dPf[x] = 0.f;
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Qb, kk), 1);
+            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dOb, kk), 1);
+        }
+        v4_wgmma_commit();
+        v4_wgmma_wait<0>();
+        v4_fence_regs(Sf);
+        v4_fence_regs(dPf);
+
+        // phase 4: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
+        const float* kap = kappa_s + buf * KW_PAD;
+        const float* lse_t = lse_s + buf * B_r;
+        const float* D_t = Di_s + buf * B_r;
+        const bool need_mask = (j0 + B_c > L) || (a.causal && i0 < j0 + B_c - 1);
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = 8 * n + 2 * t + (e & 1);
+                float z2 = fmaf(S[n][e], scale_log2, V3_LOG2E * (kap[q_loc - k_loc + B_c - 1] + u_reg[e >> 1]));
+                if (need_mask) {
+                    const int i = i0 + q_loc, j = j0 + k_loc;
+                    if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
+                }
+                const float p = exp2f(z2 - lse_t[q_loc]);
+                S[n][e] = p;
+                dP[n][e] = p * (dP[n][e] - D_t[q_loc]);
+            }
+
+        // phase 5: bf16 A fragments; issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du, the diagonal sums and
+        // the bf16 dS^T tile for dQ
+        uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk) {
+            v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+            v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+        }
+        v4_fence_regs(dK_acc);
+        v4_fence_regs(dV_acc);
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk) {
+            v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dOb, kk));
+            v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Qb, kk));
+        }
+        v4_wgmma_commit();
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
+        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
+                const int r = k_loc0 + 8 * (x & 1);
+                const uint32_t addr = dS_s + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+            }
+        v4_wgmma_wait<0>();
+        v4_fence_regs(dK_acc);
+        v4_fence_regs(dV_acc);
+        v4_fence_proxy_async();  // the dS^T tile is read by wgmma next
+        __syncthreads();
+
+        // phase 7: dQ_i += dS K_j by one warpgroup (alternating per query tile); fp32 atomics into dq_accum
+        if (wg == ((it - it_start) & 1)) {
+            float dQ[D / 2];
+#pragma unroll
+            for (int x = 0; x < D / 2; ++x) dQ[x] = 0.f;
+            v4_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < B_c / 16; ++kk) {
+                if constexpr (D == 64) v6_wgmma_ss_tt_n64(dQ, desc_ds(kk), desc_kn(kk), 1);
+                else v6_wgmma_ss_tt_n128(dQ, desc_ds(kk), desc_kn(kk), 1);
+            }
+            v4_wgmma_commit();
+            v4_wgmma_wait<0>();
+            v4_fence_regs(dQ);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0 + 16 * wwarp + g + 8 * hh;
+                if (i < L) {
+                    float* dst = a.dq_accum + off + (size_t)i * D + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < NT_D; ++n)
+                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
+                }
+            }
+        }
+
+        // phase 8: lse and D of the next tile into the other buffer
+        if (it + 1 < T_r && tid < B_r) {
+            lse_s[(buf ^ 1) * B_r + tid] = next_lse2;
+            Di_s[(buf ^ 1) * B_r + tid] = next_D;
+        }
+
+        // phase 9: dkappa, as v3
+        if (DKAPPA && tid < KW) {
+            const int x = tid;
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const int y = x - (B_c - 16) + 16 * w;
+                if (y >= 0 && y <= B_r + 14) s += diag_s[w * DIAG_W + y];
+            }
+            const float total = dkappa_run + s;
+            if (x < B_r) {
+                const int delta = (i0 - j0) - (B_c - 1) + x;
+                if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, total);
+            } else {
+                shift_s[x - B_r] = total;
+            }
+        }
+    }
+
+    // phase 10: the diagonals still open after the last query tile
+    if (DKAPPA) {
+        __syncthreads();
+        if (tid < B_c - 1) {
+            const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
+            if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, shift_s[tid]);
+        }
+    }
+
+    // phase 11: dK_j = scale dS^T Q, dV_j (bf16), du
+    v3_bf16* dk_bh = a.dk + off;
+    v3_bf16* dv_bh = a.dv + off;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = j0 + k_loc0 + 8 * hh;
+        float du_j = du_acc[hh];
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
+        if (j < L) {
+#pragma unroll
+            for (int n = 0; n < NT_D; ++n) {
+                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(a.scale * dK_acc[4 * n + 2 * hh], a.scale * dK_acc[4 * n + 2 * hh + 1]);
+                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(dV_acc[4 * n + 2 * hh], dV_acc[4 * n + 2 * hh + 1]);
+            }
+            if (want_du && t == 0) atomicAdd(a.du + (size_t)h * L + j, du_j);
+        }
+    }
+#else
+    (void)a;
+#endif
+}
+
+// launcher: v3's backward flow (D = <dO, O>, zeroed fp32 dQ, the kernel, dQ to bf16) with this kernel; the
+// deterministic mode runs v3's backward unchanged
+template <int D>
+static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
+    using T = V6Bwd<D>;
+    V3Args a = v3_args(p);
+    size_t off_dq, off_dkp, off_dup;
+    v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    const size_t rows = (size_t)p.B * p.H * p.L;
+    a.D_vec = reinterpret_cast<float*>(ws);
+    a.dq_accum = reinterpret_cast<float*>(ws + off_dq);
+    GOAT_CUDA_CHECK(cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream));
+    {
+        const int warps = 8;
+        GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
+    }
+    const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
+    if (p.dkappa) {
+        auto kernel = v6_backward_kernel<D, true>;
+        GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
+    } else {
+        auto kernel = v6_backward_kernel<D, false>;
+        GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
+    }
+    const size_t n2 = rows * D / 2;
+    GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
+    return GoatStatus();
+}
+
+static GoatStatus v6_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {
+    if (!v4_supports(p)) return goat_status(2, "v6 needs what v4 needs");
+    if (p.deterministic) return v3_backward(p, workspace, stream);
+    return p.d == 64 ? v6_backward_d<64>(p, workspace, stream) : v6_backward_d<128>(p, workspace, stream);
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // launchers
 
 static const char* dtype_name(int dtype) { return dtype == GOAT_F32 ? "fp32" : dtype == GOAT_BF16 ? "bf16" : "?"; }
@@ -2647,6 +2996,7 @@ const char* goat_version_name(int version) {
         case GOAT_V3_MMA_BF16: return "v3 mma (bf16)";
         case GOAT_V4_WGMMA_BF16: return "v4 wgmma (bf16)";
         case GOAT_V5_WGMMA_TMA_BF16: return "v5 wgmma+tma (bf16)";
+        case GOAT_V6_WGMMA_BWD_DRAFT: return "v6 wgmma bwd (draft)";
         default: return "unknown";
     }
 }
@@ -2684,8 +3034,8 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         return goat_status(1, "B*H*L*d = %lld overflows int", (long long)p.B * p.H * p.L * p.d);
     if (!std::isfinite(p.scale)) return goat_status(1, "scale must be finite (got %g)", p.scale);
     if (p.dtype != GOAT_F32 && p.dtype != GOAT_BF16) return goat_status(1, "dtype %d is not a GoatDtype", (int)p.dtype);
-    if (p.version < GOAT_AUTO || p.version > GOAT_V5_WGMMA_TMA_BF16)
-        return goat_status(1, "version %d out of range 0..5", p.version);
+    if (p.version < GOAT_AUTO || p.version > GOAT_V6_WGMMA_BWD_DRAFT)
+        return goat_status(1, "version %d out of range 0..6", p.version);
     if (!p.q) return goat_status(1, "q is null");
     if (!p.k) return goat_status(1, "k is null");
     if (!p.v) return goat_status(1, "v is null");
@@ -2698,7 +3048,7 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         if (!p.dv) return goat_status(1, "dv is null");
     }
     const int version = goat_resolve_version(p);
-    if (version == GOAT_V3_MMA_BF16 || version == GOAT_V4_WGMMA_BF16 || version == GOAT_V5_WGMMA_TMA_BF16) {
+    if (version >= GOAT_V3_MMA_BF16) {
         if (!v3_supports(p))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
@@ -2748,7 +3098,7 @@ GoatStatus goat_forward(const GoatParams& p, cudaStream_t stream) {
     const int version = goat_resolve_version(p);
     if (version == GOAT_V3_MMA_BF16) return v3_forward(p, stream);
     if (version == GOAT_V4_WGMMA_BF16) return v4_forward(p, stream);
-    if (version == GOAT_V5_WGMMA_TMA_BF16) return v5_forward(p, stream);
+    if (version == GOAT_V5_WGMMA_TMA_BF16 || version == GOAT_V6_WGMMA_BWD_DRAFT) return v5_forward(p, stream);
 
     GoatF32 f = goat_f32_view(p);
     const size_t rows = (size_t)p.B * p.H * p.L;
@@ -2818,7 +3168,8 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
 
     void* workspace = p.workspace;
     if (!workspace && need > 0) GOAT_CUDA_CHECK(cudaMallocAsync(&workspace, need, stream));
-    st = version >= GOAT_V3_MMA_BF16 ? v3_backward(p, workspace, stream)
+    st = version == GOAT_V6_WGMMA_BWD_DRAFT ? v6_backward(p, workspace, stream)
+         : version >= GOAT_V3_MMA_BF16     ? v3_backward(p, workspace, stream)
                                      : f32_backward(p, version, (char*)workspace, stream);
     if (!p.workspace && workspace) {
         cudaError_t err = cudaFreeAsync(workspace, stream);

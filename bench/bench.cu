@@ -292,11 +292,11 @@ static bool v4_runs_here() {
 
 int main(int argc, char** argv) {
     bool quick = false;
-    std::string versions = "12345";   // which versions to time: digits of GoatVersion
+    std::string versions = "123456";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
         else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
-                 std::strspn(argv[a + 1], "12345") == std::strlen(argv[a + 1]) && argv[a + 1][0])
+                 std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0])
             versions = argv[++a];
         else {
             std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 345; default 12345]\n", argv[0]);
@@ -317,7 +317,8 @@ int main(int argc, char** argv) {
     const std::vector<int> Ls = quick ? std::vector<int>{4096} : std::vector<int>{1024, 4096, 16384};
     struct Candidate { int version; GoatDtype dtype; };
     const Candidate candidates[] = {{GOAT_V1_NAIVE, GOAT_F32}, {GOAT_V2_TILED, GOAT_F32}, {GOAT_V3_MMA_BF16, GOAT_BF16},
-                                    {GOAT_V4_WGMMA_BF16, GOAT_BF16}, {GOAT_V5_WGMMA_TMA_BF16, GOAT_BF16}};
+                                    {GOAT_V4_WGMMA_BF16, GOAT_BF16}, {GOAT_V5_WGMMA_TMA_BF16, GOAT_BF16},
+                                    {GOAT_V6_WGMMA_BWD_DRAFT, GOAT_BF16}};
 
     std::vector<Row> rows;
     for (int d : ds) {

@@ -412,7 +412,7 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
         {"lse", 1, [](GoatParams& p) { p.lse = nullptr; }},
         {"scale", 1, [](GoatParams& p) { p.scale = INFINITY; }},
         {"scale", 1, [](GoatParams& p) { p.scale = NAN; }},
-        {"version", 1, [](GoatParams& p) { p.version = 6; }},
+        {"version", 1, [](GoatParams& p) { p.version = 7; }},
         {"version", 1, [](GoatParams& p) { p.version = -1; }},
         {"overflows", 1, [](GoatParams& p) { p.B = 1 << 20; p.H = 1 << 10; }},
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V1_NAIVE; }},
