@@ -2658,6 +2658,26 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n1
 }
 #endif
 
+#ifndef GOAT_V6_DQ_SPLIT
+#define GOAT_V6_DQ_SPLIT 1
+#endif
+#ifdef GOAT_V4_DEVICE
+static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(acc));
+}
+// D += A B with A M-major and B N-major (both transposed), N columns
+template <int N>
+static __device__ __forceinline__ void v6_wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db) {
+    if constexpr (N == 32) v6_wgmma_ss_tt_n32(d, da, db, 1);
+    else if constexpr (N == 64) v6_wgmma_ss_tt_n64(d, da, db, 1);
+    else v6_wgmma_ss_tt_n128(d, da, db, 1);
+}
+#endif
+
 template <int D>
 struct V6Bwd {
     static constexpr int B_r = 64, B_c = 128, NWARPS = 8, NTHREADS = 256;
@@ -2784,13 +2804,11 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         float S[NT_S][4], dP[NT_S][4];
         float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
         float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
-#pragma unroll
-        for (int x = 0; x < NT_S * 4; ++x) Sf[x] = dPf[x] = 0.f;
         v4_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Qb, kk), 1);
-            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dOb, kk), 1);
+        for (int kk = 0; kk < D / 16; ++kk) {  // k-step 0 overwrites the accumulators (scale-d = 0)
+            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Qb, kk), kk > 0);
+            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dOb, kk), kk > 0);
         }
         v4_wgmma_commit();
         v4_wgmma_wait<0>();
@@ -2825,6 +2843,15 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
             v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
             v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
         }
+        // the bf16 dS^T tile for dQ first: the A registers of an in-flight wgmma must not be read
+#pragma unroll
+        for (int kk = 0; kk < B_r / 16; ++kk)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
+                const int r = k_loc0 + 8 * (x & 1);
+                const uint32_t addr = dS_s + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+            }
         v4_fence_regs(dK_acc);
         v4_fence_regs(dV_acc);
         v4_wgmma_fence();
@@ -2839,31 +2866,48 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
         if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
-#pragma unroll
-        for (int kk = 0; kk < B_r / 16; ++kk)
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
-                const int r = k_loc0 + 8 * (x & 1);
-                const uint32_t addr = dS_s + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
-            }
         v4_wgmma_wait<0>();
         v4_fence_regs(dK_acc);
         v4_fence_regs(dV_acc);
         v4_fence_proxy_async();  // the dS^T tile is read by wgmma next
         __syncthreads();
 
-        // phase 7: dQ_i += dS K_j by one warpgroup (alternating per query tile); fp32 atomics into dq_accum
+        // phase 7: dQ_i += dS K_j. GOAT_V6_DQ_SPLIT = 1: both warpgroups, each d/2 columns (wg d/2 ..); 0: one
+        // warpgroup per query tile (alternating), all d columns. fp32 atomics into dq_accum
+#if GOAT_V6_DQ_SPLIT
+        {
+            constexpr int DN = D / 2;
+            float dQ[DN / 2];
+#pragma unroll
+            for (int x = 0; x < DN / 2; ++x) dQ[x] = 0.f;
+            // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64)
+            const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
+            v4_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < B_c / 16; ++kk)
+                v6_wgmma_ss_tt<DN>(dQ, desc_ds(kk), v4_desc(K_s + col_off + kk * 16 * 128, B_c * 128, 1024));
+            v4_wgmma_commit();
+            v4_wgmma_wait<0>();
+            v4_fence_regs(dQ);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0 + 16 * wwarp + g + 8 * hh;
+                if (i < L) {
+                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < DN / 8; ++n)
+                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
+                }
+            }
+        }
+#else
         if (wg == ((it - it_start) & 1)) {
             float dQ[D / 2];
 #pragma unroll
             for (int x = 0; x < D / 2; ++x) dQ[x] = 0.f;
             v4_wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < B_c / 16; ++kk) {
-                if constexpr (D == 64) v6_wgmma_ss_tt_n64(dQ, desc_ds(kk), desc_kn(kk), 1);
-                else v6_wgmma_ss_tt_n128(dQ, desc_ds(kk), desc_kn(kk), 1);
-            }
+            for (int kk = 0; kk < B_c / 16; ++kk) v6_wgmma_ss_tt<D>(dQ, desc_ds(kk), desc_kn(kk));
             v4_wgmma_commit();
             v4_wgmma_wait<0>();
             v4_fence_regs(dQ);
@@ -2878,6 +2922,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
                 }
             }
         }
+#endif
 
         // phase 8: lse and D of the next tile into the other buffer
         if (it + 1 < T_r && tid < B_r) {
