@@ -25,7 +25,7 @@ enum GoatVersion {
     GOAT_V3_MMA_BF16 = 3,  // bf16 tensor cores (mma.sync m16n8k16), FlashAttention-2 style
     GOAT_V4_WGMMA_BF16 = 4,  // bf16, Hopper wgmma forward (needs a CC 9.0 GPU and an sm_90a build); v3 backward
     GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup (q, k, v 16-byte aligned); v3 backward
-    GOAT_V6_WGMMA_BWD_DRAFT = 6,  // DRAFT (branch wip/v6-wgmma-backward, not run on a GPU yet): v5 + a wgmma backward
+    GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (what AUTO picks for bf16 on CC 9.0)
 };
 
 struct GoatParams {

@@ -299,7 +299,7 @@ int main(int argc, char** argv) {
                  std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0])
             versions = argv[++a];
         else {
-            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 345; default 12345]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456]\n", argv[0]);
             return 2;
         }
     }
@@ -318,7 +318,7 @@ int main(int argc, char** argv) {
     struct Candidate { int version; GoatDtype dtype; };
     const Candidate candidates[] = {{GOAT_V1_NAIVE, GOAT_F32}, {GOAT_V2_TILED, GOAT_F32}, {GOAT_V3_MMA_BF16, GOAT_BF16},
                                     {GOAT_V4_WGMMA_BF16, GOAT_BF16}, {GOAT_V5_WGMMA_TMA_BF16, GOAT_BF16},
-                                    {GOAT_V6_WGMMA_BWD_DRAFT, GOAT_BF16}};
+                                    {GOAT_V6_WGMMA_BWD_BF16, GOAT_BF16}};
 
     std::vector<Row> rows;
     for (int d : ds) {

@@ -27,8 +27,8 @@ step "trainer: CPU vs GPU, 20 steps"
 ./build/train_tiny --compare 20 --layers 2 --context 64 --batch 4 > "$LOG/compare.log" 2>&1 || status=1
 tail -3 "$LOG/compare.log"
 
-step "bench (v2 fp32; v3, v4, v5 bf16)"
-./build/bench --versions ${BENCH_VERSIONS:-2345} > "$LOG/bench.log" 2>&1 || status=1
+step "bench (v2 fp32; v3, v5, v6 bf16)"
+./build/bench --versions ${BENCH_VERSIONS:-2356} > "$LOG/bench.log" 2>&1 || status=1
 
 if python3 -c "import torch" 2>/dev/null; then
     step "PyTorch peers (same run)"

@@ -2,7 +2,7 @@
 """bench/peers.py: the PyTorch routes to (GOAT-style) attention, timed in the same run as our kernel.
 
 Optional: needs PyTorch with CUDA (nothing in the build or the tests uses it). It runs ./build/bench for our
-bf16 kernels (v3, v4, v5 where they run; the bench validates each before timing), or reads the output of such
+bf16 kernels (v3 to v6 where they run; the bench validates each before timing), or reads the output of such
 a run (--bench-log), and then times, on the same shapes (bf16, causal, H = 16, B*L = 32768, d in {64, 128},
 L in {1024, 4096, 16384}):
 

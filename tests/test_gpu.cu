@@ -421,6 +421,8 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
         {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V4_WGMMA_BF16; }},                     // v4 with fp32
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V4_WGMMA_BF16; }},  // v4, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V5_WGMMA_TMA_BF16; }},  // v5, d = 8
+        {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V6_WGMMA_BWD_BF16; }},  // v6, d = 8
+        {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V6_WGMMA_BWD_BF16; }},                 // v6 with fp32
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V3_MMA_BF16; }},    // v3, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_AUTO; }},          // AUTO -> v3, d = 8
     };
@@ -464,10 +466,10 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
     CHECK(goat_resolve_version(auto_f32) == GOAT_V2_TILED);
     auto_f32.dtype = GOAT_BF16;
     auto_f32.d = 64;
-    // AUTO in bf16: v5 on a compute capability 9.0 GPU (this build targets sm_90a; aligned buffers), v3 elsewhere
+    // AUTO in bf16: v6 on a compute capability 9.0 GPU (this build targets sm_90a; aligned buffers), v3 elsewhere
     int major = 0, minor = 0;
     CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
-    CHECK(goat_resolve_version(auto_f32) == (major == 9 && minor == 0 ? GOAT_V5_WGMMA_TMA_BF16 : GOAT_V3_MMA_BF16));
+    CHECK(goat_resolve_version(auto_f32) == (major == 9 && minor == 0 ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
     CHECK(goat_backward_workspace_size(good) > 0);
 }

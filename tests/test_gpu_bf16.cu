@@ -216,7 +216,7 @@ bool v4_available() {
     GoatParams p;
     p.B = p.H = p.L = 1; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
     const int v = goat_resolve_version(p);
-    return v == GOAT_V4_WGMMA_BF16 || v == GOAT_V5_WGMMA_TMA_BF16;
+    return v == GOAT_V4_WGMMA_BF16 || v == GOAT_V5_WGMMA_TMA_BF16 || v == GOAT_V6_WGMMA_BWD_BF16;
 }
 // The bf16 versions to check on this GPU.
 std::vector<int> bf16_versions() {
@@ -224,7 +224,7 @@ std::vector<int> bf16_versions() {
     if (v4_available()) {
         v.push_back(GOAT_V4_WGMMA_BF16);
         v.push_back(GOAT_V5_WGMMA_TMA_BF16);
-        v.push_back(GOAT_V6_WGMMA_BWD_DRAFT);  // draft: expected to need debugging on its first GPU run
+        v.push_back(GOAT_V6_WGMMA_BWD_BF16);
     }
     return v;
 }
@@ -411,7 +411,7 @@ TEST_CASE("v3 deterministic: larger shapes, bit-identical twice") {
     check_deterministic(make_problem(2, 3, 333, 64, false, Prior::random));
 }
 
-TEST_CASE("v4 and v5 run wherever the GPU is compute capability 9.0 (so the checks above cover them)") {
+TEST_CASE("v4, v5 and v6 run wherever the GPU is compute capability 9.0 (so the checks above cover them)") {
     int major = 0, minor = 0;
     BF16_CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     BF16_CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
@@ -419,7 +419,7 @@ TEST_CASE("v4 and v5 run wherever the GPU is compute capability 9.0 (so the chec
     CHECK(v4_available() == (major == 9 && minor == 0));
 }
 
-TEST_CASE("v3, v4, v5 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
+TEST_CASE("v3 to v6 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
     check(make_problem(1, 2, 2500, 64, true, Prior::random));
     check(make_problem(2, 1, 2500, 128, true, Prior::masked));
 }
