@@ -2663,8 +2663,13 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n1
 }
 #endif
 
-#ifndef GOAT_V6_DQ_SPLIT
-#define GOAT_V6_DQ_SPLIT 1
+// GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ atomics and the
+// dkappa sums of this one (needs their 8 NT_S accumulators live next to dK, dV and dQ: too many registers at d = 128)
+#ifndef GOAT_V6_PIPE_D64
+#define GOAT_V6_PIPE_D64 1
+#endif
+#ifndef GOAT_V6_PIPE_D128
+#define GOAT_V6_PIPE_D128 0
 #endif
 #ifdef GOAT_V4_DEVICE
 static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
@@ -2674,12 +2679,14 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n3
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(da), "l"(db), "r"(acc));
 }
+// all but the most recent cp.async group complete
+static __device__ __forceinline__ void v6_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 // D += A B with A M-major and B N-major (both transposed), N columns
 template <int N>
-static __device__ __forceinline__ void v6_wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db) {
-    if constexpr (N == 32) v6_wgmma_ss_tt_n32(d, da, db, 1);
-    else if constexpr (N == 64) v6_wgmma_ss_tt_n64(d, da, db, 1);
-    else v6_wgmma_ss_tt_n128(d, da, db, 1);
+static __device__ __forceinline__ void v6_wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
+    if constexpr (N == 32) v6_wgmma_ss_tt_n32(d, da, db, acc);
+    else if constexpr (N == 64) v6_wgmma_ss_tt_n64(d, da, db, acc);
+    else v6_wgmma_ss_tt_n128(d, da, db, acc);
 }
 #endif
 
@@ -2693,17 +2700,18 @@ struct V6Bwd {
     static constexpr size_t OFF_Q = OFF_V + (size_t)B_c * D * 2;
     static constexpr size_t OFF_DO = OFF_Q + (size_t)2 * B_r * D * 2;
     static constexpr size_t OFF_DS = OFF_DO + (size_t)2 * B_r * D * 2;
-    static constexpr size_t OFF_DIAG = OFF_DS + (size_t)B_c * B_r * 2;
-    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)NWARPS * DIAG_W * 4;
+    static constexpr uint32_t TILE_DS = (uint32_t)B_c * B_r * 2;          // one bf16 dS^T tile
+    static constexpr size_t OFF_DIAG = OFF_DS + (size_t)2 * TILE_DS;
+    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)2 * NWARPS * DIAG_W * 4;
     static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
     static constexpr size_t OFF_DI = OFF_LSE + (size_t)2 * B_r * 4;
     static constexpr size_t OFF_SHIFT = OFF_DI + (size_t)2 * B_r * 4;
-    static constexpr size_t SMEM = OFF_SHIFT + (size_t)B_c * 4 + 1024;
+    static constexpr size_t SMEM = OFF_SHIFT + (size_t)2 * B_c * 4 + 1024;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
 };
 
-template <int D, bool DKAPPA>
+template <int D, bool DKAPPA, bool PIPE>
 __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 #ifdef GOAT_V4_DEVICE
     using T = V6Bwd<D>;
@@ -2739,10 +2747,21 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
     const int k_loc0 = 16 * warp + g;
 
     constexpr uint32_t QT = (uint32_t)B_r * D * 2;  // bytes of one Q_i or dO_i tile
+    // thread tid copies 16-byte chunk ld_c of rows ld_r + x LD_STEP of Q_i and dO_i: the same offsets in both
+    constexpr int CH = D / 8, LD_STEP = NTHREADS / CH, LD_PER = B_r / LD_STEP;
+    const int ld_r = tid / CH, ld_c = tid % CH;
+    const uint32_t ld_off = v4_tile_off<B_r>(ld_r, ld_c);  // + x LD_STEP 128 for row ld_r + x LD_STEP
     auto load_q = [&](int it, int buf) {
         const int i0 = it * B_r;
-        v4_load_tile<D, B_r, NTHREADS>(Q_s + buf * QT, q_bh, i0, L);
-        v4_load_tile<D, B_r, NTHREADS>(dO_s + buf * QT, do_bh, i0, L);
+#pragma unroll
+        for (int x = 0; x < LD_PER; ++x) {
+            const int row = i0 + ld_r + x * LD_STEP;
+            const bool valid = row < L;
+            const size_t src = (size_t)(valid ? row : 0) * D + ld_c * 8;
+            const uint32_t dst = buf * QT + ld_off + x * LD_STEP * 128;
+            v3_cp_async_16(Q_s + dst, q_bh + src, valid);
+            v3_cp_async_16(dO_s + dst, do_bh + src, valid);
+        }
         v3_load_slice<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, v3_kappa_window_start(i0, j0, B_c, L),
                                     2 * L - 1, a.k);
     };
@@ -2763,17 +2782,19 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
     };
     auto desc_qk = [&](uint32_t base, int kk) { return v4_desc(base + (kk / 4) * B_r * 128 + (kk % 4) * 32, 16, 1024); };
     auto desc_qn = [&](uint32_t base, int kk) { return v4_desc(base + kk * 16 * 128, B_r * 128, 1024); };
-    auto desc_kn = [&](int kk) { return v4_desc(K_s + kk * 16 * 128, B_c * 128, 1024); };
-    auto desc_ds = [&](int kk) { return v4_desc(dS_s + kk * 16 * 128, 16, 1024); };
 
-    // phase 1: K_j, V_j, the first query tile; lse, D of the first tile; u of this warp's keys
+    // phase 1: K_j, V_j and the first two query tiles (two cp.async groups); lse, D of those tiles; u (log2
+    // units) of this warp's keys. Buffers alternate by query tile: buf = (it - it_start) & 1 for Q_i, dO_i, the
+    // kappa window, lse, D, the dS^T tile, the diagonal sums and the dkappa carry.
     v4_load_tile<D, B_c, NTHREADS>(K_s, a.k + off, j0, L);
     v4_load_tile<D, B_c, NTHREADS>(V_s, a.v + off, j0, L);
     load_q(it_start, 0);
     v3_cp_async_commit();
-    if (tid < B_r) {
+    if (it_start + 1 < T_r) load_q(it_start + 1, 1);
+    v3_cp_async_commit();
+    if (tid < 2 * B_r) {
         float x, y;
-        row_stats(it_start * B_r + tid, x, y);
+        row_stats(it_start * B_r + tid, x, y);  // tid >= B_r: the second tile, buffer 1
         lse_s[tid] = x;
         Di_s[tid] = y;
     }
@@ -2781,46 +2802,40 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int j = j0 + k_loc0 + 8 * hh;
-        u_reg[hh] = (a.u && j < L) ? a.u[(size_t)h * L + j] : 0.f;
+        u_reg[hh] = (a.u && j < L) ? V3_LOG2E * a.u[(size_t)h * L + j] : 0.f;
     }
-    float dkappa_run = 0.f;
     float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
 #pragma unroll
     for (int x = 0; x < NT_D * 4; ++x) dK_acc[x] = dV_acc[x] = 0.f;
     float du_acc[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * V3_LOG2E;
 
-    for (int it = it_start; it < T_r; ++it) {
-        const int buf = (it - it_start) & 1, i0 = it * B_r;
-        const uint32_t Qb = Q_s + buf * QT, dOb = dO_s + buf * QT;
-        // phase 2: this tile landed (fenced for the async proxy); every warp is done with tile it - 1
-        v3_cp_async_wait_all();
-        v4_fence_proxy_async();
-        __syncthreads();
-        float next_lse2 = 0.f, next_D = 0.f;
-        if (it + 1 < T_r) {
-            load_q(it + 1, buf ^ 1);
-            if (tid < B_r) row_stats(i0 + B_r + tid, next_lse2, next_D);
-        }
-        v3_cp_async_commit();
-        if (DKAPPA && tid < KW) dkappa_run = (tid < B_c - 1 && it > it_start) ? shift_s[tid] : 0.f;
-
-        // phase 3: S^T = K_j Q_i^T and dP^T = V_j dO_i^T
-        float S[NT_S][4], dP[NT_S][4];
-        float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
-        float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
+    // S^T = K_j Q_i^T and dP^T = V_j dO_i^T of the tile in buffer b (issued, committed as one group)
+    float S[NT_S][4], dP[NT_S][4];
+    float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
+    float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
+    auto issue_s_dp = [&](int b) {
         v4_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {  // k-step 0 overwrites the accumulators (scale-d = 0)
-            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Qb, kk), kk > 0);
-            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dOb, kk), kk > 0);
+            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Q_s + b * QT, kk), kk > 0);
+            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dO_s + b * QT, kk), kk > 0);
         }
         v4_wgmma_commit();
-        v4_wgmma_wait<0>();
-        v4_fence_regs(Sf);
-        v4_fence_regs(dPf);
+    };
+    v6_cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
+    v4_fence_proxy_async();
+    __syncthreads();
+    issue_s_dp(0);
+    v4_wgmma_wait<0>();
+    v4_fence_regs(Sf);
+    v4_fence_regs(dPf);
 
-        // phase 4: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
+    for (int it = it_start; it < T_r; ++it) {
+        const int buf = (it - it_start) & 1, i0 = it * B_r;
+        const bool has_next = it + 1 < T_r;
+
+        // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
         const float* kap = kappa_s + buf * KW_PAD;
         const float* lse_t = lse_s + buf * B_r;
         const float* D_t = Di_s + buf * B_r;
@@ -2830,31 +2845,31 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = 8 * n + 2 * t + (e & 1);
-                float z2 = fmaf(S[n][e], scale_log2, V3_LOG2E * (kap[q_loc - k_loc + B_c - 1] + u_reg[e >> 1]));
+                float z2 = fmaf(S[n][e], scale_log2, fmaf(kap[q_loc - k_loc + B_c - 1], V3_LOG2E, u_reg[e >> 1]));
                 if (need_mask) {
                     const int i = i0 + q_loc, j = j0 + k_loc;
                     if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
                 }
-                const float p = exp2f(z2 - lse_t[q_loc]);
+                const float p = v5_exp2(z2 - lse_t[q_loc]);
                 S[n][e] = p;
                 dP[n][e] = p * (dP[n][e] - D_t[q_loc]);
             }
 
-        // phase 5: bf16 A fragments; issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du, the diagonal sums and
-        // the bf16 dS^T tile for dQ
+        // phase 3: bf16 A fragments; the bf16 dS^T tile for dQ (stored first: the A registers of an in-flight
+        // wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du and the diagonal sums
         uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
 #pragma unroll
         for (int kk = 0; kk < B_r / 16; ++kk) {
             v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
             v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
         }
-        // the bf16 dS^T tile for dQ first: the A registers of an in-flight wgmma must not be read
+        const uint32_t dSb = dS_s + buf * T::TILE_DS;
 #pragma unroll
         for (int kk = 0; kk < B_r / 16; ++kk)
 #pragma unroll
             for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
                 const int r = k_loc0 + 8 * (x & 1);
-                const uint32_t addr = dS_s + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
+                const uint32_t addr = dSb + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
                 asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
             }
         v4_fence_regs(dK_acc);
@@ -2862,108 +2877,106 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         v4_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < B_r / 16; ++kk) {
-            v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dOb, kk));
-            v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Qb, kk));
+            v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
+            v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
         }
         v4_wgmma_commit();
 #pragma unroll
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
-        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + warp * DIAG_W, lane);
+        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_W, lane);
         v4_wgmma_wait<0>();
         v4_fence_regs(dK_acc);
         v4_fence_regs(dV_acc);
-        v4_fence_proxy_async();  // the dS^T tile is read by wgmma next
-        __syncthreads();
 
-        // phase 7: dQ_i += dS K_j. GOAT_V6_DQ_SPLIT = 1: both warpgroups, each d/2 columns (wg d/2 ..); 0: one
-        // warpgroup per query tile (alternating), all d columns. fp32 atomics into dq_accum
-#if GOAT_V6_DQ_SPLIT
+        // phase 4: tile it + 1 landed and every warp is done with tile it's Q_i, dO_i (and stored its dS^T
+        // rows, fenced for the async proxy); tile it + 2 goes into this buffer
+        v3_cp_async_wait_all();
+        v4_fence_proxy_async();
+        __syncthreads();
+        float next_lse2 = 0.f, next_D = 0.f;
+        const bool has_next2 = it + 2 < T_r;
+        if (has_next2) {
+            load_q(it + 2, buf);
+            if (tid < B_r) row_stats(i0 + 2 * B_r + tid, next_lse2, next_D);
+        }
+        v3_cp_async_commit();
+
+        // phase 5: dQ_i += dS K_j, each warpgroup d/2 columns (wg d/2 ..), then (GOAT_V6_PIPE) S^T, dP^T of
+        // tile it + 1 so that they run during the dQ atomics and the dkappa sums below
+        constexpr int DN = D / 2;
+        float dQ[DN / 2];
         {
-            constexpr int DN = D / 2;
-            float dQ[DN / 2];
-#pragma unroll
-            for (int x = 0; x < DN / 2; ++x) dQ[x] = 0.f;
             // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64)
             const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
             v4_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < B_c / 16; ++kk)
-                v6_wgmma_ss_tt<DN>(dQ, desc_ds(kk), v4_desc(K_s + col_off + kk * 16 * 128, B_c * 128, 1024));
+                v6_wgmma_ss_tt<DN>(dQ, v4_desc(dSb + kk * 16 * 128, 16, 1024),
+                                   v4_desc(K_s + col_off + kk * 16 * 128, B_c * 128, 1024), kk > 0);
             v4_wgmma_commit();
+        }
+        if (PIPE && has_next) {
+            issue_s_dp(buf ^ 1);
+            v4_wgmma_wait<1>();
+        } else {
             v4_wgmma_wait<0>();
-            v4_fence_regs(dQ);
+        }
+        v4_fence_regs(dQ);
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int i = i0 + 16 * wwarp + g + 8 * hh;
-                if (i < L) {
-                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = i0 + 16 * wwarp + g + 8 * hh;
+            if (i < L) {
+                float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
 #pragma unroll
-                    for (int n = 0; n < DN / 8; ++n)
-                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
-                }
+                for (int n = 0; n < DN / 8; ++n)
+                    atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
             }
         }
-#else
-        if (wg == ((it - it_start) & 1)) {
-            float dQ[D / 2];
-#pragma unroll
-            for (int x = 0; x < D / 2; ++x) dQ[x] = 0.f;
-            v4_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < B_c / 16; ++kk) v6_wgmma_ss_tt<D>(dQ, desc_ds(kk), desc_kn(kk));
-            v4_wgmma_commit();
-            v4_wgmma_wait<0>();
-            v4_fence_regs(dQ);
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int i = i0 + 16 * wwarp + g + 8 * hh;
-                if (i < L) {
-                    float* dst = a.dq_accum + off + (size_t)i * D + 2 * t;
-#pragma unroll
-                    for (int n = 0; n < NT_D; ++n)
-                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
-                }
-            }
-        }
-#endif
 
-        // phase 8: lse and D of the next tile into the other buffer
-        if (it + 1 < T_r && tid < B_r) {
-            lse_s[(buf ^ 1) * B_r + tid] = next_lse2;
-            Di_s[(buf ^ 1) * B_r + tid] = next_D;
+        // phase 6: lse and D of tile it + 2 into this buffer (read by phase 2 of tile it, before phase 4)
+        if (has_next2 && tid < B_r) {
+            lse_s[buf * B_r + tid] = next_lse2;
+            Di_s[buf * B_r + tid] = next_D;
         }
 
-        // phase 9: dkappa, as v3
+        // phase 7: dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
+        // carries on to tile it + 1 (x >= B_r); the carry alternates buffers as well
         if (DKAPPA && tid < KW) {
             const int x = tid;
-            float s = 0.f;
+            float s = (x < B_c - 1 && it > it_start) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w) {
                 const int y = x - (B_c - 16) + 16 * w;
-                if (y >= 0 && y <= B_r + 14) s += diag_s[w * DIAG_W + y];
+                if (y >= 0 && y <= B_r + 14) s += diag_s[(buf * NWARPS + w) * DIAG_W + y];
             }
-            const float total = dkappa_run + s;
             if (x < B_r) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
-                if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, total);
+                if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, s);
             } else {
-                shift_s[x - B_r] = total;
+                shift_s[buf * B_c + x - B_r] = s;
             }
         }
+
+        // phase 8: S^T, dP^T of tile it + 1 ready
+        if (!PIPE && has_next) issue_s_dp(buf ^ 1);
+        v4_wgmma_wait<0>();
+        v4_fence_regs(Sf);
+        v4_fence_regs(dPf);
     }
 
-    // phase 10: the diagonals still open after the last query tile
+    // phase 9: the diagonals still open after the last query tile
     if (DKAPPA) {
         __syncthreads();
+        const int last = (T_r - 1 - it_start) & 1;
         if (tid < B_c - 1) {
             const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
-            if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, shift_s[tid]);
+            if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, shift_s[last * B_c + tid]);
         }
     }
 
-    // phase 11: dK_j = scale dS^T Q, dV_j (bf16), du
+    // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
     v3_bf16* dk_bh = a.dk + off;
     v3_bf16* dv_bh = a.dv + off;
 #pragma unroll
@@ -2993,6 +3006,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 template <int D>
 static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
     using T = V6Bwd<D>;
+    constexpr bool PIPE = D == 64 ? GOAT_V6_PIPE_D64 != 0 : GOAT_V6_PIPE_D128 != 0;
     V3Args a = v3_args(p);
     size_t off_dq, off_dkp, off_dup;
     v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
@@ -3007,11 +3021,11 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
     }
     const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
     if (p.dkappa) {
-        auto kernel = v6_backward_kernel<D, true>;
+        auto kernel = v6_backward_kernel<D, true, PIPE>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
     } else {
-        auto kernel = v6_backward_kernel<D, false>;
+        auto kernel = v6_backward_kernel<D, false, PIPE>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
     }
