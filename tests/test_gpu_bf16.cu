@@ -43,6 +43,12 @@ constexpr double FLOOR_BF16 = 1.0 / 256;
 // (tensor cores, shared-memory diagonal sums, atomics) and exp2/log approximations: ~1e-6 relative;
 // 1e-4 leaves margin and still catches a missing tile (>= 1/L of the sum).
 constexpr double FLOOR_F32 = 1e-4;
+// dkappa and du are fp32 but sum dz = P (dP - D) with D_i = <dO_i, o_i> over the bf16-rounded forward output:
+// one o element landing one bf16 ulp apart (the o flip FLOOR_BF16 allows) moves D_i by up to 2^-8 |dO| |o|
+// and every dz of row i with it, so where one weight P ~ 1 (a masked prior) a diagonal sum moves by that much.
+// Seen: v4/v5/v6 (whose forward differs from v3's only in fp32 summation order), L = 113, masked prior:
+// dkappa error 9.2e-4 against a bound of 2 x 3.9e-4 + 1e-4. A quarter of FLOOR_BF16 covers one such flip.
+constexpr double FLOOR_PRIOR_GRAD = FLOOR_BF16 / 4;
 // Smallest normaliser: with L = 1 the one weight is exactly 1 and dz = P (dP - D) = 0, so dq, dk, dkappa, du
 // are exactly zero in the reference while fp32 leaves noise. For dq, dk (bf16) that noise is ~1e-7 of |k|,
 // |q|, so 1e-3 absolute keeps it a pass. dkappa and du are fp32 sums of dz terms whose parts dP and D are
@@ -306,13 +312,13 @@ void expect_within_twin(const char* tag, const Results& got, const Results& tw, 
                          {"dk", &got.dk, &tw.dk, &ref.dk, FLOOR_BF16},
                          {"dv", &got.dv, &tw.dv, &ref.dv, FLOOR_BF16}};
     if (with_prior_grads) {
-        ts.push_back({"dkappa", &got.dkappa, &tw.dkappa, &ref.dkappa, FLOOR_F32});
-        ts.push_back({"du", &got.du, &tw.du, &ref.du, FLOOR_F32});
+        ts.push_back({"dkappa", &got.dkappa, &tw.dkappa, &ref.dkappa, FLOOR_PRIOR_GRAD});
+        ts.push_back({"du", &got.du, &tw.du, &ref.du, FLOOR_PRIOR_GRAD});
     }
     std::printf("  %-10s", tag);
     for (const T& t : ts) {
         double scale;
-        const double smin = (t.floor == FLOOR_BF16) ? SCALE_MIN_BF16 : SCALE_MIN_F32;
+        const double smin = (t.floor == FLOOR_BF16) ? SCALE_MIN_BF16 : SCALE_MIN_F32;  // o, dq, dk, dv : the rest
         const double e_twin = norm_err("twin", *t.t, *t.r, smin, &scale);
         const double e_v3 = norm_err(t.name, *t.g, *t.r, smin, &scale);
         const double bound = 2 * e_twin + t.floor;
