@@ -2237,6 +2237,16 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 #define GOAT_V5_D64_KS 3
 #define GOAT_V5_D64_VS 3
 #endif
+// d = 64 from L = GOAT_V5_D64_LONG_L on: three consumer warpgroups (192 query rows per block). Measured (v6,
+// causal, prior on) TFLOP/s at L = 1k/4k/16k: two 175/256/298, three 159/275/349 (at L = 1024 the 192-row
+// tiles leave a third of the last tile empty and fewer, longer blocks); L between 1k and 4k not measured.
+#ifndef GOAT_V5_D64_LONG_CFG
+#define GOAT_V5_D64_LONG_L 2048
+#define GOAT_V5_D64_LONG_NWG 3
+#define GOAT_V5_D64_LONG_BC 128
+#define GOAT_V5_D64_LONG_KS 3
+#define GOAT_V5_D64_LONG_VS 3
+#endif
 #ifndef GOAT_V5_D128_CFG
 #define GOAT_V5_D128_NWG 2
 #define GOAT_V5_D128_BC 128
@@ -2252,6 +2262,7 @@ template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
 template <int D> struct V5Tiles;
 template <> struct V5Tiles<64> : V5Cfg<GOAT_V5_D64_NWG, GOAT_V5_D64_BC, GOAT_V5_D64_KS, GOAT_V5_D64_VS> {};
 template <> struct V5Tiles<128> : V5Cfg<GOAT_V5_D128_NWG, GOAT_V5_D128_BC, GOAT_V5_D128_KS, GOAT_V5_D128_VS> {};
+using V5TilesD64Long = V5Cfg<GOAT_V5_D64_LONG_NWG, GOAT_V5_D64_LONG_BC, GOAT_V5_D64_LONG_KS, GOAT_V5_D64_LONG_VS>;
 
 #ifdef GOAT_V4_DEVICE
 // mbarrier helpers (PTX ISA "mbarrier"): a 64-bit shared-memory object counting arrivals and, for the TMA,
@@ -2613,9 +2624,8 @@ static GoatStatus v5_tensor_map(CUtensorMap* tm, const void* x, const GoatParams
     return GoatStatus();
 }
 
-template <int D>
+template <int D, class C>
 static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
-    using C = V5Tiles<D>;
     using T = V5Fwd<D, C::NWG, C::B_c, C::KS, C::VS>;
     CUtensorMap tq, tk, tv;
     GoatStatus st = v5_tensor_map(&tq, p.q, p, T::B_r);
@@ -2632,27 +2642,30 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
     if (!v5_supports(p))
         return goat_status(2, "v5 needs what v4 needs and q, k, v aligned to 16 bytes");
-    return p.d == 64 ? v5_forward_d<64>(p, stream) : v5_forward_d<128>(p, stream);
+    if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
+    return p.L >= GOAT_V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
 
 // ----------------------------------------------------------------------------------------------------------
 // v6: v5's forward, and the backward on wgmma (what GOAT_AUTO picks for bf16 on CC 9.0)
 //
-// The v3 backward kernel ported to wgmma, structure unchanged: one block per key tile (B_c = 128 keys, two
-// warpgroups of 64 keys; warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query
-// tiles of B_r = 64 rows double-buffered by cp.async (the 128-byte-swizzled layout of v4). Per query tile:
+// The v3 backward kernel ported to wgmma: one block per key tile (B_c = 128 keys, two warpgroups of 64 keys;
+// warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query tiles of B_r = 64 rows
+// double-buffered by cp.async (the 128-byte-swizzled layout of v4). Per query tile:
 //   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = 64 queries, K = d
 //   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout)
 //   dV += P^T dO_i, dK += dS^T Q_i      wgmma rs (P^T, dS^T as bf16 A fragments), B N-major; runs while the
 //                                        du/dkappa sums happen (the bf16 dS^T tile is stored before: the A
 //                                        registers of an in-flight wgmma must not be read)
-//   dQ_i += dS K_j                      both warpgroups, each d/2 of the columns (GOAT_V6_DQ_SPLIT=0: one
-//                                        warpgroup per query tile, all columns, alternating: measured 0.82x),
-//                                        wgmma ss with A = dS read M-major from the dS^T tile and B = K_j
-//                                        N-major; fp32 atomics as v3
+//   dQ_i += dS K_j                      both warpgroups, each d/2 of the columns: wgmma ss with A = dS read
+//                                        M-major from the dS^T tile and B = K_j N-major; fp32 atomics as v3
+// At d = 64 (GOAT_V6_PIPE_D64) S^T, dP^T of the next tile are issued before this tile's dQ atomics and
+// dkappa sums, which then run under them; so dS^T, the diagonal sums and the dkappa carry are double-buffered.
 // The deterministic mode stays on v3's kernels.
-// Measured (H200, causal, prior + grads, B*L = 32768, H = 16): forward+backward 1.28-1.48x v5's (v3 backward),
-// e.g. d = 128, L = 16384: 228 -> 338 TFLOP/s; d = 64, L = 16384: 170 -> 230.
+// Steps measured (H200, causal, prior + grads, B*L = 32768, H = 16; forward+backward TFLOP/s at L = 16384,
+// d = 64 / d = 128): v5 (v3 backward) 170/228 -> this port, dQ by one warpgroup per tile 168/- (L = 4096) ->
+// dQ split over both warpgroups by columns 230/338 -> ex2.approx, per-thread load offsets, the next tile's
+// S^T, dP^T under the dQ atomics 277/370 -> masked/unmasked copies of the score loop (with v5's) 290/377.
 
 #ifdef GOAT_V4_DEVICE
 static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
