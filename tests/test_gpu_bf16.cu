@@ -373,6 +373,11 @@ TEST_CASE("v3 small deterministic d=64 and d=128: L=113 B=2, bit-identical twice
     check_deterministic(make_problem(2, 1, 113, 128, false, Prior::random));
 }
 
+TEST_CASE("v3 to v6 small L=300: several query and key tiles (v6's double buffers and dkappa carry wrap)") {
+    check(make_problem(1, 1, 300, 64, true, Prior::random));
+    check(make_problem(1, 1, 300, 128, false, Prior::masked));
+}
+
 TEST_CASE("v3 L=1, d=64 and d=128, causal and not") {
     for (int d : {64, 128})
         for (bool causal : {false, true}) check(make_problem(2, 2, 1, d, causal, Prior::random));
