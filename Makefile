@@ -16,7 +16,7 @@ CXXFLAGS ?= -O2 -g -std=c++17 -Wall -Wextra
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 NVFLAGS  ?= -O3 -std=c++17 $(NVARCH) -lineinfo -Xcompiler -Wall,-Wextra
 DOCTEST_CFLAGS ?=
-# Hopper: sm_90a machine code (v4 needs wgmma, which only the "a" target has) plus compute_90 PTX for newer GPUs
+# Hopper: sm_90a machine code (v4-v6 need wgmma, which only the "a" target has) plus compute_90 PTX for newer GPUs
 NVARCH   ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90
 BUILD    := build
 

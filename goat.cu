@@ -8,6 +8,7 @@
 //   v3 bf16 mma   bf16 tensor cores (mma.sync m16n8k16, ldmatrix, cp.async)
 //   v4 bf16 wgmma the forward on Hopper's warpgroup instructions (sm_90a); backward = v3's
 //   v5 wgmma+TMA  v4 warp-specialised: a TMA producer warpgroup and mbarrier rings; backward = v3's
+//   v6 wgmma bwd  v5's forward; v3's backward on wgmma (what GOAT_AUTO picks for bf16 on CC 9.0)
 //   launchers     argument checks, workspace, dispatcher (goat_forward / goat_backward)
 //
 // Each kernel has a CPU twin in reference.cpp: goat_forward_cpu / goat_backward_cpu (the closed form, what v1
@@ -26,8 +27,10 @@
 //       (d = 128), L = 1024..16384, prior and its gradients on (time with them / without: 1.05-1.06x at d = 64,
 //       1.04-1.05x at d = 128). About 15x v2.
 //   v4: forward 124-207 TFLOP/s at d = 64, 221-315 at d = 128 (L = 1024..16384).
-//   v5: forward 182-272 TFLOP/s at d = 64, 291-472 at d = 128 (L = 1024..16384); 0.93-1.02x PyTorch SDPA's flash
-//       backend without a prior at d = 64, 1.29-1.42x at d = 128, same run (README).
+//   v5: forward 176-353 TFLOP/s at d = 64, 290-540 at d = 128 (L = 1024..16384); 0.90-1.21x PyTorch SDPA's flash
+//       backend without a prior at d = 64, 1.22-1.59x at d = 128, same run (README).
+//   v6: v5's forward; forward+backward 177-301 TFLOP/s at d = 64, 231-379 at d = 128 (v5 with v3's backward:
+//       121-177, 161-232); 1.10-1.40x the flash backend's forward+backward without a prior, same run (README).
 #include "goat.h"
 
 #include <cuda.h>  // CUtensorMap and its enums (types only; the driver call goes through the runtime)
@@ -2225,9 +2228,10 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 // The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
 // the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
 //
-// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 182/241/272, d=128
-// 291/411/472. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
-// by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272.
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 176/279/353, d=128
+// 290/449/540. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
+// by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272 ->
+// no per-score mask test on interior tiles 539/298 -> three consumer warpgroups at d = 64 from L = 2048 -/349.
 
 // Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
 // depths (K_j is needed one iteration before V_j, so K gets the deeper ring).

@@ -1,7 +1,7 @@
 // bench/bench.cu: speed of the GOAT attention kernels (goat.cu), each version validated before it is timed.
 //
 // For d in {64, 128} and L in {1024, 4096, 16384} (H = 16, B = 2 * 16384 / L: 32768 tokens per head), causal,
-// every version that handles the dtype (v1 fp32 at L = 1024 only, it is slow; v2 fp32; v3 bf16; v4, v5 bf16 where
+// every version that handles the dtype (v1 fp32 at L = 1024 only, it is slow; v2 fp32; v3 bf16; v4, v5, v6 bf16 where
 // the GPU runs them):
 //   fwd TFLOP/s       4 B H L^2 d / 2 flops (causal halves the square), by CUDA events, median of repeats
 //   fwd+bwd TFLOP/s   3.5x the forward flops (the backward counts 2.5x) over forward + backward
@@ -9,7 +9,7 @@
 //                     forward and forward + backward
 // Inputs are rotated over N_ROTATE buffer sets so that L2 (60 MB) never holds the next call's inputs.
 // Before timing, each version runs a small shape (B=1, H=2, L=200) against the CPU reference and is skipped
-// when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 34 (time only v3 and v4).
+// when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 36 (time only v3 and v6).
 #include "goat.h"
 #include "reference.h"
 
