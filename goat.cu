@@ -2720,6 +2720,9 @@ struct V6Bwd {
     static constexpr int B_r = 64, B_c = 128, NWARPS = 8, NTHREADS = 256;
     static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
     static constexpr int DIAG_W = B_r + 16;
+    // each warp's diagonal sums sit between DIAG_PAD zeros on both sides, so the dkappa step adds all warps'
+    // entries for a diagonal without range tests (warp w's entry y = x - DIAG_PAD + 16 w, y in [-112, 190])
+    static constexpr int DIAG_PAD = B_c - 16, DIAG_P = DIAG_W + 2 * DIAG_PAD;
     static constexpr size_t OFF_K = 0;                                   // tiles: 1024-byte aligned
     static constexpr size_t OFF_V = OFF_K + (size_t)B_c * D * 2;
     static constexpr size_t OFF_Q = OFF_V + (size_t)B_c * D * 2;
@@ -2727,10 +2730,9 @@ struct V6Bwd {
     static constexpr size_t OFF_DS = OFF_DO + (size_t)2 * B_r * D * 2;
     static constexpr uint32_t TILE_DS = (uint32_t)B_c * B_r * 2;          // one bf16 dS^T tile
     static constexpr size_t OFF_DIAG = OFF_DS + (size_t)2 * TILE_DS;
-    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)2 * NWARPS * DIAG_W * 4;
-    static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;
-    static constexpr size_t OFF_DI = OFF_LSE + (size_t)2 * B_r * 4;
-    static constexpr size_t OFF_SHIFT = OFF_DI + (size_t)2 * B_r * 4;
+    static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)2 * NWARPS * DIAG_P * 4;
+    static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;  // lse2 and D: 16-byte aligned
+    static constexpr size_t OFF_SHIFT = OFF_LSE + (size_t)2 * 2 * B_r * 4;
     static constexpr size_t SMEM = OFF_SHIFT + (size_t)2 * B_c * 4 + 1024;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
@@ -2741,7 +2743,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 #ifdef GOAT_V4_DEVICE
     using T = V6Bwd<D>;
     constexpr int B_r = T::B_r, B_c = T::B_c, NTHREADS = T::NTHREADS, NWARPS = T::NWARPS;
-    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W;
+    constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W, DIAG_PAD = T::DIAG_PAD, DIAG_P = T::DIAG_P;
     constexpr int NT_S = B_r / 8, NT_D = D / 8;
     extern __shared__ __align__(1024) unsigned char v6_smem[];
     const uint32_t raw = v3_smem_u32(v6_smem), sbase = (raw + 1023u) & ~1023u;
@@ -2751,8 +2753,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
     const uint32_t dS_s = sbase + (uint32_t)T::OFF_DS;
     float* diag_s = reinterpret_cast<float*>(smem + T::OFF_DIAG);
     float* kappa_s = reinterpret_cast<float*>(smem + T::OFF_KAPPA);
-    float* lse_s = reinterpret_cast<float*>(smem + T::OFF_LSE);
-    float* Di_s = reinterpret_cast<float*>(smem + T::OFF_DI);
+    // lse2 and D of the query rows, [2 buffers][2 B_r floats]: at d = 64 interleaved (lse2, D) per row, so that
+    // phase 2 reads two rows' pairs in one 16-byte load; at d = 128 [lse2 x B_r][D x B_r] (there
+    // the interleaved layout cost registers: spills 8 -> 36 bytes)
+    float* ld_s = reinterpret_cast<float*>(smem + T::OFF_LSE);
+    constexpr bool ILV = D == 64;
+    auto lse_at = [&](int b, int q) -> float& { return ld_s[b * 2 * B_r + (ILV ? 2 * q : q)]; };
+    auto D_at = [&](int b, int q) -> float& { return ld_s[b * 2 * B_r + (ILV ? 2 * q + 1 : B_r + q)]; };
     float* shift_s = reinterpret_cast<float*>(smem + T::OFF_SHIFT);
 
     const int L = a.L, T_r = v3_cdiv(L, B_r);
@@ -2820,9 +2827,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
     if (tid < 2 * B_r) {
         float x, y;
         row_stats(it_start * B_r + tid, x, y);  // tid >= B_r: the second tile, buffer 1
-        lse_s[tid] = x;
-        Di_s[tid] = y;
+        lse_at(tid / B_r, tid % B_r) = x;
+        D_at(tid / B_r, tid % B_r) = y;
     }
+    if (DKAPPA)  // the zero pads around each warp's diagonal sums (never written again)
+        for (int e = tid; e < 2 * NWARPS * 2 * DIAG_PAD; e += NTHREADS) {
+            const int row = e / (2 * DIAG_PAD), c = e % (2 * DIAG_PAD);
+            diag_s[row * DIAG_P + (c < DIAG_PAD ? c : c + DIAG_W)] = 0.f;
+        }
     float u_reg[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -2862,12 +2874,12 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 
         // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
         const float* kap = kappa_s + buf * KW_PAD;
-        const float* lse_t = lse_s + buf * B_r;
-        const float* D_t = Di_s + buf * B_r;
         const bool need_mask = (j0 + B_c > L) || (a.causal && i0 < j0 + B_c - 1);
         auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
 #pragma unroll
-            for (int n = 0; n < NT_S; ++n)
+            for (int n = 0; n < NT_S; ++n) {
+                float4 ld = make_float4(0.f, 0.f, 0.f, 0.f);  // d = 64: (lse2, D) of rows 8n + 2t, 8n + 2t + 1
+                if constexpr (ILV) ld = *reinterpret_cast<const float4*>(&lse_at(buf, 8 * n + 2 * t));
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = 8 * n + 2 * t + (e & 1);
@@ -2876,10 +2888,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
                         const int i = i0 + q_loc, j = j0 + k_loc;
                         if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
                     }
-                    const float p = v5_exp2(z2 - lse_t[q_loc]);
+                    const float lse2 = ILV ? ((e & 1) ? ld.z : ld.x) : lse_at(buf, q_loc);
+                    const float Dq = ILV ? ((e & 1) ? ld.w : ld.y) : D_at(buf, q_loc);
+                    const float p = v5_exp2(z2 - lse2);
                     S[n][e] = p;
-                    dP[n][e] = p * (dP[n][e] - D_t[q_loc]);
+                    dP[n][e] = p * (dP[n][e] - Dq);
                 }
+            }
         };
         if (need_mask) probs(std::true_type());
         else probs(std::false_type());
@@ -2914,7 +2929,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
-        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_W, lane);
+        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_P + DIAG_PAD, lane);
         v4_wgmma_wait<0>();
         v4_fence_regs(dK_acc);
         v4_fence_regs(dV_acc);
@@ -2966,8 +2981,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
 
         // phase 6: lse and D of tile it + 2 into this buffer (read by phase 2 of tile it, before phase 4)
         if (has_next2 && tid < B_r) {
-            lse_s[buf * B_r + tid] = next_lse2;
-            Di_s[buf * B_r + tid] = next_D;
+            lse_at(buf, tid) = next_lse2;
+            D_at(buf, tid) = next_D;
         }
 
         // phase 7: dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
@@ -2976,10 +2991,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
             const int x = tid;
             float s = (x < B_c - 1 && it > it_start) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
 #pragma unroll
-            for (int w = 0; w < NWARPS; ++w) {
-                const int y = x - (B_c - 16) + 16 * w;
-                if (y >= 0 && y <= B_r + 14) s += diag_s[(buf * NWARPS + w) * DIAG_W + y];
-            }
+            for (int w = 0; w < NWARPS; ++w)  // entry y = x - DIAG_PAD + 16 w (zero outside [0, B_r + 14])
+                s += diag_s[(buf * NWARPS + w) * DIAG_P + x + 16 * w];
             if (x < B_r) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
                 if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, s);
