@@ -29,8 +29,8 @@
 //   v4: forward 124-207 TFLOP/s at d = 64, 221-315 at d = 128 (L = 1024..16384).
 //   v5: forward 176-353 TFLOP/s at d = 64, 290-540 at d = 128 (L = 1024..16384); 0.90-1.21x PyTorch SDPA's flash
 //       backend without a prior at d = 64, 1.22-1.59x at d = 128, same run (README).
-//   v6: v5's forward; forward+backward 177-301 TFLOP/s at d = 64, 231-379 at d = 128 (v5 with v3's backward:
-//       121-177, 161-232); 1.10-1.40x the flash backend's forward+backward without a prior, same run (README).
+//   v6: v5's forward; forward+backward 176-309 TFLOP/s at d = 64, 228-377 at d = 128 (v5 with v3's backward:
+//       121-177, 161-231); 1.12-1.38x the flash backend's forward+backward without a prior, same run (README).
 #include "goat.h"
 
 #include <cuda.h>  // CUtensorMap and its enums (types only; the driver call goes through the runtime)
@@ -2669,7 +2669,8 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // Steps measured (H200, causal, prior + grads, B*L = 32768, H = 16; forward+backward TFLOP/s at L = 16384,
 // d = 64 / d = 128): v5 (v3 backward) 170/228 -> this port, dQ by one warpgroup per tile 168/- (L = 4096) ->
 // dQ split over both warpgroups by columns 230/338 -> ex2.approx, per-thread load offsets, the next tile's
-// S^T, dP^T under the dQ atomics 277/370 -> masked/unmasked copies of the score loop (with v5's) 290/377.
+// S^T, dP^T under the dQ atomics 277/370 -> masked/unmasked copies of the score loop (with v5's) 290/377 ->
+// (with v5's faster d = 64 forward 301/379) -> zero-padded diagonal sums, d = 64 (lse2, D) in one load 309/377.
 
 #ifdef GOAT_V4_DEVICE
 static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
