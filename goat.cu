@@ -2242,8 +2242,9 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 #define GOAT_V5_D64_VS 3
 #endif
 // d = 64 from L = GOAT_V5_D64_LONG_L on: three consumer warpgroups (192 query rows per block). Measured (v6,
-// causal, prior on) TFLOP/s at L = 1k/4k/16k: two 175/256/298, three 159/275/349 (at L = 1024 the 192-row
-// tiles leave a third of the last tile empty and fewer, longer blocks); L between 1k and 4k not measured.
+// causal, prior on) TFLOP/s at L = 1k/4k/16k: two 175/256/298, three 159/275/349 (at L = 1024 the last
+// 192-row tile is two thirds empty, and there are fewer, longer blocks); L between 1k and 4k not measured, so
+// the threshold 2048 is a guess between them.
 #ifndef GOAT_V5_D64_LONG_CFG
 #define GOAT_V5_D64_LONG_L 2048
 #define GOAT_V5_D64_LONG_NWG 3
@@ -2663,8 +2664,10 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 //                                        registers of an in-flight wgmma must not be read)
 //   dQ_i += dS K_j                      both warpgroups, each d/2 of the columns: wgmma ss with A = dS read
 //                                        M-major from the dS^T tile and B = K_j N-major; fp32 atomics as v3
-// At d = 64 (GOAT_V6_PIPE_D64) S^T, dP^T of the next tile are issued before this tile's dQ atomics and
-// dkappa sums, which then run under them; so dS^T, the diagonal sums and the dkappa carry are double-buffered.
+// One block-wide barrier per query tile (phase 4), so dS^T, the diagonal sums and the dkappa carry are
+// double-buffered: a warpgroup may write tile it + 1's while the other still reads tile it's (dQ's wgmma reads
+// the whole dS^T tile). At d = 64 (GOAT_V6_PIPE_D64) S^T, dP^T of the next tile are issued before this tile's
+// dQ atomics and dkappa sums, which then run under them.
 // The deterministic mode stays on v3's kernels.
 // Steps measured (H200, causal, prior + grads, B*L = 32768, H = 16; forward+backward TFLOP/s at L = 16384,
 // d = 64 / d = 128): v5 (v3 backward) 170/228 -> this port, dQ by one warpgroup per tile 168/- (L = 4096) ->
@@ -2737,6 +2740,8 @@ struct V6Bwd {
     static constexpr size_t SMEM = OFF_SHIFT + (size_t)2 * B_c * 4 + 1024;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
+    static_assert(OFF_K % 1024 == 0 && OFF_V % 1024 == 0 && OFF_Q % 1024 == 0 && OFF_DO % 1024 == 0 &&
+                  OFF_DS % 1024 == 0 && TILE_DS % 1024 == 0, "wgmma tiles: 1024-byte aligned (swizzle pattern)");
 };
 
 template <int D, bool DKAPPA, bool PIPE>
@@ -2953,7 +2958,9 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         constexpr int DN = D / 2;
         float dQ[DN / 2];
         {
-            // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64)
+            // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64: a start
+            // address inside a 128-byte swizzle row; right because the hardware swizzles absolute address bits and
+            // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor)
             const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
             v4_wgmma_fence();
 #pragma unroll
