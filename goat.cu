@@ -2683,13 +2683,6 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n6
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db), "r"(acc));
 }
-static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n128(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(acc));
-}
 #endif
 
 // GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ atomics and the
@@ -2710,12 +2703,13 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n3
 }
 // all but the most recent cp.async group complete
 static __device__ __forceinline__ void v6_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-// D += A B with A M-major and B N-major (both transposed), N columns
+// D += A B with A M-major and B N-major (both transposed), N columns (v4_wgmma_ss_n64 with both transpose flags
+// set; dQ's N is d/2, so 32 or 64)
 template <int N>
 static __device__ __forceinline__ void v6_wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
+    static_assert(N == 32 || N == 64, "dQ per warpgroup: d/2 columns");
     if constexpr (N == 32) v6_wgmma_ss_tt_n32(d, da, db, acc);
-    else if constexpr (N == 64) v6_wgmma_ss_tt_n64(d, da, db, acc);
-    else v6_wgmma_ss_tt_n128(d, da, db, acc);
+    else v6_wgmma_ss_tt_n64(d, da, db, acc);
 }
 #endif
 

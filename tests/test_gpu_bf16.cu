@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -335,12 +336,16 @@ void expect_within_twin(const char* tag, const Results& got, const Results& tw, 
     std::printf("   (v3 err / bound)\n");
 }
 
+std::string version_tag(int version, bool deterministic) {  // "v3", "v6 det", ...
+    return "v" + std::to_string(version) + (deterministic ? " det" : "");
+}
+
 void check(const Problem& pr, bool with_prior_grads = true) {
     const Results ref = judge(pr);
     const Results tw = twin(pr);
     for (int version : bf16_versions()) {
         const Results got = run_v3(pr, false, with_prior_grads, version);
-        expect_within_twin(version == GOAT_V3_MMA_BF16 ? "v3" : version == GOAT_V4_WGMMA_BF16 ? "v4" : version == GOAT_V5_WGMMA_TMA_BF16 ? "v5" : "v6", got, tw, ref, with_prior_grads);
+        expect_within_twin(version_tag(version, false).c_str(), got, tw, ref, with_prior_grads);
     }
 }
 
@@ -349,7 +354,7 @@ void check_deterministic(const Problem& pr) {
     const Results tw = twin(pr);
     for (int version : bf16_versions()) {
         const Results a = run_v3(pr, true, true, version), b = run_v3(pr, true, true, version);
-        expect_within_twin(version == GOAT_V3_MMA_BF16 ? "v3 det" : version == GOAT_V4_WGMMA_BF16 ? "v4 det" : version == GOAT_V5_WGMMA_TMA_BF16 ? "v5 det" : "v6 det", a, tw, ref);
+        expect_within_twin(version_tag(version, true).c_str(), a, tw, ref);
         for (auto x : {std::make_pair(&a.o, &b.o), std::make_pair(&a.lse, &b.lse), std::make_pair(&a.dq, &b.dq),
                    std::make_pair(&a.dk, &b.dk), std::make_pair(&a.dv, &b.dv),
                    std::make_pair(&a.dkappa, &b.dkappa), std::make_pair(&a.du, &b.du)})
