@@ -40,6 +40,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 // ----------------------------------------------------------------------------------------------------------
@@ -2614,15 +2615,18 @@ static V5EncodeFn v5_encode_fn() {
     return fn;
 }
 
-// x as [B*H][L][d] bf16, boxes of 64 columns x rows rows x 1, 128-byte swizzle, zero fill outside.
-static GoatStatus v5_tensor_map(CUtensorMap* tm, const void* x, const GoatParams& p, int rows) {
+// x as [B*H][L][d] of bf16 (or fp32), boxes of cols columns (128 bytes) x rows rows x 1, 128-byte swizzle;
+// loads fill zeros outside, stores and reductions skip what lies outside.
+static GoatStatus v5_tensor_map(CUtensorMap* tm, const void* x, const GoatParams& p,
+                                CUtensorMapDataType type, int cols, int rows) {
     V5EncodeFn enc = v5_encode_fn();
     if (!enc) return goat_status(3, "v5: cuTensorMapEncodeTiled not available from the CUDA driver");
+    const cuuint64_t es = type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2;
     const cuuint64_t dims[3] = {(cuuint64_t)p.d, (cuuint64_t)p.L, (cuuint64_t)p.B * p.H};
-    const cuuint64_t strides[2] = {(cuuint64_t)p.d * 2, (cuuint64_t)p.L * p.d * 2};  // bytes, dims 1 and 2
-    const cuuint32_t box[3] = {64, (cuuint32_t)rows, 1};
+    const cuuint64_t strides[2] = {(cuuint64_t)p.d * es, (cuuint64_t)p.L * p.d * es};  // bytes, dims 1 and 2
+    const cuuint32_t box[3] = {(cuuint32_t)cols, (cuuint32_t)rows, 1};
     const cuuint32_t estride[3] = {1, 1, 1};
-    CUresult r = enc(tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(x), dims, strides, box, estride,
+    CUresult r = enc(tm, type, 3, const_cast<void*>(x), dims, strides, box, estride,
                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) return goat_status(3, "v5: cuTensorMapEncodeTiled failed (CUresult %d)", (int)r);
@@ -2633,9 +2637,9 @@ template <int D, class C>
 static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     using T = V5Fwd<D, C::NWG, C::B_c, C::KS, C::VS>;
     CUtensorMap tq, tk, tv;
-    GoatStatus st = v5_tensor_map(&tq, p.q, p, T::B_r);
-    if (st.ok()) st = v5_tensor_map(&tk, p.k, p, C::B_c);
-    if (st.ok()) st = v5_tensor_map(&tv, p.v, p, C::B_c);
+    GoatStatus st = v5_tensor_map(&tq, p.q, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, T::B_r);
+    if (st.ok()) st = v5_tensor_map(&tk, p.k, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
+    if (st.ok()) st = v5_tensor_map(&tv, p.v, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
     if (!st.ok()) return st;
     auto kernel = v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
@@ -2693,6 +2697,12 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n6
 #ifndef GOAT_V6_PIPE_D128
 #define GOAT_V6_PIPE_D128 0
 #endif
+// GOAT_V6_DQ_BULK = 1: each warp stages its 16 x d/2 block of dQ_i in shared memory and adds it to the fp32 dQ
+// accumulator on the copy engine (one bulk tensor reduction per 16 x 32 box) instead of fp32 atomics per
+// element pair
+#ifndef GOAT_V6_DQ_BULK
+#define GOAT_V6_DQ_BULK 1
+#endif
 #ifdef GOAT_V4_DEVICE
 static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
     asm volatile(
@@ -2703,6 +2713,17 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n3
 }
 // all but the most recent cp.async group complete
 static __device__ __forceinline__ void v6_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+// box (c0 = column, c1 = row, c2 = b*h) of the fp32 tensor tm += the 128-byte-swizzled box at src, on the copy
+// engine (one bulk tensor reduction, committed as one bulk group)
+static __device__ __forceinline__ void v6_tma_reduce_add(const CUtensorMap* tm, int c0, int c1, int c2, uint32_t src) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+                 "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(tm)),
+                 "r"(c0), "r"(c1), "r"(c2), "r"(src)
+                 : "memory");
+}
+// this thread's bulk reductions have read their shared-memory source (it may be written again) / completed
+static __device__ __forceinline__ void v6_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+static __device__ __forceinline__ void v6_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 // D += A B with A M-major and B N-major (both transposed), N columns (v4_wgmma_ss_n64 with both transpose flags
 // set; dQ's N is d/2, so 32 or 64)
 template <int N>
@@ -2731,7 +2752,11 @@ struct V6Bwd {
     static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)2 * NWARPS * DIAG_P * 4;
     static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;  // lse2 and D: 16-byte aligned
     static constexpr size_t OFF_SHIFT = OFF_LSE + (size_t)2 * 2 * B_r * 4;
-    static constexpr size_t SMEM = OFF_SHIFT + (size_t)2 * B_c * 4 + 1024;
+    // dQ staging (GOAT_V6_DQ_BULK): per warp, d/64 boxes of 16 rows x 32 fp32 columns (2 KB, 128-byte swizzled
+    // as the tensor map says, so 1024-byte aligned)
+    static constexpr uint32_t DQ_BOX = 16 * 32 * 4, DQ_WARP = (uint32_t)(D / 64) * DQ_BOX;
+    static constexpr size_t OFF_DQ = (OFF_SHIFT + (size_t)2 * B_c * 4 + 1023) / 1024 * 1024;
+    static constexpr size_t SMEM = OFF_DQ + (GOAT_V6_DQ_BULK ? (size_t)NWARPS * DQ_WARP : 0) + 1024;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
     static_assert(OFF_K % 1024 == 0 && OFF_V % 1024 == 0 && OFF_Q % 1024 == 0 && OFF_DO % 1024 == 0 &&
@@ -2739,7 +2764,7 @@ struct V6Bwd {
 };
 
 template <int D, bool DKAPPA, bool PIPE>
-__global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
+__global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_dq) {
 #ifdef GOAT_V4_DEVICE
     using T = V6Bwd<D>;
     constexpr int B_r = T::B_r, B_c = T::B_c, NTHREADS = T::NTHREADS, NWARPS = T::NWARPS;
@@ -2970,14 +2995,39 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
             v4_wgmma_wait<0>();
         }
         v4_fence_regs(dQ);
+        if constexpr (GOAT_V6_DQ_BULK != 0) {
+            // this warp's rows 16 wwarp .. + 15, columns wg DN ..: staged as DN / 32 swizzled boxes (once lane 0's
+            // reductions of the previous tile have read them; row r, 16-byte chunk c lands in chunk c ^ (r % 8)),
+            // then lane 0 adds each box to dQ (the tensor map clips rows past L)
+            const uint32_t dq_w = sbase + (uint32_t)T::OFF_DQ + (uint32_t)warp * T::DQ_WARP;
+            if (lane == 0) v6_bulk_wait_read();
+            __syncwarp();
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int i = i0 + 16 * wwarp + g + 8 * hh;
-            if (i < L) {
-                float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+            for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                for (int n = 0; n < DN / 8; ++n)
-                    atomicAdd(reinterpret_cast<float2*>(dst + 8 * n), make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
+                for (int n = 0; n < DN / 8; ++n) {
+                    const int r = g + 8 * hh, chunk = 2 * (n % 4) + (t >> 1);
+                    const uint32_t addr = dq_w + (n / 4) * T::DQ_BOX + r * 128 + ((chunk ^ (r & 7)) << 4) + 8 * (t & 1);
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dQ[4 * n + 2 * hh]),
+                                 "f"(dQ[4 * n + 2 * hh + 1]));
+                }
+            v4_fence_proxy_async();
+            __syncwarp();
+            if (lane == 0)
+#pragma unroll
+                for (int b = 0; b < DN / 32; ++b)
+                    v6_tma_reduce_add(&tm_dq, wg * DN + 32 * b, i0 + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
+        } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0 + 16 * wwarp + g + 8 * hh;
+                if (i < L) {
+                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < DN / 8; ++n)
+                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
+                                  make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
+                }
             }
         }
 
@@ -3020,6 +3070,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         }
     }
 
+    if (GOAT_V6_DQ_BULK != 0 && lane == 0) v6_bulk_wait_all();  // dQ's reductions done before shared memory goes
+
     // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
     v3_bf16* dk_bh = a.dk + off;
     v3_bf16* dv_bh = a.dv + off;
@@ -3041,7 +3093,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a) {
         }
     }
 #else
-    (void)a;
+    (void)a; (void)tm_dq;
 #endif
 }
 
@@ -3063,15 +3115,22 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
         const int warps = 8;
         GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
     }
+    // dQ's fp32 accumulator as [B*H][L][d], boxes of 32 columns x 16 rows, 128-byte swizzle (GOAT_V6_DQ_BULK)
+    CUtensorMap tm_dq;
+    std::memset(&tm_dq, 0, sizeof tm_dq);
+    if (GOAT_V6_DQ_BULK != 0) {
+        GoatStatus st = v5_tensor_map(&tm_dq, a.dq_accum, p, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
+        if (!st.ok()) return st;
+    }
     const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
     if (p.dkappa) {
         auto kernel = v6_backward_kernel<D, true, PIPE>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
+        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
     } else {
         auto kernel = v6_backward_kernel<D, false, PIPE>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a)));
+        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
     }
     const size_t n2 = rows * D / 2;
     GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
