@@ -1880,6 +1880,12 @@ static __device__ __forceinline__ uint64_t v4_desc(uint32_t saddr, uint32_t lbo,
     return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
            (1ull << 62);
 }
+// The descriptor of the matrix `bytes` further on (a multiple of 16): one 32-bit add to the start address field
+// (v5, v6 build each descriptor from a base like this; rebuilding it with v4_desc cost ~5 uniform instructions
+// a descriptor, ~20% of v5's d = 64 loop). Never carries out of the 14-bit field: shared addresses < 256 KB.
+static __device__ __forceinline__ uint64_t v4_desc_plus(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)desc + (bytes >> 4));
+}
 
 // The wgmma instructions used here: D[64][N] (+)= A[64][16] B[16][N], fp32 accumulators, bf16 operands.
 // ss: A and B from shared memory, both K-major (S = Q K^T). rs: A from registers (the mma.sync A fragment
@@ -2447,13 +2453,13 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
     const int c = wg - 1, g = lane / 4, t = lane % 4;
     const size_t off = (size_t)bh * L * D;
-    auto desc_q = [&](int kk) {
-        return v4_desc(Q_s + (kk / 4) * B_r * 128 + c * 64 * 128 + (kk % 4) * 32, 16, 1024);
-    };
+    const uint64_t dq0 = v4_desc(Q_s + c * 64 * 128, 16, 1024), dk0 = v4_desc(K_s, 16, 1024),
+                   dv0 = v4_desc(V_s, B_c * 128, 1024);
+    auto desc_q = [&](int kk) { return v4_desc_plus(dq0, (kk / 4) * B_r * 128 + (kk % 4) * 32); };
     auto desc_k = [&](int s, int kk) {
-        return v4_desc(K_s + s * T::TILE_KV + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024);
+        return v4_desc_plus(dk0, s * T::TILE_KV + (kk / 4) * B_c * 128 + (kk % 4) * 32);
     };
-    auto desc_v = [&](int s, int kk) { return v4_desc(V_s + s * T::TILE_KV + kk * 16 * 128, B_c * 128, 1024); };
+    auto desc_v = [&](int s, int kk) { return v4_desc_plus(dv0, s * T::TILE_KV + kk * 16 * 128); };
     // Turn-taking ("ping-pong", FlashAttention-3 section 3.2): consumer c issues its products only after
     // consumer c - 1 issued its own, so one warpgroup's softmax runs while the other's products run. Named
     // barrier 1 + c is c's turn; the last consumer hands the first turn out once before the loop and the first
@@ -2834,11 +2840,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     // descriptors: K-major k-step kk of this warpgroup's 64 rows of K_j / V_j, and of Q_i / dO_i (buffer base);
     // N-major k-step kk (16 rows) of Q_i / dO_i (reduction over queries) and of K_j (reduction over keys);
     // M-major k-step kk (16 keys) of the dS^T tile
+    // (each from a base descriptor built once, v4_desc_plus)
+    const uint64_t kmaj0 = v4_desc(0, 16, 1024), nmaj_q0 = v4_desc(0, B_r * 128, 1024);
     auto desc_kv = [&](uint32_t base, int kk) {
-        return v4_desc(base + (kk / 4) * B_c * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        return v4_desc_plus(kmaj0, base + (kk / 4) * B_c * 128 + wg * 64 * 128 + (kk % 4) * 32);
     };
-    auto desc_qk = [&](uint32_t base, int kk) { return v4_desc(base + (kk / 4) * B_r * 128 + (kk % 4) * 32, 16, 1024); };
-    auto desc_qn = [&](uint32_t base, int kk) { return v4_desc(base + kk * 16 * 128, B_r * 128, 1024); };
+    auto desc_qk = [&](uint32_t base, int kk) { return v4_desc_plus(kmaj0, base + (kk / 4) * B_r * 128 + (kk % 4) * 32); };
+    auto desc_qn = [&](uint32_t base, int kk) { return v4_desc_plus(nmaj_q0, base + kk * 16 * 128); };
 
     // phase 1: K_j, V_j and the first two query tiles (two cp.async groups); lse, D of those tiles; u (log2
     // units) of this warp's keys. Buffers alternate by query tile: buf = (it - it_start) & 1 for Q_i, dO_i, the
@@ -2981,11 +2989,12 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
             // address inside a 128-byte swizzle row; right because the hardware swizzles absolute address bits and
             // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor)
             const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
+            const uint64_t nmaj_k0 = v4_desc(0, B_c * 128, 1024);
             v4_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < B_c / 16; ++kk)
-                v6_wgmma_ss_tt<DN>(dQ, v4_desc(dSb + kk * 16 * 128, 16, 1024),
-                                   v4_desc(K_s + col_off + kk * 16 * 128, B_c * 128, 1024), kk > 0);
+                v6_wgmma_ss_tt<DN>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
+                                   v4_desc_plus(nmaj_k0, K_s + col_off + kk * 16 * 128), kk > 0);
             v4_wgmma_commit();
         }
         if (PIPE && has_next) {
