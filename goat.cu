@@ -1055,6 +1055,19 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(V
 // ----------------------------------------------------------------------------------------------------------
 // 3. backward kernels
 
+// lse and D of query row i as the backward kernels use them: lse in log2 units, +inf for rows that must give
+// P = 0 (rows >= L and rows with nothing allowed, lse = -inf), so that exp2(z2 - lse2) = 0 there.
+static __device__ __forceinline__ void v3_row_stats(const float* lse_bh, const float* D_bh, int L, int i, float& lse2,
+                                                    float& Di) {
+    lse2 = INFINITY;
+    Di = 0.f;
+    if (i < L) {
+        const float x = lse_bh[i];
+        if (x != -INFINITY) lse2 = x * V3_LOG2E;
+        Di = D_bh[i];
+    }
+}
+
 // D_i = <dO_i, O_i> for every row (fp32 from the bf16 tensors); one warp per row.
 // Shapes: dout, o [B*H*L][D] -> D_vec [B*H*L].
 template <int D>
@@ -1215,17 +1228,7 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
         v3_load_slice<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, v3_kappa_window_start(i0, j0, B_c, L),
                                     2 * L - 1, a.k);
     };
-    // lse and D of query row i as this kernel uses them: lse in log2 units, +inf for rows that must give P = 0
-    // (rows >= L and rows with nothing allowed, lse = -inf), so that exp2(z2 - lse2) = 0 there.
-    auto row_stats = [&](int i, float& lse2, float& Di) {
-        lse2 = INFINITY;
-        Di = 0.f;
-        if (i < L) {
-            const float x = lse_bh[i];
-            if (x != -INFINITY) lse2 = x * V3_LOG2E;
-            Di = D_bh[i];
-        }
-    };
+    auto row_stats = [&](int i, float& lse2, float& Di) { v3_row_stats(lse_bh, D_bh, L, i, lse2, Di); };
 
     // phase 1: K_j, V_j and the first query tile; lse and D of the first tile; u of this warp's keys
     v3_load_tile<D, B_c, NTHREADS>(K_s, k_bh, j0, L);
@@ -1735,35 +1738,45 @@ static GoatStatus v3_forward(const GoatParams& p, cudaStream_t stream) {
     return p.d == 64 ? v3_forward_d<64>(p, stream) : v3_forward_d<128>(p, stream);
 }
 
+// The launches around every backward kernel (v3's and v6's). Before: the workspace slices into a, the fp32 dQ
+// zeroed (atomic mode), D_i = <dO_i, O_i>. After (atomic mode): the fp32 dQ converted to bf16 into p.dq.
+// (dkappa and du were zeroed by goat_backward.)
+template <int D>
+static GoatStatus v3_bwd_prologue(const GoatParams& p, void* workspace, cudaStream_t stream, V3Args* args) {
+    V3Args& a = *args;
+    a = v3_args(p);
+    size_t off_dq, off_dkp, off_dup;
+    v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    const size_t rows = (size_t)p.B * p.H * p.L;
+    a.D_vec = reinterpret_cast<float*>(ws);
+    if (!p.deterministic) {
+        a.dq_accum = reinterpret_cast<float*>(ws + off_dq);
+        GOAT_CUDA_CHECK(cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream));
+    } else {
+        a.dkappa_part = reinterpret_cast<float*>(ws + off_dkp);
+        a.du_part = reinterpret_cast<float*>(ws + off_dup);
+    }
+    const int warps = 8;
+    GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
+    return GoatStatus();
+}
+static GoatStatus v3_bwd_dq_to_bf16(const GoatParams& p, const V3Args& a, cudaStream_t stream) {
+    const size_t n2 = (size_t)p.B * p.H * p.L * p.d / 2;
+    GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
+    return GoatStatus();
+}
+
 template <int D>
 static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
     using Tl = V3Tiles<D>;
     constexpr int B_r = Tl::BWD_B_r, B_c = Tl::BWD_B_c;
     constexpr bool KVR = Tl::BWD_KV_IN_REGS;
     using T = V3Bwd<D, B_r, B_c, KVR>;
-    V3Args a = v3_args(p);
-    size_t off_dq, off_dkp, off_dup;
-    v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
-    unsigned char* ws = static_cast<unsigned char*>(workspace);
-    const size_t rows = (size_t)p.B * p.H * p.L;
-    a.D_vec = reinterpret_cast<float*>(ws);
+    V3Args a;
+    GoatStatus st = v3_bwd_prologue<D>(p, workspace, stream, &a);
+    if (!st.ok()) return st;
     const bool det = p.deterministic;
-    if (!det) {
-        a.dq_accum = reinterpret_cast<float*>(ws + off_dq);
-        GOAT_CUDA_CHECK(cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream));
-        if (p.dkappa)
-            GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (2 * p.L - 1) * sizeof(float), stream));
-        if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * p.L * sizeof(float), stream));
-    } else {
-        a.dkappa_part = reinterpret_cast<float*>(ws + off_dkp);
-        a.du_part = reinterpret_cast<float*>(ws + off_dup);
-    }
-
-    // D_i = <dO_i, O_i>
-    {
-        const int warps = 8;
-        GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
-    }
     // dK, dV, du, dkappa (and dQ by atomics unless deterministic)
     {
         auto kernel = p.dkappa ? v3_backward_kernel<D, B_r, B_c, KVR, true> : v3_backward_kernel<D, B_r, B_c, KVR, false>;
@@ -1772,8 +1785,8 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, !det, det)));
     }
     if (!det) {
-        const size_t n2 = rows * D / 2;
-        GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
+        st = v3_bwd_dq_to_bf16(p, a, stream);
+        if (!st.ok()) return st;
     } else {
         constexpr int QB_r = Tl::DQ_B_r, QB_c = Tl::DQ_B_c;
         using TQ = V3Dq<D, QB_r, QB_c>;
@@ -1892,12 +1905,22 @@ static __device__ __forceinline__ uint64_t v4_desc_plus(uint64_t desc, uint32_t 
 // layout per warp: P straight from the score accumulators), B N-major from shared memory (O += P V).
 // acc = 0 overwrites D. Accumulator layout per warp (warp w of the warpgroup owns rows 16 w .. 16 w + 15):
 // d[4 n + 2 hh + e] is row 16 w + g + 8 hh, column 8 n + 2 t + e (g = lane / 4, t = lane % 4), as mma.sync's.
-static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+// (TA, TB = 1: A M-major, B N-major, the transposed layouts; v6's dQ = dS K reads both so)
+template <int TA = 0, int TB = 0>
+static __device__ __forceinline__ void v4_wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(acc));
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+}
+template <int TA = 0, int TB = 0>
+static __device__ __forceinline__ void v4_wgmma_ss_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
 }
 static __device__ __forceinline__ __attribute__((unused)) void v4_wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int acc) {
     asm volatile(
@@ -1941,9 +1964,11 @@ static __device__ __forceinline__ void v4_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <int N>
+template <int N, int TA = 0, int TB = 0>
 static __device__ __forceinline__ void v4_wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
-    if constexpr (N == 64) v4_wgmma_ss_n64(d, da, db, acc);
+    static_assert(N == 32 || N == 64 || (N == 128 && TA == 0 && TB == 0), "the wgmma shapes used here");
+    if constexpr (N == 32) v4_wgmma_ss_n32<TA, TB>(d, da, db, acc);
+    else if constexpr (N == 64) v4_wgmma_ss_n64<TA, TB>(d, da, db, acc);
     else v4_wgmma_ss_n128(d, da, db, acc);
 }
 template <int N>
@@ -2235,10 +2260,14 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 // The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
 // the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
 //
-// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 176/279/353, d=128
-// 290/449/540. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 181/285/361, d=128
+// 289/447/538. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
 // by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272 ->
-// no per-score mask test on interior tiles 539/298 -> three consumer warpgroups at d = 64 from L = 2048 -/349.
+// no per-score mask test on interior tiles 539/298 -> three consumer warpgroups at d = 64 from L = 2048 -/349
+// -> wgmma descriptors from a base, one add each (v4_desc_plus; SASS: 174 -> 142 instructions a tile outside
+// the softmax) -/360. Tried and not kept: the row max and sum in 2, 4 or 8 independent chains (no change;
+// ncu's leading stall is "wait", but not from these chains); skipping O *= alpha when no row maximum moved (no
+// change); B_c = 64 at d = 64, L = 1024 (168 vs 175).
 
 // Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
 // depths (K_j is needed one iteration before V_j, so K gets the deeper ring).
@@ -2673,29 +2702,24 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 //                                        du/dkappa sums happen (the bf16 dS^T tile is stored before: the A
 //                                        registers of an in-flight wgmma must not be read)
 //   dQ_i += dS K_j                      both warpgroups, each d/2 of the columns: wgmma ss with A = dS read
-//                                        M-major from the dS^T tile and B = K_j N-major; fp32 atomics as v3
+//                                        M-major from the dS^T tile and B = K_j N-major; each warp stages its
+//                                        16 rows in shared memory and adds them to the fp32 dQ with bulk tensor
+//                                        reductions on the copy engine (GOAT_V6_DQ_BULK; 0: fp32 atomics as v3)
 // One block-wide barrier per query tile (phase 4), so dS^T, the diagonal sums and the dkappa carry are
 // double-buffered: a warpgroup may write tile it + 1's while the other still reads tile it's (dQ's wgmma reads
 // the whole dS^T tile). At d = 64 (GOAT_V6_PIPE_D64) S^T, dP^T of the next tile are issued before this tile's
-// dQ atomics and dkappa sums, which then run under them.
+// dQ reductions and dkappa sums, which then run under them.
 // The deterministic mode stays on v3's kernels.
 // Steps measured (H200, causal, prior + grads, B*L = 32768, H = 16; forward+backward TFLOP/s at L = 16384,
 // d = 64 / d = 128): v5 (v3 backward) 170/228 -> this port, dQ by one warpgroup per tile 168/- (L = 4096) ->
 // dQ split over both warpgroups by columns 230/338 -> ex2.approx, per-thread load offsets, the next tile's
 // S^T, dP^T under the dQ atomics 277/370 -> masked/unmasked copies of the score loop (with v5's) 290/377 ->
-// (with v5's faster d = 64 forward 301/379) -> zero-padded diagonal sums, d = 64 (lse2, D) in one load 309/377.
+// (with v5's faster d = 64 forward 301/379) -> zero-padded diagonal sums, d = 64 (lse2, D) in one load 309/377
+// -> dQ by bulk tensor reductions instead of atomics 317/432 (a first try, one 1-D bulk reduction per row,
+// 283/398: too many small copies at d = 64) -> wgmma descriptors from a base (v4_desc_plus) 325/435.
 
-#ifdef GOAT_V4_DEVICE
-static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(acc));
-}
-#endif
 
-// GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ atomics and the
+// GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ reductions and the
 // dkappa sums of this one (needs their 8 NT_S accumulators live next to dK, dV and dQ: too many registers at d = 128)
 #ifndef GOAT_V6_PIPE_D64
 #define GOAT_V6_PIPE_D64 1
@@ -2710,13 +2734,6 @@ static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n6
 #define GOAT_V6_DQ_BULK 1
 #endif
 #ifdef GOAT_V4_DEVICE
-static __device__ __forceinline__ __attribute__((unused)) void v6_wgmma_ss_tt_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(da), "l"(db), "r"(acc));
-}
 // all but the most recent cp.async group complete
 static __device__ __forceinline__ void v6_cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 // box (c0 = column, c1 = row, c2 = b*h) of the fp32 tensor tm += the 128-byte-swizzled box at src, on the copy
@@ -2730,14 +2747,6 @@ static __device__ __forceinline__ void v6_tma_reduce_add(const CUtensorMap* tm, 
 // this thread's bulk reductions have read their shared-memory source (it may be written again) / completed
 static __device__ __forceinline__ void v6_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 static __device__ __forceinline__ void v6_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-// D += A B with A M-major and B N-major (both transposed), N columns (v4_wgmma_ss_n64 with both transpose flags
-// set; dQ's N is d/2, so 32 or 64)
-template <int N>
-static __device__ __forceinline__ void v6_wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
-    static_assert(N == 32 || N == 64, "dQ per warpgroup: d/2 columns");
-    if constexpr (N == 32) v6_wgmma_ss_tt_n32(d, da, db, acc);
-    else v6_wgmma_ss_tt_n64(d, da, db, acc);
-}
 #endif
 
 template <int D>
@@ -2828,15 +2837,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         v3_load_slice<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, v3_kappa_window_start(i0, j0, B_c, L),
                                     2 * L - 1, a.k);
     };
-    auto row_stats = [&](int i, float& lse2, float& Di) {
-        lse2 = INFINITY;
-        Di = 0.f;
-        if (i < L) {
-            const float x = lse_bh[i];
-            if (x != -INFINITY) lse2 = x * V3_LOG2E;
-            Di = D_bh[i];
-        }
-    };
+    auto row_stats = [&](int i, float& lse2, float& Di) { v3_row_stats(lse_bh, D_bh, L, i, lse2, Di); };
     // descriptors: K-major k-step kk of this warpgroup's 64 rows of K_j / V_j, and of Q_i / dO_i (buffer base);
     // N-major k-step kk (16 rows) of Q_i / dO_i (reduction over queries) and of K_j (reduction over keys);
     // M-major k-step kk (16 keys) of the dS^T tile
@@ -2981,7 +2982,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         v3_cp_async_commit();
 
         // phase 5: dQ_i += dS K_j, each warpgroup d/2 columns (wg d/2 ..), then (GOAT_V6_PIPE) S^T, dP^T of
-        // tile it + 1 so that they run during the dQ atomics and the dkappa sums below
+        // tile it + 1 so that they run during the dQ reductions and the dkappa sums below
         constexpr int DN = D / 2;
         float dQ[DN / 2];
         {
@@ -2993,7 +2994,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
             v4_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < B_c / 16; ++kk)
-                v6_wgmma_ss_tt<DN>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
+                v4_wgmma_ss<DN, 1, 1>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
                                    v4_desc_plus(nmaj_k0, K_s + col_off + kk * 16 * 128), kk > 0);
             v4_wgmma_commit();
         }
@@ -3112,38 +3113,21 @@ template <int D>
 static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
     using T = V6Bwd<D>;
     constexpr bool PIPE = D == 64 ? GOAT_V6_PIPE_D64 != 0 : GOAT_V6_PIPE_D128 != 0;
-    V3Args a = v3_args(p);
-    size_t off_dq, off_dkp, off_dup;
-    v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
-    unsigned char* ws = static_cast<unsigned char*>(workspace);
-    const size_t rows = (size_t)p.B * p.H * p.L;
-    a.D_vec = reinterpret_cast<float*>(ws);
-    a.dq_accum = reinterpret_cast<float*>(ws + off_dq);
-    GOAT_CUDA_CHECK(cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream));
-    {
-        const int warps = 8;
-        GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
-    }
+    V3Args a;
+    GoatStatus st = v3_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
+    if (!st.ok()) return st;
     // dQ's fp32 accumulator as [B*H][L][d], boxes of 32 columns x 16 rows, 128-byte swizzle (GOAT_V6_DQ_BULK)
     CUtensorMap tm_dq;
     std::memset(&tm_dq, 0, sizeof tm_dq);
     if (GOAT_V6_DQ_BULK != 0) {
-        GoatStatus st = v5_tensor_map(&tm_dq, a.dq_accum, p, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
+        st = v5_tensor_map(&tm_dq, a.dq_accum, p, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
         if (!st.ok()) return st;
     }
     const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
-    if (p.dkappa) {
-        auto kernel = v6_backward_kernel<D, true, PIPE>;
-        GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
-    } else {
-        auto kernel = v6_backward_kernel<D, false, PIPE>;
-        GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-        GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
-    }
-    const size_t n2 = rows * D / 2;
-    GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
-    return GoatStatus();
+    auto kernel = p.dkappa ? v6_backward_kernel<D, true, PIPE> : v6_backward_kernel<D, false, PIPE>;
+    GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
+    return v3_bwd_dq_to_bf16(p, a, stream);
 }
 
 static GoatStatus v6_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {
@@ -3337,6 +3321,8 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
     if (p.workspace && p.workspace_bytes < need)
         return goat_status(1, "workspace_bytes = %zu is too small (goat_backward_workspace_size says %zu)",
                            p.workspace_bytes, need);
+    if (p.workspace && ((uintptr_t)p.workspace & 15))
+        return goat_status(1, "workspace must be 16-byte aligned (cudaMalloc's memory is; the bulk copies need it)");
 
     // dkappa and du are overwritten: start from zero (the kernels add into them)
     if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (2 * p.L - 1) * sizeof(float), stream));

@@ -55,8 +55,8 @@ struct GoatParams {
     float* dkappa = nullptr;     // [H][2L-1], overwritten with the sum over the batch; nullptr = skip
     float* du = nullptr;         // [H][L], overwritten with the sum over the batch; nullptr = skip
 
-    // backward scratch space in device memory, at least goat_backward_workspace_size(params) bytes;
-    // nullptr = the launcher allocates it stream-ordered (cudaMallocAsync) and frees it after use.
+    // backward scratch space in device memory, at least goat_backward_workspace_size(params) bytes and 16-byte
+    // aligned; nullptr = the launcher allocates it stream-ordered (cudaMallocAsync) and frees it after use.
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
 };

@@ -432,6 +432,7 @@ TEST_CASE("v1 v2 small bad arguments return the documented code and launch nothi
         {"dk", 1, [](GoatParams& p) { p.dk = nullptr; }},
         {"dv", 1, [](GoatParams& p) { p.dv = nullptr; }},
         {"workspace", 1, [](GoatParams& p) { p.workspace = p.dq; p.workspace_bytes = 4; }},
+        {"aligned", 1, [](GoatParams& p) { p.workspace = (char*)p.dq + 4; p.workspace_bytes = SIZE_MAX / 2; }},
     };
     auto expect_status = [&](const Bad& bad, GoatStatus st, const char* which) {
         INFO(which << " with bad " << bad.what << ": code " << st.code << ", message \"" << st.message << "\"");
