@@ -2260,29 +2260,33 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 // The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
 // the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
 //
-// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 181/285/361, d=128
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 202/298/360, d=128
 // 289/447/538. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
 // by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272 ->
 // no per-score mask test on interior tiles 539/298 -> three consumer warpgroups at d = 64 from L = 2048 -/349
 // -> wgmma descriptors from a base, one add each (v4_desc_plus; SASS: 174 -> 142 instructions a tile outside
-// the softmax) -/360. Tried and not kept: the row max and sum in 2, 4 or 8 independent chains (no change;
+// the softmax) -/360 -> (L = 1k, 4k) one consumer warpgroup, two blocks per multiprocessor: d = 64
+// at L = 1k/4k 180/285 -> 202/298. Tried and not kept: the row max and sum in 2, 4 or 8 independent chains (no change;
 // ncu's leading stall is "wait", but not from these chains); skipping O *= alpha when no row maximum moved (no
 // change); B_c = 64 at d = 64, L = 1024 (168 vs 175).
 
 // Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
 // depths (K_j is needed one iteration before V_j, so K gets the deeper ring).
+// d = 64 below L = GOAT_V5_D64_LONG_L: one consumer warpgroup (64 query rows) and two blocks per
+// multiprocessor, so that one block's start (barriers, the first copies) and end (O, lse) run under the other's
+// loop. Measured (v6, causal, prior on) forward TFLOP/s at L = 1k/4k/16k: one warpgroup x 2 blocks 202/298/344,
+// three warpgroups x 1 block 180/285/360 (B_c = 64 with one warpgroup: 196/259/287).
 #ifndef GOAT_V5_D64_CFG
-#define GOAT_V5_D64_NWG 2
+#define GOAT_V5_D64_NWG 1
 #define GOAT_V5_D64_BC 128
 #define GOAT_V5_D64_KS 3
 #define GOAT_V5_D64_VS 3
 #endif
-// d = 64 from L = GOAT_V5_D64_LONG_L on: three consumer warpgroups (192 query rows per block). Measured (v6,
-// causal, prior on) TFLOP/s at L = 1k/4k/16k: two 175/256/298, three 159/275/349 (at L = 1024 the last
-// 192-row tile is two thirds empty, and there are fewer, longer blocks); L between 1k and 4k not measured, so
-// the threshold 2048 is a guess between them.
+// d = 64 from L = GOAT_V5_D64_LONG_L on: three consumer warpgroups (192 query rows per block). Measured earlier
+// (before the one-warpgroup config) at L = 1k/4k/16k: two 175/256/298, three 159/275/349. The threshold lies
+// between the measured L = 4096 (one warpgroup ahead) and L = 16384 (three ahead); 8192 itself is not measured.
 #ifndef GOAT_V5_D64_LONG_CFG
-#define GOAT_V5_D64_LONG_L 2048
+#define GOAT_V5_D64_LONG_L 8192
 #define GOAT_V5_D64_LONG_NWG 3
 #define GOAT_V5_D64_LONG_BC 128
 #define GOAT_V5_D64_LONG_KS 3
@@ -2372,18 +2376,22 @@ struct V5Fwd {
     static constexpr size_t OFF_BAR = (OFF_U + (size_t)KS * B_c * 4 + 7) / 8 * 8;
     static constexpr size_t SMEM = OFF_BAR + (size_t)(1 + 2 * KS + 2 * VS) * 8 + 1024;
     // consumer and producer registers after setmaxnreg (multiples of 8; 65536 per multiprocessor in all)
-    static constexpr int REG_CONSUMER = NWG == 2 ? 240 : 160, REG_PRODUCER = NWG == 2 ? 24 : 32;
+    // one consumer warpgroup: two blocks per multiprocessor (BLOCKS), each with half the register file
+    static constexpr int BLOCKS = NWG == 1 ? 2 : 1;
+    static constexpr int REG_CONSUMER = NWG == 1 ? 216 : NWG == 2 ? 240 : 160;
+    static constexpr int REG_PRODUCER = NWG == 1 ? 40 : NWG == 2 ? 24 : 32;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
     static_assert(B_c == 64 || B_c == 128, "B_c is an N of the wgmma instructions");
-    static_assert(NWG == 2 || NWG == 3, "2 or 3 consumer warpgroups");
+    static_assert(NWG >= 1 && NWG <= 3, "1 to 3 consumer warpgroups");
     static_assert(KS >= 2 && VS >= 2, "rings of at least two stages");
     static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
-    static_assert(128 * REG_PRODUCER + 128 * NWG * REG_CONSUMER <= 65536, "register file");
+    static_assert(128 * REG_PRODUCER + 128 * NWG * REG_CONSUMER <= 65536 / BLOCKS, "register file");
+    static_assert(SMEM <= 227 * 1024 / BLOCKS - 1024 * (BLOCKS - 1), "shared memory per block");
 };
 
 template <int D, int NWG, int B_c, int KS, int VS>
-__global__ void __launch_bounds__((NWG + 1) * 128, 1)
+__global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)
 v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                   const __grid_constant__ CUtensorMap tm_v) {
 #ifdef GOAT_V4_DEVICE
