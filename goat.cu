@@ -2387,7 +2387,7 @@ struct V5Fwd {
     static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
     static_assert(128 * REG_PRODUCER + 128 * NWG * REG_CONSUMER <= 65536 / BLOCKS, "register file");
-    static_assert(SMEM <= 227 * 1024 / BLOCKS - 1024 * (BLOCKS - 1), "shared memory per block");
+    static_assert(BLOCKS * (SMEM + 1024) <= 228 * 1024, "shared memory per multiprocessor (1 KB reserved a block)");
 };
 
 template <int D, int NWG, int B_c, int KS, int VS>
@@ -2501,7 +2501,7 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
     // consumer c - 1 issued its own, so one warpgroup's softmax runs while the other's products run. Named
     // barrier 1 + c is c's turn; the last consumer hands the first turn out once before the loop and the first
     // consumer takes one extra turn after it, so every barrier sees as many arrivals as waits.
-    constexpr bool PINGPONG = GOAT_V5_PINGPONG != 0;
+    constexpr bool PINGPONG = GOAT_V5_PINGPONG != 0 && NWG > 1;  // (one warpgroup has no one to take turns with)
     if (PINGPONG && c == NWG - 1) v5_bar_arrive(1, 256);
 
     float O[NO];
@@ -3027,11 +3027,12 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
                     const int r = g + 8 * hh, chunk = 2 * (n % 4) + (t >> 1);
                     const uint32_t addr = dq_w + (n / 4) * T::DQ_BOX + r * 128 + ((chunk ^ (r & 7)) << 4) + 8 * (t & 1);
                     asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dQ[4 * n + 2 * hh]),
-                                 "f"(dQ[4 * n + 2 * hh + 1]));
+                                 "f"(dQ[4 * n + 2 * hh + 1])
+                                 : "memory");
                 }
             v4_fence_proxy_async();
             __syncwarp();
-            if (lane == 0)
+            if (lane == 0 && i0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
 #pragma unroll
                 for (int b = 0; b < DN / 32; ++b)
                     v6_tma_reduce_add(&tm_dq, wg * DN + 32 * b, i0 + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
@@ -3088,8 +3089,6 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         }
     }
 
-    if (GOAT_V6_DQ_BULK != 0 && lane == 0) v6_bulk_wait_all();  // dQ's reductions done before shared memory goes
-
     // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
     v3_bf16* dk_bh = a.dk + off;
     v3_bf16* dv_bh = a.dv + off;
@@ -3110,6 +3109,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
             if (want_du && t == 0) atomicAdd(a.du + (size_t)h * L + j, du_j);
         }
     }
+    if (GOAT_V6_DQ_BULK != 0 && lane == 0) v6_bulk_wait_all();  // dQ's reductions done before shared memory goes
 #else
     (void)a; (void)tm_dq;
 #endif
@@ -3121,16 +3121,20 @@ template <int D>
 static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
     using T = V6Bwd<D>;
     constexpr bool PIPE = D == 64 ? GOAT_V6_PIPE_D64 != 0 : GOAT_V6_PIPE_D128 != 0;
-    V3Args a;
-    GoatStatus st = v3_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
-    if (!st.ok()) return st;
-    // dQ's fp32 accumulator as [B*H][L][d], boxes of 32 columns x 16 rows, 128-byte swizzle (GOAT_V6_DQ_BULK)
+    // dQ's fp32 accumulator (the workspace slice v3_bwd_prologue zeroes) as [B*H][L][d], boxes of 32 columns x
+    // 16 rows, 128-byte swizzle (GOAT_V6_DQ_BULK); encoded first, so that a failure launches nothing
     CUtensorMap tm_dq;
     std::memset(&tm_dq, 0, sizeof tm_dq);
     if (GOAT_V6_DQ_BULK != 0) {
-        st = v5_tensor_map(&tm_dq, a.dq_accum, p, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
+        size_t off_dq, off_dkp, off_dup;
+        v3_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
+        GoatStatus st = v5_tensor_map(&tm_dq, static_cast<unsigned char*>(workspace) + off_dq, p,
+                                      CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
         if (!st.ok()) return st;
     }
+    V3Args a;
+    GoatStatus st = v3_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
+    if (!st.ok()) return st;
     const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
     auto kernel = p.dkappa ? v6_backward_kernel<D, true, PIPE> : v6_backward_kernel<D, false, PIPE>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));

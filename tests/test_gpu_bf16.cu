@@ -439,8 +439,12 @@ TEST_CASE("v4, v5 and v6 run wherever the GPU is compute capability 9.0 (so the 
 }
 
 TEST_CASE("v3 to v6 L=2048 d=64 non-causal and L=1024 d=128 causal: L a multiple of every tile (no ragged tile)") {
-    check(make_problem(1, 1, 2048, 64, false, Prior::random));  // v5/v6: the three-warpgroup d = 64 forward
+    check(make_problem(1, 1, 2048, 64, false, Prior::random));  // v5/v6: d = 64 forward, one warpgroup x 2 blocks
     check(make_problem(1, 2, 1024, 128, true, Prior::masked));
+}
+
+TEST_CASE("v3 to v6 L=8193 d=64 causal B=H=1: v5's three-warpgroup d = 64 forward (L >= 8192), a ragged last tile") {
+    check(make_problem(1, 1, 8193, 64, true, Prior::random));
 }
 
 TEST_CASE("v3 to v6 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
