@@ -40,6 +40,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -2691,11 +2692,19 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     return GoatStatus();
 }
 
+// The d = 64 switch to three warpgroups: GOAT_V5_D64_LONG_L, or the environment variable of that name when it
+// holds a positive number (read on every call; the tests use it to reach the three-warpgroup kernel at small L).
+static int v5_d64_long_l() {
+    const char* e = std::getenv("GOAT_V5_D64_LONG_L");
+    const long v = e ? std::strtol(e, nullptr, 10) : 0;
+    return v > 0 && v <= (1L << 30) ? (int)v : GOAT_V5_D64_LONG_L;
+}
+
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
     if (!v5_supports(p))
         return goat_status(2, "v5 needs what v4 needs and q, k, v aligned to 16 bytes");
     if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
-    return p.L >= GOAT_V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
+    return p.L >= v5_d64_long_l() ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
 
 // ----------------------------------------------------------------------------------------------------------

@@ -443,8 +443,13 @@ TEST_CASE("v3 to v6 L=2048 d=64 non-causal and L=1024 d=128 causal: L a multiple
     check(make_problem(1, 2, 1024, 128, true, Prior::masked));
 }
 
-TEST_CASE("v3 to v6 L=8193 d=64 causal B=H=1: v5's three-warpgroup d = 64 forward (L >= 8192), a ragged last tile") {
-    check(make_problem(1, 1, 8193, 64, true, Prior::random));
+TEST_CASE("v5, v6 three-warpgroup d=64 forward (used from L = 8192; forced from L = 1024 here): L=2048 and L=2500") {
+    // GOAT_V5_D64_LONG_L moves the switch (goat.cu reads it on every call): a problem at L >= 8192 would take
+    // minutes in the CPU judge. 2048 and 2500 are not multiples of its 192-row tile.
+    setenv("GOAT_V5_D64_LONG_L", "1024", 1);
+    check(make_problem(1, 1, 2048, 64, false, Prior::random));
+    check(make_problem(1, 2, 2500, 64, true, Prior::masked));
+    unsetenv("GOAT_V5_D64_LONG_L");
 }
 
 TEST_CASE("v3 to v6 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
