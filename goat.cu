@@ -1069,27 +1069,38 @@ static __device__ __forceinline__ void v3_row_stats(const float* lse_bh, const f
     }
 }
 
-// D_i = <dO_i, O_i> for every row (fp32 from the bf16 tensors); one warp per row.
-// Shapes: dout, o [B*H*L][D] -> D_vec [B*H*L].
+// Before the backward kernel, one pass over the rows: D_i = <dO_i, O_i> (fp32 from the bf16 tensors) and, in
+// atomic mode (zero_dq), row i of the fp32 dQ accumulator set to 0 (it was a separate cudaMemsetAsync: one
+// launch and one pass fewer). d/8 threads per row, each with one 16-byte load of dO and of O (8 elements) and
+// two 16-byte stores of zeros; the row's partial dots are summed by shuffles in a fixed order.
+// Shapes: dout, o [B*H*L][D] (16-byte aligned: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
 template <int D>
-__global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows) {
-    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= n_rows) return;
-    constexpr int PER = D / 32;  // elements per lane: 2 or 4
-    const v3_bf16* dO = a.dout + row * D + lane * PER;
-    const v3_bf16* O = a.o + row * D + lane * PER;
+__global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows, bool zero_dq) {
+    constexpr int TPR = D / 8;  // threads per row: 8 or 16, a divisor of 32 (a row never spans two warps)
+    const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = x / TPR;
+    const int c = (int)(x % TPR);
+    const bool valid = row < n_rows;  // no early return: every lane takes part in the shuffles
     float s = 0.f;
+    if (valid) {
+        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + row * D + 8 * c);
+        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + row * D + 8 * c);
+        const __nv_bfloat162* dp = reinterpret_cast<const __nv_bfloat162*>(&d8);
+        const __nv_bfloat162* op = reinterpret_cast<const __nv_bfloat162*>(&o8);
 #pragma unroll
-    for (int x = 0; x < PER; x += 2) {
-        const float2 d2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dO + x));
-        const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(O + x));
-        s = fmaf(d2.x, o2.x, s);
-        s = fmaf(d2.y, o2.y, s);
+        for (int e = 0; e < 4; ++e) {
+            const float2 d2 = __bfloat1622float2(dp[e]), o2 = __bfloat1622float2(op[e]);
+            s = fmaf(d2.x, o2.x, s);
+            s = fmaf(d2.y, o2.y, s);
+        }
+        if (zero_dq) {
+            float4* z = reinterpret_cast<float4*>(a.dq_accum + row * D + 8 * c);
+            z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
 #pragma unroll
-    for (int w = 16; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
-    if (lane == 0) a.D_vec[row] = s;
+    for (int w = TPR / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
+    if (valid && c == 0) a.D_vec[row] = s;
 }
 
 // Diagonal sums of one warp's 16 x 8 NT fp32 tile held as mma C fragments c[NT][4] (rows r = 16 keys, columns
@@ -1636,12 +1647,14 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(V3Args a) {
     }
 }
 
-// dq = scale * dq_accum (fp32 -> bf16), two elements per thread. n2 = B*H*L*d / 2.
-__global__ void v3_dq_convert_kernel(V3Args a, size_t n2) {
+// dq = scale * dq_accum (fp32 -> bf16), four elements per thread (16-byte load, 8-byte store). n4 = B*H*L*d / 4.
+__global__ void v3_dq_convert_kernel(V3Args a, size_t n4) {
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= n2) return;
-    const float2 s = reinterpret_cast<const float2*>(a.dq_accum)[x];
-    reinterpret_cast<__nv_bfloat162*>(a.dq)[x] = __floats2bfloat162_rn(a.scale * s.x, a.scale * s.y);
+    if (x >= n4) return;
+    const float4 s = reinterpret_cast<const float4*>(a.dq_accum)[x];
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq) + 2 * x;
+    dst[0] = __floats2bfloat162_rn(a.scale * s.x, a.scale * s.y);
+    dst[1] = __floats2bfloat162_rn(a.scale * s.z, a.scale * s.w);
 }
 
 // Deterministic mode: dkappa[h][delta + L - 1] = sum over b, then key tiles jt (fixed order) of the per-block
@@ -1752,19 +1765,18 @@ static GoatStatus v3_bwd_prologue(const GoatParams& p, void* workspace, cudaStre
     const size_t rows = (size_t)p.B * p.H * p.L;
     a.D_vec = reinterpret_cast<float*>(ws);
     if (!p.deterministic) {
-        a.dq_accum = reinterpret_cast<float*>(ws + off_dq);
-        GOAT_CUDA_CHECK(cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream));
+        a.dq_accum = reinterpret_cast<float*>(ws + off_dq);  // zeroed by v3_bwd_dot_kernel
     } else {
         a.dkappa_part = reinterpret_cast<float*>(ws + off_dkp);
         a.du_part = reinterpret_cast<float*>(ws + off_dup);
     }
-    const int warps = 8;
-    GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((rows + warps - 1) / warps), warps * 32, 0, stream>>>(a, rows)));
+    const size_t threads = rows * (D / 8);
+    GOAT_LAUNCH_CHECK((v3_bwd_dot_kernel<D><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(a, rows, !p.deterministic)));
     return GoatStatus();
 }
 static GoatStatus v3_bwd_dq_to_bf16(const GoatParams& p, const V3Args& a, cudaStream_t stream) {
-    const size_t n2 = (size_t)p.B * p.H * p.L * p.d / 2;
-    GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n2 + 255) / 256), 256, 0, stream>>>(a, n2)));
+    const size_t n4 = (size_t)p.B * p.H * p.L * p.d / 4;  // d is 64 or 128
+    GOAT_LAUNCH_CHECK((v3_dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256, 0, stream>>>(a, n4)));
     return GoatStatus();
 }
 
@@ -1964,6 +1976,45 @@ static __device__ __forceinline__ void v4_fence_regs(float (&d)[R]) {
 static __device__ __forceinline__ void v4_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// The online-softmax step of one thread's two rows (r and r + 8 of its warp), shared by v4 and v5: mx holds the
+// thread's maxima of the new scores z in S, m and l the running max and sum (natural units). The row max over
+// the 4 threads of a row, the new max, alpha = exp(m_old - m_new) and l *= alpha; then S = P = exp(z - m) and
+// l += P. exp2: exp2f (v4) or v5's ex2.approx (v5_exp2).
+template <int NS, typename Exp2>
+static __device__ __forceinline__ void v4_softmax_step(float (&S)[NS], float (&mx)[2], float (&m)[2], float (&l)[2],
+                                                       float (&alpha)[2], Exp2 exp2) {
+    float mlog2[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+        const float m_new = fmaxf(m[hh], mx[hh]);
+        // a row with nothing allowed so far keeps m = -inf; subtract 0 instead so exp gives 0, never NaN
+        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+        alpha[hh] = exp2f((m[hh] - m_use) * V3_LOG2E);
+        m[hh] = m_new;
+        l[hh] *= alpha[hh];
+        mlog2[hh] = m_use * V3_LOG2E;
+    }
+#pragma unroll
+    for (int x = 0; x < NS; ++x) {
+        const int hh = (x >> 1) & 1;
+        const float p = exp2(fmaf(S[x], V3_LOG2E, -mlog2[hh]));
+        l[hh] += p;
+        S[x] = p;
+    }
+}
+// O *= alpha (the accumulator to the new max) and P (bf16 A fragments of the next O += P V) from S.
+template <int NO, int KP>
+static __device__ __forceinline__ void v4_rescale_pack(float (&O)[NO], const float (&alpha)[2], const float (&S)[8 * KP],
+                                                       uint32_t (&P)[KP][4]) {
+#pragma unroll
+    for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
+#pragma unroll
+    for (int kk = 0; kk < KP; ++kk)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) P[kk][q] = v3_pack_bf16(S[8 * kk + 2 * q], S[8 * kk + 2 * q + 1]);
+}
 
 template <int N, int TA = 0, int TB = 0>
 static __device__ __forceinline__ void v4_wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
@@ -2131,39 +2182,13 @@ __global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS) v4_forward_kernel(V3Arg
                 S[4 * n + e] = z;
                 mx[e >> 1] = fmaxf(mx[e >> 1], z);
             }
-        float alpha[2], mlog2[2];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-            const float m_new = fmaxf(m[hh], mx[hh]);
-            // a row with nothing allowed so far keeps m = -inf; subtract 0 instead so exp gives 0, never NaN
-            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-            alpha[hh] = exp2f((m[hh] - m_use) * V3_LOG2E);
-            m[hh] = m_new;
-            l[hh] *= alpha[hh];
-            mlog2[hh] = m_use * V3_LOG2E;
-        }
         // phase 5: P = exp(z - m), l += P (unrounded), while P_{j-1} V_{j-1} finishes
-#pragma unroll
-        for (int x = 0; x < NS; ++x) {
-            const int hh = (x >> 1) & 1;
-            const float p = exp2f(fmaf(S[x], V3_LOG2E, -mlog2[hh]));
-            l[hh] += p;
-            S[x] = p;
-        }
+        float alpha[2];
+        v4_softmax_step(S, mx, m, l, alpha, [](float x) { return exp2f(x); });
         // phase 6: wait for P_{j-1} V_{j-1}, rescale O to the new max, keep P_j (bf16) for the next iteration
         v4_wgmma_wait<0>();
         v4_fence_regs(O);
-#pragma unroll
-        for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
-#pragma unroll
-        for (int kk = 0; kk < KP; ++kk) {
-            P[kk][0] = v3_pack_bf16(S[8 * kk + 0], S[8 * kk + 1]);
-            P[kk][1] = v3_pack_bf16(S[8 * kk + 2], S[8 * kk + 3]);
-            P[kk][2] = v3_pack_bf16(S[8 * kk + 4], S[8 * kk + 5]);
-            P[kk][3] = v3_pack_bf16(S[8 * kk + 6], S[8 * kk + 7]);
-        }
+        v4_rescale_pack(O, alpha, S, P);
     }
 
     // phase 7: the last O += P V
@@ -2244,7 +2269,7 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 // v5 bf16 wgmma + TMA, warp-specialised: v4's forward with a producer warpgroup (sm_90a), backward = v3's
 //
 // What the launchers below call:
-//   static bool v5_supports(const GoatParams& p);    // v4's conditions, and q, k, v 16-byte aligned
+//   static bool v5_supports(const GoatParams& p);    // v4's conditions (q, k, v 16-byte aligned: goat_check)
 //   static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream);
 //
 // What changes from v4 (FlashAttention-3's structure, Shah et al. 2024, section 3.1):
@@ -2563,40 +2588,15 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
         // K_j and its prior slices are no longer read by this warp
         __syncwarp();
         if (lane == 0) v5_mbar_arrive(bar_kempty(s));
-        float alpha[2], mlog2[2];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-            const float m_new = fmaxf(m[hh], mx[hh]);
-            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-            alpha[hh] = exp2f((m[hh] - m_use) * V3_LOG2E);
-            m[hh] = m_new;
-            l[hh] *= alpha[hh];
-            mlog2[hh] = m_use * V3_LOG2E;
-        }
-#pragma unroll
-        for (int x = 0; x < NS; ++x) {
-            const int hh = (x >> 1) & 1;
-            const float p = v5_exp2(fmaf(S[x], V3_LOG2E, -mlog2[hh]));
-            l[hh] += p;
-            S[x] = p;
-        }
+        float alpha[2];
+        v4_softmax_step(S, mx, m, l, alpha, [](float x) { return v5_exp2(x); });
         v4_wgmma_wait<0>();
         v4_fence_regs(O);
         if (jt > 0) {  // V_{j-1} is no longer read by this warp
             __syncwarp();
             if (lane == 0) v5_mbar_arrive(bar_vempty(sv));
         }
-#pragma unroll
-        for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
-#pragma unroll
-        for (int kk = 0; kk < KP; ++kk) {
-            P[kk][0] = v3_pack_bf16(S[8 * kk + 0], S[8 * kk + 1]);
-            P[kk][1] = v3_pack_bf16(S[8 * kk + 2], S[8 * kk + 3]);
-            P[kk][2] = v3_pack_bf16(S[8 * kk + 4], S[8 * kk + 5]);
-            P[kk][3] = v3_pack_bf16(S[8 * kk + 6], S[8 * kk + 7]);
-        }
+        v4_rescale_pack(O, alpha, S, P);
     }
     if (PINGPONG && c == 0) v5_bar_sync(1, 256);  // the extra turn (see above)
     {   // the last O += P V
@@ -2632,10 +2632,8 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
 }
 
 // launcher: the TMA descriptors, then the kernel
-static bool v5_supports(const GoatParams& p) {
-    auto aligned = [](const void* x) { return ((uintptr_t)x & 15) == 0; };
-    return v4_supports(p) && aligned(p.q) && aligned(p.k) && aligned(p.v);
-}
+// (the TMA loads need q, k, v 16-byte aligned: goat_check requires that of every bf16 tensor)
+static bool v5_supports(const GoatParams& p) { return v4_supports(p); }
 
 // cuTensorMapEncodeTiled through the runtime (the driver library is loaded by the runtime anyway).
 typedef CUresult (*V5EncodeFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -2702,7 +2700,7 @@ static int v5_d64_long_l() {
 
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
     if (!v5_supports(p))
-        return goat_status(2, "v5 needs what v4 needs and q, k, v aligned to 16 bytes");
+        return goat_status(2, "v5 needs what v4 needs");
     if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
     return p.L >= v5_d64_long_l() ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
@@ -2911,6 +2909,64 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         }
         v4_wgmma_commit();
     };
+    // dQ_i += dS K_j: each warpgroup d/2 columns (wg d/2 ..) from the dS^T tile of buffer b (issued, committed)
+    constexpr int DN = D / 2;
+    float dQ[DN / 2];
+    auto issue_dq = [&](uint32_t dSb) {
+        // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64: a start
+        // address inside a 128-byte swizzle row; right because the hardware swizzles absolute address bits and
+        // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor)
+        const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
+        const uint64_t nmaj_k0 = v4_desc(0, B_c * 128, 1024);
+        v4_fence_regs(dQ);
+        v4_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < B_c / 16; ++kk)
+            v4_wgmma_ss<DN, 1, 1>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
+                                  v4_desc_plus(nmaj_k0, K_s + col_off + kk * 16 * 128), kk > 0);
+        v4_wgmma_commit();
+    };
+    // dQ (complete) of the query tile at row i0q into the fp32 accumulator (GOAT_V6_DQ_BULK: reductions on the copy
+    // engine; 0: fp32 atomics)
+    auto stage_dq = [&](int i0q) {
+        v4_fence_regs(dQ);
+        if constexpr (GOAT_V6_DQ_BULK != 0) {
+            // this warp's rows 16 wwarp .. + 15, columns wg DN ..: staged as DN / 32 swizzled boxes (once lane 0's
+            // reductions of the previous tile have read them; row r, 16-byte chunk c lands in chunk c ^ (r % 8)),
+            // then lane 0 adds each box to dQ (the tensor map clips rows past L)
+            const uint32_t dq_w = sbase + (uint32_t)T::OFF_DQ + (uint32_t)warp * T::DQ_WARP;
+            if (lane == 0) v6_bulk_wait_read();
+            __syncwarp();
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int n = 0; n < DN / 8; ++n) {
+                    const int r = g + 8 * hh, chunk = 2 * (n % 4) + (t >> 1);
+                    const uint32_t addr = dq_w + (n / 4) * T::DQ_BOX + r * 128 + ((chunk ^ (r & 7)) << 4) + 8 * (t & 1);
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dQ[4 * n + 2 * hh]),
+                                 "f"(dQ[4 * n + 2 * hh + 1])
+                                 : "memory");
+                }
+            v4_fence_proxy_async();
+            __syncwarp();
+            if (lane == 0 && i0q + 16 * wwarp < L)  // (rows past L would be clipped anyway)
+#pragma unroll
+                for (int b = 0; b < DN / 32; ++b)
+                    v6_tma_reduce_add(&tm_dq, wg * DN + 32 * b, i0q + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
+        } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0q + 16 * wwarp + g + 8 * hh;
+                if (i < L) {
+                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < DN / 8; ++n)
+                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
+                                  make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
+                }
+            }
+        }
+    };
     v6_cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
     v4_fence_proxy_async();
     __syncthreads();
@@ -2998,66 +3054,19 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         }
         v3_cp_async_commit();
 
-        // phase 5: dQ_i += dS K_j, each warpgroup d/2 columns (wg d/2 ..), then (GOAT_V6_PIPE) S^T, dP^T of
-        // tile it + 1 so that they run during the dQ reductions and the dkappa sums below
-        constexpr int DN = D / 2;
-        float dQ[DN / 2];
-        {
-            // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64: a start
-            // address inside a 128-byte swizzle row; right because the hardware swizzles absolute address bits and
-            // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor)
-            const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
-            const uint64_t nmaj_k0 = v4_desc(0, B_c * 128, 1024);
-            v4_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < B_c / 16; ++kk)
-                v4_wgmma_ss<DN, 1, 1>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
-                                   v4_desc_plus(nmaj_k0, K_s + col_off + kk * 16 * 128), kk > 0);
-            v4_wgmma_commit();
-        }
+        // phase 5: dQ_i += dS K_j, then (PIPE) S^T, dP^T of tile it + 1 so that they run during the dQ
+        // reductions and the dkappa sums below. (Tried: S^T, dP^T first and dQ_i left running through phase 2 of
+        // tile it + 1, added to global memory in its phase 3: d = 64 forward+backward 277 -> 260 TFLOP/s at
+        // L = 4096, 323 -> 301 at L = 16384, H200. Keeping dQ_i in flight across the loop's back edge also needs
+        // the wait before its use to be wait<0>: with wait<1> ptxas serialises every wgmma of the kernel, C7514)
+        issue_dq(dSb);
         if (PIPE && has_next) {
             issue_s_dp(buf ^ 1);
             v4_wgmma_wait<1>();
         } else {
             v4_wgmma_wait<0>();
         }
-        v4_fence_regs(dQ);
-        if constexpr (GOAT_V6_DQ_BULK != 0) {
-            // this warp's rows 16 wwarp .. + 15, columns wg DN ..: staged as DN / 32 swizzled boxes (once lane 0's
-            // reductions of the previous tile have read them; row r, 16-byte chunk c lands in chunk c ^ (r % 8)),
-            // then lane 0 adds each box to dQ (the tensor map clips rows past L)
-            const uint32_t dq_w = sbase + (uint32_t)T::OFF_DQ + (uint32_t)warp * T::DQ_WARP;
-            if (lane == 0) v6_bulk_wait_read();
-            __syncwarp();
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                for (int n = 0; n < DN / 8; ++n) {
-                    const int r = g + 8 * hh, chunk = 2 * (n % 4) + (t >> 1);
-                    const uint32_t addr = dq_w + (n / 4) * T::DQ_BOX + r * 128 + ((chunk ^ (r & 7)) << 4) + 8 * (t & 1);
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dQ[4 * n + 2 * hh]),
-                                 "f"(dQ[4 * n + 2 * hh + 1])
-                                 : "memory");
-                }
-            v4_fence_proxy_async();
-            __syncwarp();
-            if (lane == 0 && i0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
-#pragma unroll
-                for (int b = 0; b < DN / 32; ++b)
-                    v6_tma_reduce_add(&tm_dq, wg * DN + 32 * b, i0 + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
-        } else {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int i = i0 + 16 * wwarp + g + 8 * hh;
-                if (i < L) {
-                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
-#pragma unroll
-                    for (int n = 0; n < DN / 8; ++n)
-                        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
-                                  make_float2(dQ[4 * n + 2 * hh], dQ[4 * n + 2 * hh + 1]));
-                }
-            }
-        }
+        stage_dq(i0);
 
         // phase 6: lse and D of tile it + 2 into this buffer (read by phase 2 of tile it, before phase 4)
         if (has_next2 && tid < B_r) {
@@ -3233,6 +3242,12 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         if (!v3_supports(p))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
+        // the bf16 kernels move 16 bytes at a time (cp.async, TMA, vector loads and stores)
+        const void* tensors[] = {p.q, p.k, p.v, p.o, p.dout, p.dq, p.dk, p.dv};
+        const char* names[] = {"q", "k", "v", "o", "dout", "dq", "dk", "dv"};
+        for (int x = 0; x < (backward ? 8 : 4); ++x)
+            if ((uintptr_t)tensors[x] & 15)
+                return goat_status(1, "%s must be 16-byte aligned for the bf16 kernels (got %p)", names[x], tensors[x]);
         if (version >= GOAT_V4_WGMMA_BF16 && !v4_device_ok())
             return goat_status(2, "%s needs a compute capability 9.0 GPU and goat.cu built for sm_90a "
                                   "(-gencode=arch=compute_90a,code=sm_90a)", goat_version_name(version));

@@ -24,7 +24,7 @@ enum GoatVersion {
     GOAT_V2_TILED = 2,     // fp32, tiled online softmax in shared memory
     GOAT_V3_MMA_BF16 = 3,  // bf16 tensor cores (mma.sync m16n8k16), FlashAttention-2 style
     GOAT_V4_WGMMA_BF16 = 4,  // bf16, Hopper wgmma forward (needs a CC 9.0 GPU and an sm_90a build); v3 backward
-    GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup (q, k, v 16-byte aligned); v3 backward
+    GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup; v3 backward
     GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (what AUTO picks for bf16 on CC 9.0)
 };
 
@@ -37,7 +37,7 @@ struct GoatParams {
     int version = GOAT_AUTO;
     bool deterministic = false;  // backward: bit-identical results run to run (no float atomics)
 
-    // forward inputs
+    // forward inputs (bf16 versions: every [B][H][L][d] tensor 16-byte aligned, else code 1)
     const void* q = nullptr;   // [B][H][L][d]
     const void* k = nullptr;   // [B][H][L][d]
     const void* v = nullptr;   // [B][H][L][d]

@@ -446,13 +446,70 @@ TEST_CASE("v3 to v6 L=2048 d=64 non-causal and L=1024 d=128 causal: L a multiple
 TEST_CASE("v5, v6 three-warpgroup d=64 forward (used from L = 8192; forced from L = 1024 here): L=2048 and L=2500") {
     // GOAT_V5_D64_LONG_L moves the switch (goat.cu reads it on every call): a problem at L >= 8192 would take
     // minutes in the CPU judge. 2048 and 2500 are not multiples of its 192-row tile.
-    setenv("GOAT_V5_D64_LONG_L", "1024", 1);
+    struct Env {  // set for this test case only, also when a check throws
+        Env() { setenv("GOAT_V5_D64_LONG_L", "1024", 1); }
+        ~Env() { unsetenv("GOAT_V5_D64_LONG_L"); }
+    } env;
     check(make_problem(1, 1, 2048, 64, false, Prior::random));
     check(make_problem(1, 2, 2500, 64, true, Prior::masked));
-    unsetenv("GOAT_V5_D64_LONG_L");
 }
 
 TEST_CASE("v3 to v6 L=2500 d=64 and d=128 causal, B*H = 2 (many key tiles: V lags K by one, v5's ring wraps)") {
     check(make_problem(1, 2, 2500, 64, true, Prior::random));
     check(make_problem(2, 1, 2500, 128, true, Prior::masked));
+}
+
+TEST_CASE("bf16 small: a tensor that is not 16-byte aligned is refused (code 1, its name in the message), nothing written") {
+    const Problem pr = make_problem(1, 1, 17, 64, true, Prior::random);
+    const size_t nx = pr.n_x();
+    // one element more than needed, so that the pointer + 2 bytes still spans the tensor
+    DevBuf q(nx * 2 + 2), k(nx * 2 + 2), v(nx * 2 + 2), dout(nx * 2 + 2), o(nx * 2 + 2), dq(nx * 2 + 2),
+        dk(nx * 2 + 2), dv(nx * 2 + 2), lse(pr.n_rows() * 4);
+    for (DevBuf* b : {&q, &k, &v, &dout}) BF16_CUDA_REQUIRE(cudaMemset(b->p, 0, b->bytes));
+    for (DevBuf* b : {&o, &dq, &dk, &dv, &lse}) b->poison();
+    GoatParams good;
+    good.B = good.H = 1; good.L = pr.dims.L; good.d = 64; good.scale = 0.125f; good.causal = true;
+    good.dtype = GOAT_BF16;
+    good.q = q.p; good.k = k.p; good.v = v.p; good.o = o.p; good.lse = (float*)lse.p;
+    good.dout = dout.p; good.dq = dq.p; good.dk = dk.p; good.dv = dv.p;
+    const char* names[] = {"q", "k", "v", "o", "dout", "dq", "dk", "dv"};
+    auto names_tensor = [](const char* message, const char* name) {  // "<name> must be 16-byte aligned ..."
+        const size_t n = std::strlen(name);
+        return std::strncmp(message, name, n) == 0 && message[n] == ' ' && std::strstr(message, "aligned") != nullptr;
+    };
+    std::vector<int> versions = bf16_versions();
+    versions.push_back(GOAT_AUTO);
+    for (int version : versions)
+        for (int x = 0; x < 8; ++x) {
+            GoatParams p = good;
+            p.version = version;
+            const void** fields[] = {&p.q, &p.k, &p.v, (const void**)&p.o, &p.dout, (const void**)&p.dq,
+                                     (const void**)&p.dk, (const void**)&p.dv};
+            *fields[x] = (const char*)*fields[x] + 2;  // bf16-aligned, not 16-byte aligned
+            INFO("version ", version, ", ", names[x], " + 2 bytes");
+            if (x < 4) {  // forward tensors: both calls refuse
+                const GoatStatus st = goat_forward(p, 0);
+                INFO("goat_forward: ", st.message);
+                CHECK(st.code == 1);
+                CHECK(names_tensor(st.message, names[x]));
+            }
+            const GoatStatus st = goat_backward(p, 0);
+            INFO("goat_backward: ", st.message);
+            CHECK(st.code == 1);
+            CHECK(names_tensor(st.message, names[x]));
+        }
+    BF16_CUDA_REQUIRE(cudaDeviceSynchronize());
+    for (DevBuf* b : {&o, &dq, &dk, &dv, &lse}) {  // still the poison: nothing launched
+        std::vector<unsigned char> h(b->bytes);
+        BF16_CUDA_REQUIRE(cudaMemcpy(h.data(), b->p, b->bytes, cudaMemcpyDeviceToHost));
+        size_t touched = 0;
+        for (unsigned char c : h) touched += c != POISON_BYTE;
+        CHECK(touched == 0);
+    }
+    // and the aligned arguments do run (so the refusals above are not vacuous)
+    GoatParams p = good;
+    const GoatStatus st = goat_forward(p, 0);
+    INFO("goat_forward: ", st.message);
+    CHECK(st.ok());
+    BF16_CUDA_REQUIRE(cudaDeviceSynchronize());
 }
