@@ -2731,7 +2731,8 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // S^T, dP^T under the dQ atomics 277/370 -> masked/unmasked copies of the score loop (with v5's) 290/377 ->
 // (with v5's faster d = 64 forward 301/379) -> zero-padded diagonal sums, d = 64 (lse2, D) in one load 309/377
 // -> dQ by bulk tensor reductions instead of atomics 317/432 (a first try, one 1-D bulk reduction per row,
-// 283/398: too many small copies at d = 64) -> wgmma descriptors from a base (v4_desc_plus) 325/435.
+// 283/398: too many small copies at d = 64) -> wgmma descriptors from a base (v4_desc_plus) 325/435 -> D = <dO, O>
+// and the zeroed dQ in one pass (v3_bwd_dot_kernel) 327/436 (d = 64, L = 1024: 189 -> 192).
 
 
 // GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ reductions and the
@@ -2742,6 +2743,12 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 #ifndef GOAT_V6_PIPE_D128
 #define GOAT_V6_PIPE_D128 0
 #endif
+// Measured and not kept (H200, d = 64, forward+backward TFLOP/s at L = 4096 / 16384, same call): one warpgroup
+// of 64 keys per block and two blocks per multiprocessor, 277/324 -> 259/301 (the same at L = 1024). ncu on this
+// kernel (d = 64, L = 4096): L1/shared memory 62% busy, tensor pipe 30%, issue slots 43%: shared-memory traffic
+// (wgmma operands re-read by both warpgroups: Q_i, dO_i for S^T, dP^T and the whole dS^T tile for each half of dQ;
+// N = 32 for dQ's wgmma at d = 64; dS^T and dQ staging) limits it, so more concurrency does not help. The next
+// step is fewer operand bytes per flop: B_r = 128 query rows per tile (FlashAttention-3's d = 64 tiling).
 // GOAT_V6_DQ_BULK = 1: each warp stages its 16 x d/2 block of dQ_i in shared memory and adds it to the fp32 dQ
 // accumulator on the copy engine (one bulk tensor reduction per 16 x 32 box) instead of fp32 atomics per
 // element pair
