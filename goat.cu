@@ -2709,21 +2709,23 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // v6: v5's forward, and the backward on wgmma (what GOAT_AUTO picks for bf16 on CC 9.0)
 //
 // The v3 backward kernel ported to wgmma: one block per key tile (B_c = 128 keys, two warpgroups of 64 keys;
-// warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query tiles of B_r = 64 rows
-// double-buffered by cp.async (the 128-byte-swizzled layout of v4). Per query tile:
-//   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = 64 queries, K = d
+// warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query tiles of B_r rows
+// (128 at d = 64, 64 at d = 128: GOAT_V6_D64_BR) double-buffered by cp.async (the 128-byte-swizzled layout of
+// v4). Per query tile:
+//   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = B_r queries, K = d
 //   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout)
 //   dV += P^T dO_i, dK += dS^T Q_i      wgmma rs (P^T, dS^T as bf16 A fragments), B N-major; runs while the
 //                                        du/dkappa sums happen (the bf16 dS^T tile is stored before: the A
 //                                        registers of an in-flight wgmma must not be read)
-//   dQ_i += dS K_j                      both warpgroups, each d/2 of the columns: wgmma ss with A = dS read
+//   dQ_i += dS K_j                      B_r = 64: both warpgroups, each d/2 of the columns (B_r = 128: each 64
+//                                        of the rows, all d columns): wgmma ss with A = dS read
 //                                        M-major from the dS^T tile and B = K_j N-major; each warp stages its
 //                                        16 rows in shared memory and adds them to the fp32 dQ with bulk tensor
 //                                        reductions on the copy engine (GOAT_V6_DQ_BULK; 0: fp32 atomics as v3)
 // One block-wide barrier per query tile (phase 4), so dS^T, the diagonal sums and the dkappa carry are
 // double-buffered: a warpgroup may write tile it + 1's while the other still reads tile it's (dQ's wgmma reads
-// the whole dS^T tile). At d = 64 (GOAT_V6_PIPE_D64) S^T, dP^T of the next tile are issued before this tile's
-// dQ reductions and dkappa sums, which then run under them.
+// the whole dS^T tile). With GOAT_V6_PIPE_D64 / _D128 (both off now) S^T, dP^T of the next tile are issued
+// before this tile's dQ reductions and dkappa sums, which then run under them.
 // The deterministic mode stays on v3's kernels.
 // Steps measured (H200, causal, prior + grads, B*L = 32768, H = 16; forward+backward TFLOP/s at L = 16384,
 // d = 64 / d = 128): v5 (v3 backward) 170/228 -> this port, dQ by one warpgroup per tile 168/- (L = 4096) ->
@@ -2733,12 +2735,14 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // -> dQ by bulk tensor reductions instead of atomics 317/432 (a first try, one 1-D bulk reduction per row,
 // 283/398: too many small copies at d = 64) -> wgmma descriptors from a base (v4_desc_plus) 325/435 -> D = <dO, O>
 // and the zeroed dQ in one pass (v3_bwd_dot_kernel) 327/436 (d = 64, L = 1024: 189 -> 192).
+// -> d = 64: B_r = 128 query rows per tile, dQ split by rows, no PIPE 329/436 (GOAT_V6_D64_BR).
 
 
 // GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ reductions and the
-// dkappa sums of this one (needs their 8 NT_S accumulators live next to dK, dV and dQ: too many registers at d = 128)
+// dkappa sums of this one (needs their 8 NT_S accumulators live next to dK, dV and dQ: too many registers at d = 128;
+// at d = 64 it was on with B_r = 64, and measured slower than off with B_r = 128, see GOAT_V6_D64_BR)
 #ifndef GOAT_V6_PIPE_D64
-#define GOAT_V6_PIPE_D64 1
+#define GOAT_V6_PIPE_D64 0
 #endif
 #ifndef GOAT_V6_PIPE_D128
 #define GOAT_V6_PIPE_D128 0
@@ -2754,6 +2758,14 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // element pair
 #ifndef GOAT_V6_DQ_BULK
 #define GOAT_V6_DQ_BULK 1
+#endif
+// GOAT_V6_D64_BR: query rows per tile at d = 64 (64 or 128; see V6Bwd). 128 halves the wgmma operand bytes that
+// both warpgroups re-read per flop (Q_i, dO_i for S^T, dP^T) and gives dQ's product N = d instead of d/2. Measured
+// (H200, d = 64, forward+backward TFLOP/s at L = 1024 / 4096 / 16384, two rounds in one call): B_r = 64 with PIPE
+// 191/276/323 and 192/277/322; B_r = 128 with PIPE 193/279/326 and 194/280/327; B_r = 128 without PIPE (its S^T,
+// dP^T would be 128 more live registers) 195/282/330 and 193/281/328: kept
+#ifndef GOAT_V6_D64_BR
+#define GOAT_V6_D64_BR 128
 #endif
 #ifdef GOAT_V4_DEVICE
 // all but the most recent cp.async group complete
@@ -2771,9 +2783,13 @@ static __device__ __forceinline__ void v6_bulk_wait_read() { asm volatile("cp.as
 static __device__ __forceinline__ void v6_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 #endif
 
-template <int D>
+// B_r_ query rows per tile: 64, or 128 at d = 64 (GOAT_V6_D64_BR). dQ_i's split over the two warpgroups: B_r = 64,
+// by columns (all 64 rows, d/2 columns each); B_r = 128, by rows (64 rows each, all d columns)
+template <int D, int B_r_>
 struct V6Bwd {
-    static constexpr int B_r = 64, B_c = 128, NWARPS = 8, NTHREADS = 256;
+    static constexpr int B_r = B_r_, B_c = 128, NWARPS = 8, NTHREADS = 256;
+    static constexpr bool DQ_BY_ROWS = B_r == 128;
+    static constexpr int DN = DQ_BY_ROWS ? D : D / 2;  // dQ columns per warpgroup
     static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
     static constexpr int DIAG_W = B_r + 16;
     // each warp's diagonal sums sit between DIAG_PAD zeros on both sides, so the dkappa step adds all warps'
@@ -2791,19 +2807,20 @@ struct V6Bwd {
     static constexpr size_t OFF_SHIFT = OFF_LSE + (size_t)2 * 2 * B_r * 4;
     // dQ staging (GOAT_V6_DQ_BULK): per warp, d/64 boxes of 16 rows x 32 fp32 columns (2 KB, 128-byte swizzled
     // as the tensor map says, so 1024-byte aligned)
-    static constexpr uint32_t DQ_BOX = 16 * 32 * 4, DQ_WARP = (uint32_t)(D / 64) * DQ_BOX;
+    static constexpr uint32_t DQ_BOX = 16 * 32 * 4, DQ_WARP = (uint32_t)(DN / 32) * DQ_BOX;
     static constexpr size_t OFF_DQ = (OFF_SHIFT + (size_t)2 * B_c * 4 + 1023) / 1024 * 1024;
     static constexpr size_t SMEM = OFF_DQ + (GOAT_V6_DQ_BULK ? (size_t)NWARPS * DQ_WARP : 0) + 1024;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
+    static_assert(B_r == 64 || (B_r == 128 && D == 64), "B_r = 128 at d = 64 only (dQ's wgmma would be n128 transposed)");
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
     static_assert(OFF_K % 1024 == 0 && OFF_V % 1024 == 0 && OFF_Q % 1024 == 0 && OFF_DO % 1024 == 0 &&
                   OFF_DS % 1024 == 0 && TILE_DS % 1024 == 0, "wgmma tiles: 1024-byte aligned (swizzle pattern)");
 };
 
-template <int D, bool DKAPPA, bool PIPE>
+template <int D, int B_R, bool DKAPPA, bool PIPE>
 __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_dq) {
 #ifdef GOAT_V4_DEVICE
-    using T = V6Bwd<D>;
+    using T = V6Bwd<D, B_R>;
     constexpr int B_r = T::B_r, B_c = T::B_c, NTHREADS = T::NTHREADS, NWARPS = T::NWARPS;
     constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W, DIAG_PAD = T::DIAG_PAD, DIAG_P = T::DIAG_P;
     constexpr int NT_S = B_r / 8, NT_D = D / 8;
@@ -2917,19 +2934,23 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         v4_wgmma_commit();
     };
     // dQ_i += dS K_j: each warpgroup d/2 columns (wg d/2 ..) from the dS^T tile of buffer b (issued, committed)
-    constexpr int DN = D / 2;
+    constexpr int DN = T::DN;
     float dQ[DN / 2];
+    // this warpgroup's part of dQ_i: rows dq_row0 .., columns dq_col0 ..
+    const int dq_row0 = T::DQ_BY_ROWS ? 64 * wg : 0, dq_col0 = T::DQ_BY_ROWS ? 0 : wg * DN;
     auto issue_dq = [&](uint32_t dSb) {
-        // columns wg DN ..: the next 64-column chunk (d = 128) or 64 bytes into the swizzled row (d = 64: a start
+        // by columns: the next 64-column chunk of K_j (d = 128) or 64 bytes into the swizzled row (d = 64: a start
         // address inside a 128-byte swizzle row; right because the hardware swizzles absolute address bits and
-        // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor)
-        const uint32_t col_off = D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
+        // K_s is 1024-byte aligned, so the XOR pattern of each row is that of the full-tile descriptor). By rows:
+        // the dS^T tile's 64-query chunk wg (A) against all of K_j
+        const uint32_t col_off = T::DQ_BY_ROWS ? 0u : D == 128 ? (uint32_t)wg * B_c * 128 : (uint32_t)wg * 64;
+        const uint32_t row_off = T::DQ_BY_ROWS ? (uint32_t)wg * B_c * 128 : 0u;
         const uint64_t nmaj_k0 = v4_desc(0, B_c * 128, 1024);
         v4_fence_regs(dQ);
         v4_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < B_c / 16; ++kk)
-            v4_wgmma_ss<DN, 1, 1>(dQ, v4_desc_plus(kmaj0, dSb + kk * 16 * 128),
+            v4_wgmma_ss<DN, 1, 1>(dQ, v4_desc_plus(kmaj0, dSb + row_off + kk * 16 * 128),
                                   v4_desc_plus(nmaj_k0, K_s + col_off + kk * 16 * 128), kk > 0);
         v4_wgmma_commit();
     };
@@ -2938,7 +2959,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     auto stage_dq = [&](int i0q) {
         v4_fence_regs(dQ);
         if constexpr (GOAT_V6_DQ_BULK != 0) {
-            // this warp's rows 16 wwarp .. + 15, columns wg DN ..: staged as DN / 32 swizzled boxes (once lane 0's
+            // this warp's rows dq_row0 + 16 wwarp .. + 15, columns dq_col0 ..: staged as DN / 32 swizzled boxes (once lane 0's
             // reductions of the previous tile have read them; row r, 16-byte chunk c lands in chunk c ^ (r % 8)),
             // then lane 0 adds each box to dQ (the tensor map clips rows past L)
             const uint32_t dq_w = sbase + (uint32_t)T::OFF_DQ + (uint32_t)warp * T::DQ_WARP;
@@ -2956,16 +2977,16 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
                 }
             v4_fence_proxy_async();
             __syncwarp();
-            if (lane == 0 && i0q + 16 * wwarp < L)  // (rows past L would be clipped anyway)
+            if (lane == 0 && i0q + dq_row0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
 #pragma unroll
                 for (int b = 0; b < DN / 32; ++b)
-                    v6_tma_reduce_add(&tm_dq, wg * DN + 32 * b, i0q + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
+                    v6_tma_reduce_add(&tm_dq, dq_col0 + 32 * b, i0q + dq_row0 + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
         } else {
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
-                const int i = i0q + 16 * wwarp + g + 8 * hh;
+                const int i = i0q + dq_row0 + 16 * wwarp + g + 8 * hh;
                 if (i < L) {
-                    float* dst = a.dq_accum + off + (size_t)i * D + wg * DN + 2 * t;
+                    float* dst = a.dq_accum + off + (size_t)i * D + dq_col0 + 2 * t;
 #pragma unroll
                     for (int n = 0; n < DN / 8; ++n)
                         atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
@@ -3016,34 +3037,61 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         // phase 3: bf16 A fragments; the bf16 dS^T tile for dQ (stored first: the A registers of an in-flight
         // wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du and the diagonal sums
         uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < B_r / 16; ++kk) {
-            v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
-            v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
-        }
         const uint32_t dSb = dS_s + buf * T::TILE_DS;
+        auto store_ds = [&]() {
 #pragma unroll
-        for (int kk = 0; kk < B_r / 16; ++kk)
+            for (int kk = 0; kk < B_r / 16; ++kk)
 #pragma unroll
-            for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
-                const int r = k_loc0 + 8 * (x & 1);
-                const uint32_t addr = dSb + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+                for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
+                    const int r = k_loc0 + 8 * (x & 1);
+                    const uint32_t addr = dSb + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
+                }
+        };
+        auto prior_sums = [&]() {
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
+            if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_P + DIAG_PAD, lane);
+        };
+        if constexpr (B_r == 128) {
+            // fewer live registers (S, dP, P, dS would be 256 at once): P and dV's product first, the sums of dP
+            // under it, then dS from dP and dK's product
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk) v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+            v4_fence_regs(dV_acc);
+            v4_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk) v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
+            v4_wgmma_commit();
+            prior_sums();
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk) v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+            store_ds();
+            v4_fence_regs(dK_acc);
+            v4_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk) v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
+            v4_wgmma_commit();
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < B_r / 16; ++kk) {
+                v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+                v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
             }
-        v4_fence_regs(dK_acc);
-        v4_fence_regs(dV_acc);
-        v4_wgmma_fence();
+            store_ds();
+            v4_fence_regs(dK_acc);
+            v4_fence_regs(dV_acc);
+            v4_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < B_r / 16; ++kk) {
-            v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
-            v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
+            for (int kk = 0; kk < B_r / 16; ++kk) {
+                v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
+                v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
+            }
+            v4_wgmma_commit();
+            prior_sums();
         }
-        v4_wgmma_commit();
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
-        if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_P + DIAG_PAD, lane);
         v4_wgmma_wait<0>();
         v4_fence_regs(dK_acc);
         v4_fence_regs(dV_acc);
@@ -3144,7 +3192,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
 // deterministic mode runs v3's backward unchanged
 template <int D>
 static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream_t stream) {
-    using T = V6Bwd<D>;
+    constexpr int B_R = D == 64 ? GOAT_V6_D64_BR : 64;
+    using T = V6Bwd<D, B_R>;
     constexpr bool PIPE = D == 64 ? GOAT_V6_PIPE_D64 != 0 : GOAT_V6_PIPE_D128 != 0;
     // dQ's fp32 accumulator (the workspace slice v3_bwd_prologue zeroes) as [B*H][L][d], boxes of 32 columns x
     // 16 rows, 128-byte swizzle (GOAT_V6_DQ_BULK); encoded first, so that a failure launches nothing
@@ -3161,7 +3210,7 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
     GoatStatus st = v3_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
     if (!st.ok()) return st;
     const dim3 grid(v3_cdiv(p.L, T::B_c), p.B * p.H);
-    auto kernel = p.dkappa ? v6_backward_kernel<D, true, PIPE> : v6_backward_kernel<D, false, PIPE>;
+    auto kernel = p.dkappa ? v6_backward_kernel<D, B_R, true, PIPE> : v6_backward_kernel<D, B_R, false, PIPE>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
     return v3_bwd_dq_to_bf16(p, a, stream);
