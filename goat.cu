@@ -2716,7 +2716,8 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 //   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout)
 //   dV += P^T dO_i, dK += dS^T Q_i      wgmma rs (P^T, dS^T as bf16 A fragments), B N-major; runs while the
 //                                        du/dkappa sums happen (the bf16 dS^T tile is stored before: the A
-//                                        registers of an in-flight wgmma must not be read)
+//                                        registers of an in-flight wgmma must not be read; at B_r = 128 ptxas
+//                                        serialises the wgmma for lack of registers, C7512)
 //   dQ_i += dS K_j                      B_r = 64: both warpgroups, each d/2 of the columns (B_r = 128: each 64
 //                                        of the rows, all d columns): wgmma ss with A = dS read
 //                                        M-major from the dS^T tile and B = K_j N-major; each warp stages its
@@ -2793,7 +2794,7 @@ struct V6Bwd {
     static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
     static constexpr int DIAG_W = B_r + 16;
     // each warp's diagonal sums sit between DIAG_PAD zeros on both sides, so the dkappa step adds all warps'
-    // entries for a diagonal without range tests (warp w's entry y = x - DIAG_PAD + 16 w, y in [-112, 190])
+    // entries for a diagonal without range tests (warp w's entry y = x - DIAG_PAD + 16 w, y in [-(B_c - 16), B_r + B_c - 2])
     static constexpr int DIAG_PAD = B_c - 16, DIAG_P = DIAG_W + 2 * DIAG_PAD;
     static constexpr size_t OFF_K = 0;                                   // tiles: 1024-byte aligned
     static constexpr size_t OFF_V = OFF_K + (size_t)B_c * D * 2;
@@ -2805,7 +2806,7 @@ struct V6Bwd {
     static constexpr size_t OFF_KAPPA = OFF_DIAG + (size_t)2 * NWARPS * DIAG_P * 4;
     static constexpr size_t OFF_LSE = OFF_KAPPA + (size_t)2 * KW_PAD * 4;  // lse2 and D: 16-byte aligned
     static constexpr size_t OFF_SHIFT = OFF_LSE + (size_t)2 * 2 * B_r * 4;
-    // dQ staging (GOAT_V6_DQ_BULK): per warp, d/64 boxes of 16 rows x 32 fp32 columns (2 KB, 128-byte swizzled
+    // dQ staging (GOAT_V6_DQ_BULK): per warp, DN/32 boxes of 16 rows x 32 fp32 columns (2 KB, 128-byte swizzled
     // as the tensor map says, so 1024-byte aligned)
     static constexpr uint32_t DQ_BOX = 16 * 32 * 4, DQ_WARP = (uint32_t)(DN / 32) * DQ_BOX;
     static constexpr size_t OFF_DQ = (OFF_SHIFT + (size_t)2 * B_c * 4 + 1023) / 1024 * 1024;
@@ -2933,7 +2934,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         }
         v4_wgmma_commit();
     };
-    // dQ_i += dS K_j: each warpgroup d/2 columns (wg d/2 ..) from the dS^T tile of buffer b (issued, committed)
+    // dQ_i += dS K_j from the dS^T tile at shared address dSb (issued, committed): each warpgroup its rows dq_row0 ..
+    // and columns dq_col0 .. (B_r = 64: all rows, d/2 columns; B_r = 128: 64 rows, all columns)
     constexpr int DN = T::DN;
     float dQ[DN / 2];
     // this warpgroup's part of dQ_i: rows dq_row0 .., columns dq_col0 ..
@@ -3035,7 +3037,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         else probs(std::false_type());
 
         // phase 3: bf16 A fragments; the bf16 dS^T tile for dQ (stored first: the A registers of an in-flight
-        // wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du and the diagonal sums
+        // wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du and the diagonal sums (at
+        // B_r = 128 ptxas reports the wgmma serialised for lack of registers, C7512, so the overlap is in doubt there)
         uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
         const uint32_t dSb = dS_s + buf * T::TILE_DS;
         auto store_ds = [&]() {

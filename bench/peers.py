@@ -144,6 +144,12 @@ def short_error(e):
 def best_flex(B, L, d, device):
     """The fastest forward and the fastest forward+backward of FlexAttention over FLEX_CONFIGS (each config
     printed), or the first failure's message when none runs."""
+    # every config, with and without gradients, at every shape is a recompile of flex_attention: past dynamo's
+    # limit (8 by default) torch falls back to the uncompiled flex_attention with only a warning, so raise it
+    import torch._dynamo
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     best, first_error = None, None
     for label, opts in FLEX_CONFIGS:
         try:
