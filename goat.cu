@@ -1114,8 +1114,12 @@ __global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows, bool zero_dq) {
 //      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
 //      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
 //   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
-template <int NT>
-static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane) {
+// CARRY (v6's 128-query tiles, summed as two 64-query halves): 1 = the first half: its last group (diagonals
+// 8 NT .. 8 NT + 15 of the tile, lanes t < 2) goes to *carry instead of dst; 2 = the second half (dst advanced
+// by 8 NT): *carry is added to its groups 0 and 1, the same diagonals on the same lanes.
+template <int NT, int CARRY = 0>
+static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane,
+                                                         float* carry = nullptr) {
     static_assert(NT % 4 == 0, "NT must be a multiple of 4 (B_r a multiple of 32)");
     constexpr int NI = NT + 1, NJ = NT + 2, NS = NJ / 2, NP = NS / 2;  // NS is odd
     const int G = lane >> 2, t = lane & 3;
@@ -1147,12 +1151,14 @@ static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4]
         s1[i] = (b1 ? r[2 * i + 1] : r[2 * i]) + __shfl_xor_sync(0xffffffffu, b1 ? r[2 * i] : r[2 * i + 1], 1);
 #pragma unroll
     for (int p = 0; p < NP; ++p) {  // group j = 4p + t
-        const float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
-                        __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
+        float f = (b2 ? s1[2 * p + 1] : s1[2 * p]) +
+                  __shfl_xor_sync(0xffffffffu, b2 ? s1[2 * p] : s1[2 * p + 1], 2);
+        if (CARRY == 2 && p == 0 && !b2) f += *carry;
         dst[8 * (4 * p + t) + 7 - G] = f;
     }
     const float f = s1[NS - 1] + __shfl_xor_sync(0xffffffffu, s1[NS - 1], 2);  // group j = NT + b1
-    if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
+    if (CARRY == 1) *carry = f;
+    else if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
 }
 
 // The main backward kernel.
@@ -2824,7 +2830,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     using T = V6Bwd<D, B_R>;
     constexpr int B_r = T::B_r, B_c = T::B_c, NTHREADS = T::NTHREADS, NWARPS = T::NWARPS;
     constexpr int KW = T::KW, KW_PAD = T::KW_PAD, DIAG_W = T::DIAG_W, DIAG_PAD = T::DIAG_PAD, DIAG_P = T::DIAG_P;
-    constexpr int NT_S = B_r / 8, NT_D = D / 8;
+    // S^T, dP^T, P^T, dS^T are held for QH = 64 queries at a time: a 128-query tile (d = 64) in two halves
+    constexpr int QH = 64, NH = B_r / QH, NT_S = QH / 8, NT_D = D / 8;
     extern __shared__ __align__(1024) unsigned char v6_smem[];
     const uint32_t raw = v3_smem_u32(v6_smem), sbase = (raw + 1023u) & ~1023u;
     unsigned char* smem = v6_smem + (sbase - raw);
@@ -2921,16 +2928,18 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     float du_acc[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * V3_LOG2E;
 
-    // S^T = K_j Q_i^T and dP^T = V_j dO_i^T of the tile in buffer b (issued, committed as one group)
+    // S^T = K_j Q_i^T and dP^T = V_j dO_i^T of the queries QH h .. QH h + QH - 1 of the tile in buffer b (issued,
+    // committed as one group)
     float S[NT_S][4], dP[NT_S][4];
     float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
     float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
-    auto issue_s_dp = [&](int b) {
+    auto issue_s_dp = [&](int b, int h) {
+        const uint32_t hoff = (uint32_t)b * QT + (uint32_t)h * QH * 128;  // 64 rows: whole swizzle groups
         v4_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {  // k-step 0 overwrites the accumulators (scale-d = 0)
-            v4_wgmma_ss<B_r>(Sf, desc_kv(K_s, kk), desc_qk(Q_s + b * QT, kk), kk > 0);
-            v4_wgmma_ss<B_r>(dPf, desc_kv(V_s, kk), desc_qk(dO_s + b * QT, kk), kk > 0);
+            v4_wgmma_ss<QH>(Sf, desc_kv(K_s, kk), desc_qk(Q_s + hoff, kk), kk > 0);
+            v4_wgmma_ss<QH>(dPf, desc_kv(V_s, kk), desc_qk(dO_s + hoff, kk), kk > 0);
         }
         v4_wgmma_commit();
     };
@@ -3000,7 +3009,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     v6_cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
     v4_fence_proxy_async();
     __syncthreads();
-    issue_s_dp(0);
+    issue_s_dp(0, 0);
     v4_wgmma_wait<0>();
     v4_fence_regs(Sf);
     v4_fence_regs(dPf);
@@ -3009,95 +3018,82 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         const int buf = (it - it_start) & 1, i0 = it * B_r;
         const bool has_next = it + 1 < T_r;
 
-        // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
+        // phases 2 and 3, per half hf of the query tile (one half at B_r = 64): its S^T, dP^T have landed
         const float* kap = kappa_s + buf * KW_PAD;
-        const bool need_mask = (j0 + B_c > L) || (a.causal && i0 < j0 + B_c - 1);
-        auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
-#pragma unroll
-            for (int n = 0; n < NT_S; ++n) {
-                float4 ld = make_float4(0.f, 0.f, 0.f, 0.f);  // d = 64: (lse2, D) of rows 8n + 2t, 8n + 2t + 1
-                if constexpr (ILV) ld = *reinterpret_cast<const float4*>(&lse_at(buf, 8 * n + 2 * t));
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = 8 * n + 2 * t + (e & 1);
-                    float z2 = fmaf(S[n][e], scale_log2, fmaf(kap[q_loc - k_loc + B_c - 1], V3_LOG2E, u_reg[e >> 1]));
-                    if (decltype(masked)::value) {
-                        const int i = i0 + q_loc, j = j0 + k_loc;
-                        if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
-                    }
-                    const float lse2 = ILV ? ((e & 1) ? ld.z : ld.x) : lse_at(buf, q_loc);
-                    const float Dq = ILV ? ((e & 1) ? ld.w : ld.y) : D_at(buf, q_loc);
-                    const float p = v5_exp2(z2 - lse2);
-                    S[n][e] = p;
-                    dP[n][e] = p * (dP[n][e] - Dq);
-                }
-            }
-        };
-        if (need_mask) probs(std::true_type());
-        else probs(std::false_type());
-
-        // phase 3: bf16 A fragments; the bf16 dS^T tile for dQ (stored first: the A registers of an in-flight
-        // wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i; meanwhile du and the diagonal sums (at
-        // B_r = 128 ptxas reports the wgmma serialised for lack of registers, C7512, so the overlap is in doubt there)
-        uint32_t pa[B_r / 16][4], sa[B_r / 16][4];
         const uint32_t dSb = dS_s + buf * T::TILE_DS;
-        auto store_ds = [&]() {
+        float diag_carry = 0.f;  // v3_warp_diag_sums' CARRY
 #pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk)
+        for (int hf = 0; hf < NH; ++hf) {
+            // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
+            const int q0 = QH * hf;  // tile-local query of column 0
+            const bool need_mask = (j0 + B_c > L) || (a.causal && i0 + q0 < j0 + B_c - 1);
+            auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
 #pragma unroll
-                for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
+                for (int n = 0; n < NT_S; ++n) {
+                    float4 ld = make_float4(0.f, 0.f, 0.f, 0.f);  // d = 64: (lse2, D) of two rows
+                    if constexpr (ILV) ld = *reinterpret_cast<const float4*>(&lse_at(buf, q0 + 8 * n + 2 * t));
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = q0 + 8 * n + 2 * t + (e & 1);
+                        float z2 = fmaf(S[n][e], scale_log2, fmaf(kap[q_loc - k_loc + B_c - 1], V3_LOG2E, u_reg[e >> 1]));
+                        if (decltype(masked)::value) {
+                            const int i = i0 + q_loc, j = j0 + k_loc;
+                            if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
+                        }
+                        const float lse2 = ILV ? ((e & 1) ? ld.z : ld.x) : lse_at(buf, q_loc);
+                        const float Dq = ILV ? ((e & 1) ? ld.w : ld.y) : D_at(buf, q_loc);
+                        const float p = v5_exp2(z2 - lse2);
+                        S[n][e] = p;
+                        dP[n][e] = p * (dP[n][e] - Dq);
+                    }
+                }
+            };
+            if (need_mask) probs(std::true_type());
+            else probs(std::false_type());
+
+            // phase 3: bf16 A fragments; the bf16 dS^T columns of this half for dQ (stored first: the A registers
+            // of an in-flight wgmma must not be read); issue dV += P^T dO_i, dK += dS^T Q_i over these queries;
+            // meanwhile du and the diagonal sums; then S^T, dP^T of the next half
+            uint32_t pa[QH / 16][4], sa[QH / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < QH / 16; ++kk) {
+                v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
+                v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+            }
+#pragma unroll
+            for (int kk = 0; kk < QH / 16; ++kk)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {  // sa[kk][x]: queries q0 + 16 kk + 8 (x / 2) + 2t, key row k_loc0 + 8 (x % 2)
                     const int r = k_loc0 + 8 * (x & 1);
-                    const uint32_t addr = dSb + v4_tile_off<B_c>(r, 2 * kk + (x >> 1)) + 4 * t;
+                    const uint32_t addr = dSb + v4_tile_off<B_c>(r, q0 / 8 + 2 * kk + (x >> 1)) + 4 * t;
                     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(sa[kk][x]));
                 }
-        };
-        auto prior_sums = [&]() {
+            v4_fence_regs(dK_acc);
+            v4_fence_regs(dV_acc);
+            v4_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < QH / 16; ++kk) {
+                v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, q0 / 16 + kk));
+                v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, q0 / 16 + kk));
+            }
+            v4_wgmma_commit();
 #pragma unroll
             for (int n = 0; n < NT_S; ++n)
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) du_acc[hh] += dP[n][2 * hh] + dP[n][2 * hh + 1];
-            if (DKAPPA) v3_warp_diag_sums<NT_S>(dP, diag_s + (buf * NWARPS + warp) * DIAG_P + DIAG_PAD, lane);
-        };
-        if constexpr (B_r == 128) {
-            // fewer live registers (S, dP, P, dS would be 256 at once): P and dV's product first, the sums of dP
-            // under it, then dS from dP and dK's product
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
-            v4_fence_regs(dV_acc);
-            v4_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
-            v4_wgmma_commit();
-            prior_sums();
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
-            store_ds();
-            v4_fence_regs(dK_acc);
-            v4_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
-            v4_wgmma_commit();
-        } else {
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) {
-                v3_c_to_a(pa[kk], S[2 * kk], S[2 * kk + 1]);
-                v3_c_to_a(sa[kk], dP[2 * kk], dP[2 * kk + 1]);
+            if (DKAPPA) {
+                float* dst = diag_s + (buf * NWARPS + warp) * DIAG_P + DIAG_PAD + q0;
+                if (NH == 1) v3_warp_diag_sums<NT_S>(dP, dst, lane);
+                else if (hf == 0) v3_warp_diag_sums<NT_S, 1>(dP, dst, lane, &diag_carry);
+                else v3_warp_diag_sums<NT_S, 2>(dP, dst, lane, &diag_carry);
             }
-            store_ds();
+            if (hf + 1 < NH) issue_s_dp(buf, hf + 1);
+            v4_wgmma_wait<0>();
             v4_fence_regs(dK_acc);
             v4_fence_regs(dV_acc);
-            v4_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < B_r / 16; ++kk) {
-                v4_wgmma_rs<D>(dV_acc, pa[kk], desc_qn(dO_s + buf * QT, kk));
-                v4_wgmma_rs<D>(dK_acc, sa[kk], desc_qn(Q_s + buf * QT, kk));
-            }
-            v4_wgmma_commit();
-            prior_sums();
+            v4_fence_regs(Sf);
+            v4_fence_regs(dPf);
         }
-        v4_wgmma_wait<0>();
-        v4_fence_regs(dK_acc);
-        v4_fence_regs(dV_acc);
 
         // phase 4: tile it + 1 landed and every warp is done with tile it's Q_i, dO_i (and stored its dS^T
         // rows, fenced for the async proxy); tile it + 2 goes into this buffer
@@ -3119,7 +3115,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         // the wait before its use to be wait<0>: with wait<1> ptxas serialises every wgmma of the kernel, C7514)
         issue_dq(dSb);
         if (PIPE && has_next) {
-            issue_s_dp(buf ^ 1);
+            issue_s_dp(buf ^ 1, 0);
             v4_wgmma_wait<1>();
         } else {
             v4_wgmma_wait<0>();
@@ -3149,7 +3145,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
         }
 
         // phase 8: S^T, dP^T of tile it + 1 ready
-        if (!PIPE && has_next) issue_s_dp(buf ^ 1);
+        if (!PIPE && has_next) issue_s_dp(buf ^ 1, 0);
         v4_wgmma_wait<0>();
         v4_fence_regs(Sf);
         v4_fence_regs(dPf);
