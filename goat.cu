@@ -1161,6 +1161,39 @@ static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4]
     else if (!b2) dst[8 * (NT + (t & 1)) + 7 - G] = f;
 }
 
+// The end of a backward block (v3, v6): this lane's rows of dK_j (times scale) and dV_j as bf16, and du. Lane
+// (g, t) of a warp holds keys j_row, j_row + 8 (j_row = j0 + 16 w + g) at columns 8n + 2t, 8n + 2t + 1 as mma C
+// fragments, acc[4n + 2hh + e] (hh: the row, e: the column); du_j is the sum over the quad's four lanes, added
+// atomically to du [H][L] or, deterministic, written to du_part [B*H][L].
+template <int D>
+static __device__ __forceinline__ void v3_bwd_store_keys(const V3Args& a, const float (&dK)[D / 2], const float (&dV)[D / 2],
+                                                         const float (&du_acc)[2], size_t off, int bh, int j_row, int t,
+                                                         bool deterministic) {
+    const int h = bh % a.H;
+    v3_bf16* dk_bh = a.dk + off;
+    v3_bf16* dv_bh = a.dv + off;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = j_row + 8 * hh;
+        float du_j = du_acc[hh];
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
+        if (j < a.L) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(a.scale * dK[4 * n + 2 * hh], a.scale * dK[4 * n + 2 * hh + 1]);
+                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(dV[4 * n + 2 * hh], dV[4 * n + 2 * hh + 1]);
+            }
+            if (a.du != nullptr && t == 0) {
+                if (deterministic) a.du_part[(size_t)bh * a.L + j] = du_j;
+                else atomicAdd(a.du + (size_t)h * a.L + j, du_j);
+            }
+        }
+    }
+}
+
 // The main backward kernel.
 // Grid (T_c = ceil(L / B_c), B*H); block B_c / 16 warps, warp w owns keys j0 + 16w .. j0 + 16w + 15.
 // Shapes per block: K_j, V_j [B_c][d] (shared; also registers when KV_IN_REGS), Q_i, dO_i [2][B_r][d]
@@ -1233,7 +1266,6 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     const float* lse_bh = a.lse + (size_t)bh * L;
     const float* D_bh = a.D_vec + (size_t)bh * L;
     constexpr bool want_dkappa = DKAPPA;
-    const bool want_du = a.du != nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tid = threadIdx.x;
     const int it_start = a.causal ? j0 / B_r : 0;  // earlier query tiles see none of these keys
@@ -1473,28 +1505,8 @@ v3_backward_kernel(V3Args a, bool dq_atomic, bool deterministic) {
     }
 
     // phase 11: dK_j = scale dS^T Q, dV_j (bf16), du (column sums of this (b, h), per b or atomically)
-    v3_bf16* dk_bh = a.dk + off;
-    v3_bf16* dv_bh = a.dv + off;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int j = j0 + k_loc0 + 8 * hh;
-        float du_j = du_acc[hh];
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
-        if (j < L) {
-#pragma unroll
-            for (int n = 0; n < NT_D; ++n) {
-                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(a.scale * dK_acc[n][2 * hh], a.scale * dK_acc[n][2 * hh + 1]);
-                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(dV_acc[n][2 * hh], dV_acc[n][2 * hh + 1]);
-            }
-            if (want_du && t == 0) {
-                if (deterministic) a.du_part[(size_t)bh * L + j] = du_j;
-                else atomicAdd(a.du + (size_t)h * L + j, du_j);
-            }
-        }
-    }
+    v3_bwd_store_keys<D>(a, reinterpret_cast<const float (&)[D / 2]>(dK_acc), reinterpret_cast<const float (&)[D / 2]>(dV_acc),
+                         du_acc, off, bh, j0 + k_loc0, t, deterministic);
     (void)b;
 }
 
@@ -2717,13 +2729,16 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // The v3 backward kernel ported to wgmma: one block per key tile (B_c = 128 keys, two warpgroups of 64 keys;
 // warp w of the block owns keys 16 w .. 16 w + 15 exactly as in v3), looping over query tiles of B_r rows
 // (128 at d = 64, 64 at d = 128: GOAT_V6_D64_BR) double-buffered by cp.async (the 128-byte-swizzled layout of
-// v4). Per query tile:
-//   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = B_r queries, K = d
-//   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout)
+// v4). Per query tile, the first four steps per 64 queries (a 128-query tile in two halves: the fp32 S^T, dP^T
+// of all 128 would hold 64 more registers per thread, and at 255 ptxas serialised every wgmma of the kernel,
+// C7512):
+//   S^T = K_j Q_i^T, dP^T = V_j dO_i^T   wgmma ss, M = 64 keys per warpgroup, N = 64 queries, K = d
+//   P^T, dS^T, du, dkappa               as v3 (fp32 registers; v3_warp_diag_sums on the same fragment layout,
+//                                        the diagonals shared by the two halves carried in a register)
 //   dV += P^T dO_i, dK += dS^T Q_i      wgmma rs (P^T, dS^T as bf16 A fragments), B N-major; runs while the
-//                                        du/dkappa sums happen (the bf16 dS^T tile is stored before: the A
-//                                        registers of an in-flight wgmma must not be read; at B_r = 128 ptxas
-//                                        serialises the wgmma for lack of registers, C7512)
+//                                        du/dkappa sums happen (the bf16 dS^T columns are stored before: the A
+//                                        registers of an in-flight wgmma must not be read), and with it the next
+//                                        half's S^T, dP^T
 //   dQ_i += dS K_j                      B_r = 64: both warpgroups, each d/2 of the columns (B_r = 128: each 64
 //                                        of the rows, all d columns): wgmma ss with A = dS read
 //                                        M-major from the dS^T tile and B = K_j N-major; each warp stages its
@@ -2742,12 +2757,20 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
 // -> dQ by bulk tensor reductions instead of atomics 317/432 (a first try, one 1-D bulk reduction per row,
 // 283/398: too many small copies at d = 64) -> wgmma descriptors from a base (v4_desc_plus) 325/435 -> D = <dO, O>
 // and the zeroed dQ in one pass (v3_bwd_dot_kernel) 327/436 (d = 64, L = 1024: 189 -> 192).
-// -> d = 64: B_r = 128 query rows per tile, dQ split by rows, no PIPE 329/436 (GOAT_V6_D64_BR).
+// -> d = 64: B_r = 128 query rows per tile, dQ split by rows, no PIPE 329/436 (GOAT_V6_D64_BR) -> d = 64: the
+// 128-query tile's S^T, dP^T and softmax in two halves (no C7512 and no spills: SASS has 5 wgmma waits for 48
+// wgmma instead of one after each; 331 -> 350, L = 1024 / 4096 192 -> 205 / 281 -> 301).
+// Tried and not kept: the kappa window as pairs (entry e = kappa at e, e + 1, so that one 8-byte load serves two
+// columns and the second fragment row reuses the previous column block's pair; 64 -> 17 loads a tile in the
+// backward, 4 -> 1 per 8 columns in v5's forward): backward unchanged, forward at L = 16384 349 -> 334 (d = 64)
+// and 513 -> 495 (d = 128), H200, two rounds.
 
 
 // GOAT_V6_PIPE_D64 / _D128 = 1: S^T, dP^T of the next query tile are issued before the dQ reductions and the
 // dkappa sums of this one (needs their 8 NT_S accumulators live next to dK, dV and dQ: too many registers at d = 128;
-// at d = 64 it was on with B_r = 64, and measured slower than off with B_r = 128, see GOAT_V6_D64_BR)
+// at d = 64 it was on with B_r = 64, and measured slower than off with B_r = 128, see GOAT_V6_D64_BR; with the
+// halves, d = 64 forward+backward at L = 1k/4k/16k 205/301/350 off vs 206/303/350 and 204/304/354 on, two rounds
+// in one call: within the noise, so off)
 #ifndef GOAT_V6_PIPE_D64
 #define GOAT_V6_PIPE_D64 0
 #endif
@@ -2858,7 +2881,6 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
     const float* lse_bh = a.lse + (size_t)bh * L;
     const float* D_bh = a.D_vec + (size_t)bh * L;
-    const bool want_du = a.du != nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wg = threadIdx.x / 128, wwarp = warp % 4;  // warpgroup, warp within it
     const int tid = threadIdx.x;
@@ -3162,25 +3184,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     }
 
     // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
-    v3_bf16* dk_bh = a.dk + off;
-    v3_bf16* dv_bh = a.dv + off;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int j = j0 + k_loc0 + 8 * hh;
-        float du_j = du_acc[hh];
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
-        if (j < L) {
-#pragma unroll
-            for (int n = 0; n < NT_D; ++n) {
-                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(a.scale * dK_acc[4 * n + 2 * hh], a.scale * dK_acc[4 * n + 2 * hh + 1]);
-                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(dV_acc[4 * n + 2 * hh], dV_acc[4 * n + 2 * hh + 1]);
-            }
-            if (want_du && t == 0) atomicAdd(a.du + (size_t)h * L + j, du_j);
-        }
-    }
+    v3_bwd_store_keys<D>(a, dK_acc, dV_acc, du_acc, off, bh, j0 + k_loc0, t, false);
     if (GOAT_V6_DQ_BULK != 0 && lane == 0) v6_bulk_wait_all();  // dQ's reductions done before shared memory goes
 #else
     (void)a; (void)tm_dq;
