@@ -1114,9 +1114,9 @@ __global__ void v3_bwd_dot_kernel(V3Args a, size_t n_rows, bool zero_dq) {
 //      within the lanes of that t (lane (G, t) reads lane ((G + 2t + e) mod 8, t)) leaves lane (G, t) holding
 //      diagonals 8j + 7 - G, j = i + wrap, for every t and e: add the two parities.
 //   3. the 4 lanes t of a quad now hold the same diagonals: a reduce-scatter over lane bits 0 and 1.
-// CARRY (v6's 128-query tiles, summed as two 64-query halves): 1 = the first half: its last group (diagonals
-// 8 NT .. 8 NT + 15 of the tile, lanes t < 2) goes to *carry instead of dst; 2 = the second half (dst advanced
-// by 8 NT): *carry is added to its groups 0 and 1, the same diagonals on the same lanes.
+// CARRY (v6's 128-query tiles, summed as two 64-query halves): 1 = the first half: its last two groups, NT and
+// NT + 1 (diagonals 8 NT .. 8 NT + 15 of the half, held by lanes t = 0 and 1), go to *carry instead of dst; 2 = the
+// second half (dst advanced by 8 NT): *carry is added to its groups 0 and 1, the same diagonals on the same lanes.
 template <int NT, int CARRY = 0>
 static __device__ __forceinline__ void v3_warp_diag_sums(const float (&c)[NT][4], float* dst, int lane,
                                                          float* carry = nullptr) {
@@ -2952,13 +2952,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
     float du_acc[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * V3_LOG2E;
 
-    // S^T = K_j Q_i^T and dP^T = V_j dO_i^T of the queries QH h .. QH h + QH - 1 of the tile in buffer b (issued,
+    // S^T = K_j Q_i^T and dP^T = V_j dO_i^T of the queries QH hf .. QH hf + QH - 1 of the tile in buffer b (issued,
     // committed as one group)
     float S[NT_S][4], dP[NT_S][4];
     float (&Sf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(S);
     float (&dPf)[NT_S * 4] = reinterpret_cast<float (&)[NT_S * 4]>(dP);
-    auto issue_s_dp = [&](int b, int h) {
-        const uint32_t hoff = (uint32_t)b * QT + (uint32_t)h * QH * 128;  // 64 rows: whole swizzle groups
+    auto issue_s_dp = [&](int b, int hf) {
+        const uint32_t hoff = (uint32_t)b * QT + (uint32_t)hf * QH * 128;  // 64 rows: whole swizzle groups
         v4_wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {  // k-step 0 overwrites the accumulators (scale-d = 0)
