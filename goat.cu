@@ -36,6 +36,7 @@
 #include <cuda.h>  // CUtensorMap and its enums (types only; the driver call goes through the runtime)
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -2441,7 +2442,7 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
 #ifdef GOAT_V4_DEVICE
     using T = V5Fwd<D, NWG, B_c, KS, VS>;
     constexpr int B_r = T::B_r, KW = T::KW, KW_PAD = T::KW_PAD;
-    constexpr int NS = B_c / 2, NO = D / 2, KP = B_c / 16;
+    constexpr int NO = D / 2, KP = B_c / 16;
     extern __shared__ __align__(1024) unsigned char v5_smem[];
     const uint32_t raw = v3_smem_u32(v5_smem), sbase = (raw + 1023u) & ~1023u;
     unsigned char* smem = v5_smem + (sbase - raw);
@@ -2532,7 +2533,8 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
 
     // ---- consumers: warpgroup c = wg - 1 owns tile rows 64 c .. 64 c + 63
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
-    const int c = wg - 1, g = lane / 4, t = lane % 4;
+    // (c is a constant with one consumer warpgroup: branches on it are then uniform for ptxas, see HALF_OK)
+    const int c = NWG == 1 ? 0 : wg - 1, g = lane / 4, t = lane % 4;
     const size_t off = (size_t)bh * L * D;
     const uint64_t dq0 = v4_desc(Q_s + c * 64 * 128, 16, 1024), dk0 = v4_desc(K_s, 16, 1024),
                    dv0 = v4_desc(V_s, B_c * 128, 1024);
@@ -2556,65 +2558,96 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
     const int r_loc0 = 64 * c + 16 * warp + g;
     v5_mbar_wait(bar_q, 0);
 
+    // Keys this warpgroup's rows can see: causal, those up to its last row; otherwise all L.
+    const int j_end_c = a.causal ? min(L, i0 + 64 * c + 64) : L;
+    bool p_half = false;  // P holds only the first B_c / 2 columns (the tile before was a half tile)
+    // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
+    // ptxas takes for divergent and answers by serialising every wgmma (C7520).
+    constexpr bool HALF_OK = NWG == 1;
     for (int jt = 0; jt < n_kt; ++jt) {
         const int s = jt % KS, j0 = jt * B_c, sv = (jt - 1 + VS) % VS;
-        float S[NS];
-#pragma unroll
-        for (int x = 0; x < NS; ++x) S[x] = 0.f;
         v5_mbar_wait(bar_kfull(s), (jt / KS) & 1);
         if (jt > 0) v5_mbar_wait(bar_vfull(sv), ((jt - 1) / VS) & 1);
         if (PINGPONG) v5_bar_sync(1 + c, 256);
-        v4_fence_regs(O);
-        v4_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) v4_wgmma_ss<B_c>(S, desc_q(kk), desc_k(s, kk), 1);
-        v4_wgmma_commit();
-        if (jt > 0) {
+        // O += P_{j-1} V_{j-1} (issued after S_j = Q K_j^T below). P_{j-1} is never a half tile here: a half
+        // tile is the last one (with one warpgroup, j_end_c is the block's j_end), its product is issued after
+        // the loop. (A branch here made ptxas close the commit group with an extra empty wgmma.)
+        auto issue_pv = [&]() {
 #pragma unroll
             for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
             v4_wgmma_commit();
-        }
-        if (PINGPONG) v5_bar_arrive(1 + (c + 1) % NWG, 256);
-        if (jt > 0) v4_wgmma_wait<1>();
-        else v4_wgmma_wait<0>();
-        v4_fence_regs(S);
-
+        };
         const float* kap = kappa_s + s * KW_PAD;
         const float* uu = u_s + s * B_c;
-        const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
-        float mx[2] = {-INFINITY, -INFINITY};
-        // two copies of the loop, with and without the mask: one loop with the test per element cost ~4
-        // instructions per element on every tile (d = 64, L = 4096: 630M -> 440M warp instructions, 242 -> 256
-        // TFLOP/s)
-        auto scores = [&](auto masked) {
+        // One tile of NC = B_c or B_c / 2 columns: the half width serves a last tile with at most B_c / 2 keys
+        // left to see (the diagonal tile of every other query tile under causal masking; a short tail of L).
+        auto tile = [&](auto half_c) {
+            constexpr bool HALF = decltype(half_c)::value;
+            constexpr int NC = HALF ? B_c / 2 : B_c;
+            float S[NC / 2];
 #pragma unroll
-            for (int n = 0; n < B_c / 8; ++n)
+            for (int x = 0; x < NC / 2; ++x) S[x] = 0.f;
+            v4_fence_regs(O);
+            v4_wgmma_fence();
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
-                    float z = fmaf(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1] + uu[c_loc]);
-                    if (decltype(masked)::value) {
-                        const int i = i0 + r_loc, j = j0 + c_loc;
-                        if (j >= L || (a.causal && j > i)) z = -INFINITY;
-                    }
-                    S[4 * n + e] = z;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], z);
+            for (int kk = 0; kk < D / 16; ++kk) v4_wgmma_ss<NC>(S, desc_q(kk), desc_k(s, kk), 1);
+            v4_wgmma_commit();
+            if (jt > 0) issue_pv();
+            if (PINGPONG) v5_bar_arrive(1 + (c + 1) % NWG, 256);
+            if (jt > 0) v4_wgmma_wait<1>();
+            else v4_wgmma_wait<0>();
+            v4_fence_regs(S);
+
+            float mx[2] = {-INFINITY, -INFINITY};
+            // z = scale S + kappa(i - j) + u(j) for the thread's rows r_loc0, r_loc0 + 8 and columns
+            // 8 n + 2 t + {0, 1} (u of the two columns by two loads; one 8-byte load measured slower: d = 64,
+            // L = 16k 370 -> 348, d = 128, L = 4k 457 -> 445 TFLOP/s, as kappa by pairs before). Masked: a column is
+            // allowed iff
+            // c_loc <= lim[hh] (inside L and, causal, not after the row), one compare with a constant per score
+            // (the earlier form, i and j per score, cost 12 instructions a score on masked tiles instead of 6).
+            // Two copies of the loop, with and without the mask: one loop with the test per element cost ~4
+            // instructions per element on every tile (d = 64, L = 4096: 630M -> 440M warp instructions, 242 ->
+            // 256 TFLOP/s)
+            auto scores = [&](auto masked) {
+                int lim[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    lim[hh] = L - j0 - 1;
+                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0);
+                    lim[hh] -= 2 * t;  // compared below with c_loc - 2 t, a constant
                 }
-        };
-        if (need_mask) scores(std::true_type());
-        else scores(std::false_type());
-        // K_j and its prior slices are no longer read by this warp
-        __syncwarp();
-        if (lane == 0) v5_mbar_arrive(bar_kempty(s));
-        float alpha[2];
-        v4_softmax_step(S, mx, m, l, alpha, [](float x) { return v5_exp2(x); });
-        v4_wgmma_wait<0>();
-        v4_fence_regs(O);
-        if (jt > 0) {  // V_{j-1} is no longer read by this warp
+#pragma unroll
+                for (int n = 0; n < NC / 8; ++n) {
+                    const float u0 = uu[8 * n + 2 * t], u1 = uu[8 * n + 2 * t + 1];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
+                        float z = fmaf(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1] + ((e & 1) ? u1 : u0));
+                        if (decltype(masked)::value && 8 * n + (e & 1) > lim[e >> 1]) z = -INFINITY;
+                        S[4 * n + e] = z;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], z);
+                    }
+                }
+            };
+            const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
+            if (HALF || need_mask) scores(std::true_type());  // (a half tile is always a masked one)
+            else scores(std::false_type());
+            // K_j and its prior slices are no longer read by this warp
             __syncwarp();
-            if (lane == 0) v5_mbar_arrive(bar_vempty(sv));
-        }
-        v4_rescale_pack(O, alpha, S, P);
+            if (lane == 0) v5_mbar_arrive(bar_kempty(s));
+            float alpha[2];
+            v4_softmax_step(S, mx, m, l, alpha, [](float x) { return v5_exp2(x); });
+            v4_wgmma_wait<0>();
+            v4_fence_regs(O);
+            if (jt > 0) {  // V_{j-1} is no longer read by this warp
+                __syncwarp();
+                if (lane == 0) v5_mbar_arrive(bar_vempty(sv));
+            }
+            v4_rescale_pack(O, alpha, S, reinterpret_cast<uint32_t(&)[NC / 16][4]>(P));
+            p_half = HALF_OK && HALF;
+        };
+        if (HALF_OK && j_end_c - j0 <= B_c / 2) tile(std::true_type());
+        else tile(std::false_type());
     }
     if (PINGPONG && c == 0) v5_bar_sync(1, 256);  // the extra turn (see above)
     {   // the last O += P V
@@ -2622,8 +2655,13 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
         v5_mbar_wait(bar_vfull(sv), ((n_kt - 1) / VS) & 1);
         v4_fence_regs(O);
         v4_wgmma_fence();
+        if (p_half) {
 #pragma unroll
-        for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+            for (int kk = 0; kk < KP / 2; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KP; ++kk) v4_wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+        }
         v4_wgmma_commit();
         v4_wgmma_wait<0>();
         v4_fence_regs(O);
@@ -3052,6 +3090,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
             const int q0 = QH * hf;  // tile-local query of column 0
             const bool need_mask = (j0 + B_c > L) || (a.causal && i0 + q0 < j0 + B_c - 1);
             auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
+                // masked iff 8 n + (e & 1) < lo[e >> 1]: key j = j0 + k_loc outside L, or (causal) after query
+                // i = i0 + q_loc, one compare with a constant per score (as v5's forward)
+                int lo[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int k_loc = k_loc0 + 8 * hh;
+                    lo[hh] = j0 + k_loc >= L ? INT_MAX : a.causal ? j0 + k_loc - i0 - q0 - 2 * t : INT_MIN;
+                }
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n) {
                     float4 ld = make_float4(0.f, 0.f, 0.f, 0.f);  // d = 64: (lse2, D) of two rows
@@ -3060,10 +3106,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(V3Args a, const __g
                     for (int e = 0; e < 4; ++e) {
                         const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = q0 + 8 * n + 2 * t + (e & 1);
                         float z2 = fmaf(S[n][e], scale_log2, fmaf(kap[q_loc - k_loc + B_c - 1], V3_LOG2E, u_reg[e >> 1]));
-                        if (decltype(masked)::value) {
-                            const int i = i0 + q_loc, j = j0 + k_loc;
-                            if (j >= L || (a.causal && j > i)) z2 = -INFINITY;
-                        }
+                        if (decltype(masked)::value && 8 * n + (e & 1) < lo[e >> 1]) z2 = -INFINITY;
                         const float lse2 = ILV ? ((e & 1) ? ld.z : ld.x) : lse_at(buf, q_loc);
                         const float Dq = ILV ? ((e & 1) ? ld.w : ld.y) : D_at(buf, q_loc);
                         const float p = v5_exp2(z2 - lse2);
