@@ -2305,15 +2305,17 @@ static GoatStatus v4_forward(const GoatParams& p, cudaStream_t stream) {
 // The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
 // the host per call (cuTensorMapEncodeTiled, reached through the runtime's driver entry point; no -lcuda).
 //
-// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 202/298/360, d=128
-// 289/447/538. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
+// Speed (H200, causal, H=16, B=32768/L, prior on), forward TFLOP/s, L = 1k/4k/16k: d=64 239/318/371, d=128
+// 311/460/537. Steps that mattered (d=128/d=64, L=16k): prior slices by plain loads in the producer 231/236 ->
 // by cp.async with separate K and V rings 390/243 -> consumer turn-taking off 435/266 -> ex2.approx 472/272 ->
 // no per-score mask test on interior tiles 539/298 -> three consumer warpgroups at d = 64 from L = 2048 -/349
 // -> wgmma descriptors from a base, one add each (v4_desc_plus; SASS: 174 -> 142 instructions a tile outside
 // the softmax) -/360 -> (L = 1k, 4k) one consumer warpgroup, two blocks per multiprocessor: d = 64
-// at L = 1k/4k 180/285 -> 202/298. Tried and not kept: the row max and sum in 2, 4 or 8 independent chains (no change;
-// ncu's leading stall is "wait", but not from these chains); skipping O *= alpha when no row maximum moved (no
-// change); B_c = 64 at d = 64, L = 1024 (168 vs 175).
+// at L = 1k/4k 180/285 -> 202/298 -> masked tiles by one compare per score and (one warpgroup) half-width last
+// tiles: d = 64 at L = 1k/4k/16k 202/297/360 -> 237/318/370, d = 128 285/445/538 -> 310/457/537. Tried and not
+// kept: the row max and sum in 2, 4 or 8 independent chains (no change; ncu's leading stall is "wait", but not
+// from these chains); skipping O *= alpha when no row maximum moved (no change); B_c = 64 at d = 64, L = 1024
+// (168 vs 175); u by 8-byte pairs (see the score loop).
 
 // Tile choices: NWG consumer warpgroups (64 query rows each), B_c keys per tile, K_STAGES and V_STAGES ring
 // depths (K_j is needed one iteration before V_j, so K gets the deeper ring).
