@@ -2562,7 +2562,7 @@ v5_forward_kernel(V3Args a, const __grid_constant__ CUtensorMap tm_q, const __gr
 
     // Keys this warpgroup's rows can see: causal, those up to its last row; otherwise all L.
     const int j_end_c = a.causal ? min(L, i0 + 64 * c + 64) : L;
-    bool p_half = false;  // P holds only the first B_c / 2 columns (the tile before was a half tile)
+    bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
     // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
     // ptxas takes for divergent and answers by serialising every wgmma (C7520).
     constexpr bool HALF_OK = NWG == 1;
