@@ -22,7 +22,7 @@ BUILD    := build
 
 CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_train.cpp
 GPU_TEST_SRC := $(wildcard tests/test_gpu*.cu)
-GOAT_DEPS    := goat.cu goat.h
+GOAT_DEPS    := goat.cu goat.h $(wildcard kernels/*.cuh)
 
 ifeq ($(NVCC),)
 GPU_TARGETS :=

@@ -1,0 +1,203 @@
+// kernels/mma_sm80.cuh: the bf16 building blocks of v3 (and, for the parts that carry over, of v4 to v6): the
+// argument block of every bf16 kernel, cp.async copies, ldmatrix, the mma.sync m16n8k16 tensor-core product
+// (bf16 in, fp32 accumulate), the fragment layouts, and XOR-swizzled shared-memory tiles.
+//
+// Nothing here is specific to GOAT: these are the Ampere-generation (sm_80 and newer) primitives that a
+// FlashAttention-2-style kernel is written in. Read it before v3; v3_mma.cuh says how they are combined.
+#pragma once
+
+#include "prior.cuh"
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+typedef __nv_bfloat16 bf16;
+
+// ----------------------------------------------------------------------------------------------------------
+// the bf16 argument block
+
+// Every pointer and size the bf16 kernels (v3 to v6) need: one plain struct, passed by value.
+struct Bf16Args {
+    int B, H, L;
+    float scale;
+    bool causal;
+    const bf16* q;         // [B][H][L][d]
+    const bf16* k;         // [B][H][L][d]
+    const bf16* v;         // [B][H][L][d]
+    const float* kappa;    // [H][2L-1] or nullptr
+    const float* u;        // [H][L] or nullptr
+    bf16* o;               // [B][H][L][d]  (forward output; backward input)
+    float* lse;            // [B][H][L]     (forward output; backward input)
+    const bf16* dout;      // [B][H][L][d]
+    bf16* dq;              // [B][H][L][d]
+    bf16* dk;              // [B][H][L][d]
+    bf16* dv;              // [B][H][L][d]
+    float* dkappa;         // [H][2L-1] or nullptr
+    float* du;             // [H][L] or nullptr
+    // workspace slices (backward)
+    float* D_vec;          // [B][H][L]          D_i = <dO_i, O_i>
+    float* dq_accum;       // [B][H][L][d]       fp32 dQ (atomic mode)
+    float* dkappa_part;    // [B][H][T_c][L + B_c - 1]  per-block diagonal sums (deterministic mode)
+    float* du_part;        // [B][H][L]          per-b column sums (deterministic mode)
+};
+
+// The kernels' view of GoatParams (the workspace slices are set by the backward's launcher).
+static Bf16Args bf16_args(const GoatParams& p) {
+    Bf16Args a;
+    a.B = p.B; a.H = p.H; a.L = p.L; a.scale = p.scale; a.causal = p.causal;
+    a.q = static_cast<const bf16*>(p.q);
+    a.k = static_cast<const bf16*>(p.k);
+    a.v = static_cast<const bf16*>(p.v);
+    a.kappa = p.kappa; a.u = p.u;
+    a.o = static_cast<bf16*>(p.o);
+    a.lse = p.lse;
+    a.dout = static_cast<const bf16*>(p.dout);
+    a.dq = static_cast<bf16*>(p.dq);
+    a.dk = static_cast<bf16*>(p.dk);
+    a.dv = static_cast<bf16*>(p.dv);
+    a.dkappa = p.dkappa; a.du = p.du;
+    a.D_vec = a.dq_accum = a.dkappa_part = a.du_part = nullptr;
+    return a;
+}
+
+// What every bf16 kernel handles (the Hopper ones also need the GPU and the build: kernels/sm90.cuh).
+static bool bf16_supports(const GoatParams& p) {
+    return p.dtype == GOAT_BF16 && (p.d == 64 || p.d == 128) && (size_t)p.B * p.H <= 65535;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// asynchronous copies, ldmatrix, mma.sync
+
+static __device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16-byte asynchronous copy global -> shared; valid == false writes 16 zero bytes and reads nothing.
+static __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+// 4-byte asynchronous copy; valid == false writes 4 zero bytes.
+static __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+static __device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+// all but the most recent group complete
+static __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// dst[0] += x, dst[1] += y in global memory. The 8-byte float2 atomicAdd exists from compute capability 9.0;
+// older GPUs take two 4-byte atomics (the same sums, one more instruction).
+static __device__ __forceinline__ void atomic_add_f32x2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+#endif
+}
+
+static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a b for one 16x8x16 tile: a = A[16][16] (row-major fragment), b0/b1 = B[16][8] (column fragment).
+// Fragment layout (g = lane / 4, t = lane % 4): c[0], c[1] at (row g, cols 2t, 2t+1), c[2], c[3] at row g + 8.
+static __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two bf16 (lo = first = lower column index), round to nearest even.
+static __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&x);
+}
+
+// Score-tile accumulators (C layout, 16 x 8 per n-tile) -> A operand of the next product (16 x 16 per k-step):
+// k-step kk takes n-tiles 2kk and 2kk+1, rounded to bf16 (this is where P and dS are rounded).
+static __device__ __forceinline__ void frag_c_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+    a[0] = pack_bf16x2(c0[0], c0[1]);
+    a[1] = pack_bf16x2(c0[2], c0[3]);
+    a[2] = pack_bf16x2(c1[0], c1[1]);
+    a[3] = pack_bf16x2(c1[2], c1[3]);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// swizzled shared-memory tiles and their loaders
+
+// Shared-memory tiles of bf16 rows, CH 16-byte chunks per row, XOR-swizzled so that the 8 rows an ldmatrix
+// reads at one logical chunk land in 8 different bank groups (no padding needed).
+template <int CH>
+static __device__ __forceinline__ int swz_chunk(int row, int chunk) {
+    static_assert(CH == 4 || CH % 8 == 0, "tile rows must be 4 or a multiple of 8 chunks of 16 bytes");
+    if constexpr (CH >= 8) return chunk ^ (row & 7);
+    else return chunk ^ ((row >> 1) & 3);
+}
+template <int CH>
+static __device__ __forceinline__ uint32_t swz_chunk_addr(uint32_t base, int row, int chunk) {
+    return base + (uint32_t)((row * CH + swz_chunk<CH>(row, chunk)) * 16);
+}
+
+// Warp-wide fragment loads from a swizzled tile (base = shared address, CH chunks per row).
+// A operand, 16 x 16, from an [m][k] tile: rows m0.., columns 16 kk...
+template <int CH>
+static __device__ __forceinline__ void ldsm_A(uint32_t (&a)[4], uint32_t base, int m0, int kk, int lane) {
+    ldsm_x4(a, swz_chunk_addr<CH>(base, m0 + (lane & 15), 2 * kk + (lane >> 4)));
+}
+// A operand, 16 x 16, from a [k][m] tile (A = T^T): rows m0.., columns 16 kk...
+template <int CH>
+static __device__ __forceinline__ void ldsm_A_trans(uint32_t (&a)[4], uint32_t base, int m0, int kk, int lane) {
+    ldsm_x4_trans(a, swz_chunk_addr<CH>(base, 16 * kk + (lane & 7) + ((lane >> 4) << 3),
+                                          m0 / 8 + ((lane >> 3) & 1)));
+}
+// B operands of two n-tiles (n0 and n0 + 8) for k-step kk, from an [n][k] tile (B = T^T, e.g. K in Q K^T):
+// b[0], b[1] for n-tile n0; b[2], b[3] for n-tile n0 + 8.
+template <int CH>
+static __device__ __forceinline__ void ldsm_B(uint32_t (&b)[4], uint32_t base, int n0, int kk, int lane) {
+    ldsm_x4(b, swz_chunk_addr<CH>(base, n0 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+}
+// The same from a [k][n] tile (B = T, e.g. V in P V), transposed by ldmatrix.
+template <int CH>
+static __device__ __forceinline__ void ldsm_B_trans(uint32_t (&b)[4], uint32_t base, int n0, int kk, int lane) {
+    ldsm_x4_trans(b, swz_chunk_addr<CH>(base, 16 * kk + (lane & 15), n0 / 8 + (lane >> 4)));
+}
+
+// Block-wide: rows row0 .. row0 + ROWS - 1 of x ([L][D] bf16, one (b, h)) -> swizzled tile; rows >= L are
+// zero-filled and never read.
+template <int D, int ROWS, int NTHREADS>
+static __device__ __forceinline__ void load_tile_swz(bf16* tile_s, const bf16* x, int row0, int L) {
+    constexpr int CH = D / 8;
+    const uint32_t base = smem_u32(tile_s);
+#pragma unroll
+    for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
+        const int r = c / CH, cc = c % CH, row = row0 + r;
+        const bool valid = row < L;
+        cp_async_16(swz_chunk_addr<CH>(base, r, cc), x + (size_t)(valid ? row : 0) * D + cc * 8, valid);
+    }
+}
+
+// Block-wide: src[start .. start + N - 1] -> dst_s (floats); entries outside [0, n_src), or all of them when
+// src == nullptr (no prior), become 0. dummy is any valid global address (never read).
+template <int N, int NTHREADS>
+static __device__ __forceinline__ void load_slice_async(float* dst_s, const float* src, int start, int n_src,
+                                                     const void* dummy) {
+    for (int e = threadIdx.x; e < N; e += NTHREADS) {
+        const int idx = start + e;
+        const bool valid = src != nullptr && idx >= 0 && idx < n_src;
+        cp_async_4(smem_u32(dst_s + e), valid ? (const void*)(src + idx) : dummy, valid);
+    }
+}

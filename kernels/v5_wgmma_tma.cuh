@@ -1,0 +1,322 @@
+// kernels/v5_wgmma_tma.cuh: v5, v4's forward warp-specialised (FlashAttention-3's structure, Shah et al. 2024,
+// section 3.1), sm_90a; its backward is v3's (v6 replaces it).
+//
+// What it adds over v4:
+//   - warpgroup 0 is the producer: one thread issues the tile copies on the tensor memory accelerator (TMA,
+//     cp.async.bulk.tensor: one instruction per 64-column block of a tile, written already 128-byte swizzled,
+//     the layout v4 describes); its warp also copies the prior slices. It then gives most of its registers
+//     away (setmaxnreg.dec), and the consumer warpgroups take them (setmaxnreg.inc).
+//   - warpgroups 1 .. NWG are consumers, each owning 64 query rows; they never issue a load and never meet at a
+//     block-wide barrier: rings of shared-memory stages, each with mbarriers "K full", "V full" (the copy engine
+//     counts the bytes in) and "empty" (every consumer warp arrives when done with the stage), let producer and
+//     consumers run ahead of each other by up to the ring's depth.
+//   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
+//     while the second product runs. The GOAT step (goat_logit) has two copies, with and without the mask, the
+//     masked one a single compare per score; with one consumer warpgroup a last tile with at most B_c / 2 keys
+//     left runs at half width.
+// The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
+// the host per call (kernels/sm90.cuh).
+#pragma once
+
+#include "v4_wgmma.cuh"
+
+// ----------------------------------------------------------------------------------------------------------
+// tiles
+
+// NWG consumer warpgroups (64 query rows each), B_c keys per tile, KS and VS ring depths (K_j is needed one
+// iteration before V_j, so K gets the deeper ring). Chosen by measurement (docs/PERF.md, "v5"):
+//   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start and
+//   end run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
+template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
+    static constexpr int NWG = NWG_, B_c = B_c_, KS = KS_, VS = VS_;
+};
+template <int D> struct V5Tiles;
+template <> struct V5Tiles<64> : V5Cfg<1, 128, 3, 3> {};
+template <> struct V5Tiles<128> : V5Cfg<2, 128, 3, 2> {};
+using V5TilesD64Long = V5Cfg<3, 128, 3, 3>;
+constexpr int V5_D64_LONG_L = 8192;
+
+// ----------------------------------------------------------------------------------------------------------
+// forward
+
+// Grid (T_r = ceil(L / B_r), B*H), B_r = 64 NWG; block 128 (NWG + 1) threads. Shared memory: Q_i [B_r][d],
+// K ring KS x (K_j [B_c][d], kappa window [B_r + B_c - 1], u slice [B_c]), V ring VS x V_j [B_c][d], mbarriers.
+template <int D, int NWG, int B_c, int KS, int VS>
+struct V5Fwd {
+    static constexpr int B_r = 64 * NWG, NTHREADS = 128 * (NWG + 1);
+    static constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
+    static constexpr uint32_t TILE_KV = (uint32_t)B_c * D * 2;   // bytes of one K or V tile
+    static constexpr size_t OFF_Q = 0;
+    static constexpr size_t OFF_K = OFF_Q + (size_t)B_r * D * 2;
+    static constexpr size_t OFF_V = OFF_K + (size_t)KS * TILE_KV;
+    static constexpr size_t OFF_KAPPA = OFF_V + (size_t)VS * TILE_KV;
+    static constexpr size_t OFF_U = OFF_KAPPA + (size_t)KS * KW_PAD * 4;
+    // barriers: Q full, K full [KS], K empty [KS], V full [VS], V empty [VS]
+    static constexpr size_t OFF_BAR = (OFF_U + (size_t)KS * B_c * 4 + 7) / 8 * 8;
+    static constexpr size_t SMEM = OFF_BAR + (size_t)(1 + 2 * KS + 2 * VS) * 8 + 1024;
+    // consumer and producer registers after setmaxnreg (multiples of 8; 65536 per multiprocessor in all)
+    // one consumer warpgroup: two blocks per multiprocessor (BLOCKS), each with half the register file
+    static constexpr int BLOCKS = NWG == 1 ? 2 : 1;
+    static constexpr int REG_CONSUMER = NWG == 1 ? 216 : NWG == 2 ? 240 : 160;
+    static constexpr int REG_PRODUCER = NWG == 1 ? 40 : NWG == 2 ? 24 : 32;
+    static_assert(D == 64 || D == 128, "d must be 64 or 128");
+    static_assert(B_c == 64 || B_c == 128, "B_c is an N of the wgmma instructions");
+    static_assert(NWG >= 1 && NWG <= 3, "1 to 3 consumer warpgroups");
+    static_assert(KS >= 2 && VS >= 2, "rings of at least two stages");
+    static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
+    static_assert(SMEM <= 227 * 1024, "shared memory per block");
+    static_assert(128 * REG_PRODUCER + 128 * NWG * REG_CONSUMER <= 65536 / BLOCKS, "register file");
+    static_assert(BLOCKS * (SMEM + 1024) <= 228 * 1024, "shared memory per multiprocessor (1 KB reserved a block)");
+};
+
+template <int D, int NWG, int B_c, int KS, int VS>
+__global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)
+v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                  const __grid_constant__ CUtensorMap tm_v) {
+#ifdef GOAT_SM90A
+    using T = V5Fwd<D, NWG, B_c, KS, VS>;
+    constexpr int B_r = T::B_r, KW = T::KW, KW_PAD = T::KW_PAD;
+    constexpr int NO = D / 2, KP = B_c / 16;
+    extern __shared__ __align__(1024) unsigned char v5_smem[];
+    const uint32_t raw = smem_u32(v5_smem), sbase = (raw + 1023u) & ~1023u;
+    unsigned char* smem = v5_smem + (sbase - raw);
+    const uint32_t Q_s = sbase + (uint32_t)T::OFF_Q, K_s = sbase + (uint32_t)T::OFF_K, V_s = sbase + (uint32_t)T::OFF_V;
+    float* kappa_s = reinterpret_cast<float*>(smem + T::OFF_KAPPA);
+    float* u_s = reinterpret_cast<float*>(smem + T::OFF_U);
+    const uint32_t bar_q = sbase + (uint32_t)T::OFF_BAR;
+    auto bar_kfull = [&](int s) { return bar_q + 8u * (1 + s); };
+    auto bar_kempty = [&](int s) { return bar_q + 8u * (1 + KS + s); };
+    auto bar_vfull = [&](int s) { return bar_q + 8u * (1 + 2 * KS + s); };
+    auto bar_vempty = [&](int s) { return bar_q + 8u * (1 + 2 * KS + VS + s); };
+
+    const int L = a.L, T_r = goat_cdiv(L, B_r);
+    const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
+    const int bh = blockIdx.y, h = bh % a.H;
+    const int i0 = it * B_r;
+    const int j_end = a.causal ? min(L, i0 + B_r) : L;
+    const int n_kt = goat_cdiv(j_end, B_c);
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+
+    if (threadIdx.x == 0) {
+        mbar_init(bar_q, 1);
+        for (int s = 0; s < KS; ++s) {
+            mbar_init(bar_kfull(s), 1 + 32);  // the TMA thread's expect_tx + the 32 lanes' prior copies
+            mbar_init(bar_kempty(s), 4 * NWG);  // lane 0 of every consumer warp
+        }
+        for (int s = 0; s < VS; ++s) {
+            mbar_init(bar_vfull(s), 1);
+            mbar_init(bar_vempty(s), 4 * NWG);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();  // the last block-wide barrier: from here on the roles only meet at the mbarriers
+
+    if (wg == 0) {
+        // ---- producer: one warp; order K_0, then (K_{j+1}, V_j) so that a wait for a free V stage never
+        // holds back the K tile the consumers need first
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::REG_PRODUCER));
+        if (warp != 0) return;
+        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
+        const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
+        if (lane == 0) {
+            mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb) tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, bh, bar_q);
+        }
+        auto load_k = [&](int jt) {  // K_j by TMA and its prior slices by cp.async, all counted on K full
+            const int s = jt % KS, j0 = jt * B_c;
+            if (jt >= KS) mbar_wait(bar_kempty(s), ((jt / KS) - 1) & 1);
+            const uint32_t kap_s = smem_u32(kappa_s + s * KW_PAD), uu_s = smem_u32(u_s + s * B_c);
+            const int ks = kappa_window_start(i0, j0, B_c, L);
+            for (int e = lane; e < KW; e += 32) {
+                const int idx = ks + e;
+                const bool valid = kappa_h && idx >= 0 && idx < 2 * L - 1;
+                cp_async_4(kap_s + 4 * e, valid ? (const void*)(kappa_h + idx) : (const void*)a.k, valid);
+            }
+            for (int e = lane; e < B_c; e += 32) {
+                const bool valid = u_h && j0 + e < L;
+                cp_async_4(uu_s + 4 * e, valid ? (const void*)(u_h + j0 + e) : (const void*)a.k, valid);
+            }
+            cp_async_mbar_arrive(bar_kfull(s));
+            if (lane == 0) {
+                mbar_arrive_tx(bar_kfull(s), T::TILE_KV);
+#pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb)
+                    tma_load_3d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, bh, bar_kfull(s));
+            }
+        };
+        auto load_v = [&](int jt) {
+            const int s = jt % VS, j0 = jt * B_c;
+            if (lane == 0) {
+                if (jt >= VS) mbar_wait(bar_vempty(s), ((jt / VS) - 1) & 1);
+                mbar_arrive_tx(bar_vfull(s), T::TILE_KV);
+#pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb)
+                    tma_load_3d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, bh, bar_vfull(s));
+            }
+            __syncwarp();
+        };
+        load_k(0);
+        for (int jt = 0; jt < n_kt; ++jt) {
+            if (jt + 1 < n_kt) load_k(jt + 1);
+            load_v(jt);
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup c = wg - 1 owns tile rows 64 c .. 64 c + 63
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
+    // (c is a constant with one consumer warpgroup: branches on it are then uniform for ptxas, see HALF_OK)
+    const int c = NWG == 1 ? 0 : wg - 1, g = lane / 4, t = lane % 4;
+    const size_t off = (size_t)bh * L * D;
+    const uint64_t dq0 = wgmma_desc(Q_s + c * 64 * 128, 16, 1024), dk0 = wgmma_desc(K_s, 16, 1024),
+                   dv0 = wgmma_desc(V_s, B_c * 128, 1024);
+    auto desc_q = [&](int kk) { return wgmma_desc_plus(dq0, (kk / 4) * B_r * 128 + (kk % 4) * 32); };
+    auto desc_k = [&](int s, int kk) {
+        return wgmma_desc_plus(dk0, s * T::TILE_KV + (kk / 4) * B_c * 128 + (kk % 4) * 32);
+    };
+    auto desc_v = [&](int s, int kk) { return wgmma_desc_plus(dv0, s * T::TILE_KV + kk * 16 * 128); };
+
+    float O[NO];
+#pragma unroll
+    for (int x = 0; x < NO; ++x) O[x] = 0.f;
+    uint32_t P[KP][4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int r_loc0 = 64 * c + 16 * warp + g;
+    mbar_wait(bar_q, 0);
+
+    // Keys this warpgroup's rows can see: causal, those up to its last row; otherwise all L.
+    const int j_end_c = a.causal ? min(L, i0 + 64 * c + 64) : L;
+    bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
+    // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
+    // ptxas takes for divergent and answers by serialising every wgmma (C7520).
+    constexpr bool HALF_OK = NWG == 1;
+    for (int jt = 0; jt < n_kt; ++jt) {
+        const int s = jt % KS, j0 = jt * B_c, sv = (jt - 1 + VS) % VS;
+        mbar_wait(bar_kfull(s), (jt / KS) & 1);
+        if (jt > 0) mbar_wait(bar_vfull(sv), ((jt - 1) / VS) & 1);
+        // O += P_{j-1} V_{j-1} (issued after S_j = Q K_j^T below). P_{j-1} is never a half tile here: a half
+        // tile is the last one (with one warpgroup, j_end_c is the block's j_end), its product is issued after
+        // the loop. (A branch here made ptxas close the commit group with an extra empty wgmma.)
+        auto issue_pv = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+            wgmma_commit();
+        };
+        const float* kap = kappa_s + s * KW_PAD;
+        const float* uu = u_s + s * B_c;
+        // One tile of NC = B_c or B_c / 2 columns: the half width serves a last tile with at most B_c / 2 keys
+        // left to see (the diagonal tile of every other query tile under causal masking; a short tail of L).
+        auto tile = [&](auto half_c) {
+            constexpr bool HALF = decltype(half_c)::value;
+            constexpr int NC = HALF ? B_c / 2 : B_c;
+            float S[NC / 2];
+#pragma unroll
+            for (int x = 0; x < NC / 2; ++x) S[x] = 0.f;
+            fence_regs(O);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<NC>(S, desc_q(kk), desc_k(s, kk), 1);
+            wgmma_commit();
+            if (jt > 0) issue_pv();
+            if (jt > 0) wgmma_wait<1>();
+            else wgmma_wait<0>();
+            fence_regs(S);
+
+            float mx[2] = {-INFINITY, -INFINITY};
+            // The GOAT step for the thread's rows r_loc0, r_loc0 + 8 and columns 8 n + 2 t + {0, 1} (u of the two
+            // columns by two 4-byte loads: one 8-byte load measured slower, docs/PERF.md). Masked: column c_loc is
+            // visible iff c_loc <= lim[hh] (inside L and, causal, not after the row), one compare with a constant
+            // per score. Two copies of the loop, with and without the mask, so interior tiles pay no test.
+            auto scores = [&](auto masked) {
+                int lim[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    lim[hh] = L - j0 - 1;
+                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0);
+                    lim[hh] -= 2 * t;  // compared below with c_loc - 2 t, a constant
+                }
+#pragma unroll
+                for (int n = 0; n < NC / 8; ++n) {
+                    const float u0 = uu[8 * n + 2 * t], u1 = uu[8 * n + 2 * t + 1];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
+                        float z = goat_logit(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1], (e & 1) ? u1 : u0);
+                        if (decltype(masked)::value) z = goat_mask(z, 8 * n + (e & 1) <= lim[e >> 1]);
+                        S[4 * n + e] = z;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], z);
+                    }
+                }
+            };
+            const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
+            if (HALF || need_mask) scores(std::true_type());  // (a half tile is always a masked one)
+            else scores(std::false_type());
+            // K_j and its prior slices are no longer read by this warp
+            __syncwarp();
+            if (lane == 0) mbar_arrive(bar_kempty(s));
+            float alpha[2];
+            wgmma_softmax_step(S, mx, m, l, alpha, [](float x) { return exp2_approx(x); });
+            wgmma_wait<0>();
+            fence_regs(O);
+            if (jt > 0) {  // V_{j-1} is no longer read by this warp
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bar_vempty(sv));
+            }
+            wgmma_rescale_pack(O, alpha, S, reinterpret_cast<uint32_t(&)[NC / 16][4]>(P));
+            p_half = HALF_OK && HALF;
+        };
+        if (HALF_OK && j_end_c - j0 <= B_c / 2) tile(std::true_type());
+        else tile(std::false_type());
+    }
+    {   // the last O += P V
+        const int sv = (n_kt - 1) % VS;
+        mbar_wait(bar_vfull(sv), ((n_kt - 1) / VS) & 1);
+        fence_regs(O);
+        wgmma_fence();
+        if (p_half) {
+#pragma unroll
+            for (int kk = 0; kk < KP / 2; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(O);
+    }
+
+    fwd_store_rows<D>(a.o + off, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
+#else
+    (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// v5 launchers (goat.cu's dispatcher calls these once goat_check has passed; the backward is v3's). The TMA
+// loads need q, k, v 16-byte aligned: goat_check requires that of every bf16 tensor.
+
+template <int D, class C>
+static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
+    using T = V5Fwd<D, C::NWG, C::B_c, C::KS, C::VS>;
+    CUtensorMap tq, tk, tv;
+    GoatStatus st = make_tensor_map(&tq, p.q, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, T::B_r);
+    if (st.ok()) st = make_tensor_map(&tk, p.k, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
+    if (st.ok()) st = make_tensor_map(&tv, p.v, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
+    if (!st.ok()) return st;
+    auto kernel = v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS>;
+    GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
+    const dim3 grid(goat_cdiv(p.L, T::B_r), p.B * p.H);
+    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(bf16_args(p), tq, tk, tv)));
+    return GoatStatus();
+}
+
+static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
+    if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
+    return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
+}
+static GoatStatus v5_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {
+    return v3_backward(p, workspace, stream);
+}
+
