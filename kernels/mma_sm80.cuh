@@ -201,3 +201,26 @@ static __device__ __forceinline__ void load_slice_async(float* dst_s, const floa
         cp_async_4(smem_u32(dst_s + e), valid ? (const void*)(src + idx) : dummy, valid);
     }
 }
+
+// ----------------------------------------------------------------------------------------------------------
+// one warp's product of a score tile and a shared-memory tile
+
+// acc[16][8 NT_O] += A B for one warp: A = its fp32 C fragments c[NT_K][4] (16 rows x 8 NT_K columns, e.g. P or
+// dS), rounded to bf16 as A operands; B = the [8 NT_K][8 NT_O] tile at shared address base (e.g. V_j in O += P V,
+// K_j in dQ += dS K), read transposed by ldmatrix.
+template <int NT_K, int NT_O, int CH>
+static __device__ __forceinline__ void mma_frags_times_tile(float (&acc)[NT_O][4], const float (&c)[NT_K][4],
+                                                            uint32_t base, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NT_K / 2; ++kk) {
+        uint32_t a[4];
+        frag_c_to_a(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < NT_O / 2; ++np) {
+            uint32_t b[4];
+            ldsm_B_trans<CH>(b, base, 16 * np, kk, lane);
+            mma_16816(acc[2 * np], a, b[0], b[1]);
+            mma_16816(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}

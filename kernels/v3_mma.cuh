@@ -228,19 +228,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
             }
 
         // phase 6: O_i += P V_j (P rounded to bf16 as the A operand)
-        const uint32_t V_base = smem_u32(V_s + buf * B_c * D);
-#pragma unroll
-        for (int kk = 0; kk < B_c / 16; ++kk) {
-            uint32_t pa[4];
-            frag_c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
-#pragma unroll
-            for (int np = 0; np < NT_O / 2; ++np) {
-                uint32_t b[4];
-                ldsm_B_trans<CH>(b, V_base, 16 * np, kk, lane);
-                mma_16816(O_acc[2 * np], pa, b[0], b[1]);
-                mma_16816(O_acc[2 * np + 1], pa, b[2], b[3]);
-            }
-        }
+        mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(V_s + buf * B_c * D), lane);
 
         // phase 7: wait for the prefetched tile; the barrier also frees this tile's buffer for jt + 2
         cp_async_wait_all();
@@ -744,18 +732,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) dP[n][e] = exp2f(S[n][e] - lse2[e >> 1]) * (dP[n][e] - Di[e >> 1]);
         // phase 5: dQ_i += dS K_j (dS rounded to bf16)
-#pragma unroll
-        for (int kk = 0; kk < B_c / 16; ++kk) {
-            uint32_t sa[4];
-            frag_c_to_a(sa, dP[2 * kk], dP[2 * kk + 1]);
-#pragma unroll
-            for (int np = 0; np < NT_O / 2; ++np) {
-                uint32_t bk[4];
-                ldsm_B_trans<CH>(bk, K_base, 16 * np, kk, lane);
-                mma_16816(dQ_acc[2 * np], sa, bk[0], bk[1]);
-                mma_16816(dQ_acc[2 * np + 1], sa, bk[2], bk[3]);
-            }
-        }
+        mma_frags_times_tile<NT_S, NT_O, CH>(dQ_acc, dP, K_base, lane);
         // phase 6: wait for the prefetched tile; the barrier frees this buffer
         cp_async_wait_all();
         __syncthreads();
