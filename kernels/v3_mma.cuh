@@ -46,19 +46,43 @@ template <> struct V3Tiles<128> {
 // ----------------------------------------------------------------------------------------------------------
 // steps shared by the forward and the deterministic dQ kernel (a block per query tile, streaming key tiles)
 
-// Block-wide: K_j, V_j, the kappa window and the u slice of key tile jt, seen from the query tile at i0, into
-// buffer buf of the double-buffered shared-memory tiles (cp.async; the caller commits).
-template <int D, int B_r, int B_c, int NTHREADS>
-static __device__ __forceinline__ void v3_load_key_tile(bf16* K_s, bf16* V_s, float* kappa_s, float* u_s,
-                                                        const bf16* k_bh, const bf16* v_bh, const float* kappa_h,
-                                                        const float* u_h, int L, int i0, int jt, int buf) {
-    constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
-    const int j0 = jt * B_c;
-    load_tile_swz<D, B_c, NTHREADS>(K_s + buf * B_c * D, k_bh, j0, L);
-    load_tile_swz<D, B_c, NTHREADS>(V_s + buf * B_c * D, v_bh, j0, L);
-    load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L), 2 * L - 1, k_bh);
-    load_slice_async<B_c, NTHREADS>(u_s + buf * B_c, u_h, j0, L, k_bh);
-}
+// A block of the forward or of the dQ kernel: query tile it of (b, h) = blockIdx.y (under a causal mask the
+// heaviest query tiles, those with the most key tiles, are scheduled first), and where its loads read.
+template <int D, int B_r, int B_c>
+struct V3QueryTile {
+    int L, it, i0, bh, h;
+    int n_kt;                   // key tiles it visits: all, or under a causal mask those up to its last row
+    size_t off;                 // of this (b, h) in [B][H][L][d]
+    const bf16 *k_bh, *v_bh;
+    const float *kappa_h, *u_h; // this head's prior tables, or nullptr
+    __device__ __forceinline__ explicit V3QueryTile(const Bf16Args& a) {
+        L = a.L;
+        const int T_r = goat_cdiv(L, B_r);
+        it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;
+        bh = blockIdx.y;
+        h = bh % a.H;
+        i0 = it * B_r;
+        n_kt = goat_cdiv(a.causal ? min(L, i0 + B_r) : L, B_c);
+        off = (size_t)bh * L * D;
+        k_bh = a.k + off;
+        v_bh = a.v + off;
+        kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
+        u_h = a.u ? a.u + (size_t)h * L : nullptr;
+    }
+    // Block-wide: K_j, V_j, the kappa window and the u slice of key tile jt into buffer buf of the
+    // double-buffered shared-memory tiles (cp.async; the caller commits).
+    template <int NTHREADS>
+    __device__ __forceinline__ void load_key_tile(bf16* K_s, bf16* V_s, float* kappa_s, float* u_s, int jt,
+                                                  int buf) const {
+        constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
+        const int j0 = jt * B_c;
+        load_tile_swz<D, B_c, NTHREADS>(K_s + buf * B_c * D, k_bh, j0, L);
+        load_tile_swz<D, B_c, NTHREADS>(V_s + buf * B_c * D, v_bh, j0, L);
+        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L),
+                                       2 * L - 1, k_bh);
+        load_slice_async<B_c, NTHREADS>(u_s + buf * B_c, u_h, j0, L, k_bh);
+    }
+};
 
 // The GOAT step on one warp's 16 x B_c score fragments S (query rows r_loc0, r_loc0 + 8 of the tile at i0; keys
 // from j0): S becomes z2 = log2(e) z, masked entries -inf (only tiles that reach the diagonal or past L test),
@@ -140,22 +164,11 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
-    const int L = a.L, T_r = goat_cdiv(L, B_r);
-    // causal: the heaviest query tiles (most key tiles) are scheduled first
-    const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;
-    const int bh = blockIdx.y, h = bh % a.H;
-    const int i0 = it * B_r;
-    const size_t off = (size_t)bh * L * D;
+    const V3QueryTile<D, B_r, B_c> qt(a);
+    const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
+    const size_t off = qt.off;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int j_end = a.causal ? min(L, i0 + B_r) : L;  // keys this query tile can see
-    const int n_kt = goat_cdiv(j_end, B_c);
-    const bf16* k_bh = a.k + off;
-    const bf16* v_bh = a.v + off;
-    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-    const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
-    auto load_kv = [&](int jt, int buf) {
-        v3_load_key_tile<D, B_r, B_c, NTHREADS>(K_s, V_s, kappa_s, u_s, k_bh, v_bh, kappa_h, u_h, L, i0, jt, buf);
-    };
+    auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i and the first key tile into shared memory, then Q_i into registers
     load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + off, i0, L);
@@ -661,22 +674,12 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
-    const int L = a.L, T_r = goat_cdiv(L, B_r);
-    const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;
-    const int bh = blockIdx.y, h = bh % a.H;
-    const int i0 = it * B_r;
-    const size_t off = (size_t)bh * L * D;
+    const V3QueryTile<D, B_r, B_c> qt(a);
+    const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
+    const size_t off = qt.off;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int j_end = a.causal ? min(L, i0 + B_r) : L;
-    const int n_kt = goat_cdiv(j_end, B_c);
     const int r_loc0 = 16 * warp + g;
-    const bf16* k_bh = a.k + off;
-    const bf16* v_bh = a.v + off;
-    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-    const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
-    auto load_kv = [&](int jt, int buf) {
-        v3_load_key_tile<D, B_r, B_c, NTHREADS>(K_s, V_s, kappa_s, u_s, k_bh, v_bh, kappa_h, u_h, L, i0, jt, buf);
-    };
+    auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i, dO_i -> registers; lse, D of this thread's two rows
     load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + off, i0, L);
