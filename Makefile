@@ -16,8 +16,12 @@ CXXFLAGS ?= -O2 -g -std=c++17 -Wall -Wextra
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 NVFLAGS  ?= -O3 -std=c++17 $(NVARCH) -lineinfo -Xcompiler -Wall,-Wextra
 DOCTEST_CFLAGS ?=
-# Hopper: sm_90a machine code (v4-v6 need wgmma, which only the "a" target has) plus compute_90 PTX for newer GPUs
-NVARCH   ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90
+# GPUs: machine code for compute capability 8.0 (A100), 8.6 (RTX 30xx), 8.9 (RTX 40xx, L4) and 9.0a (H100, H200:
+# v4-v6 need wgmma, which only the "a" target has), plus compute_90 PTX that newer GPUs compile at load time
+# (v1-v3 run there). Narrow it for a faster build, e.g. make NVARCH="-gencode=arch=compute_90a,code=sm_90a".
+NVARCH   ?= -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm_86 \
+            -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90a,code=sm_90a \
+            -gencode=arch=compute_90,code=compute_90
 BUILD    := build
 
 CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_train.cpp
