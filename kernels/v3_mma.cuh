@@ -372,9 +372,8 @@ struct V3Bwd {
     static_assert(B_r % 32 == 0, "warp diagonal reduction: B_r / 8 + 2 diagonal groups, split over 4 lanes");
 };
 
-// DKAPPA: a.dkappa != nullptr (a template argument, so that the kernel without dkappa carries none of its code:
-// measured 7-13% faster forward+backward, prior on or off, than the same kernel with a runtime flag; making
-// dq_atomic / deterministic template arguments too made the d=128 kernel with dkappa 3% slower, so they are not).
+// DKAPPA: a.dkappa != nullptr, a template argument so that the kernel without dkappa carries none of its code
+// (dq_atomic and deterministic stay runtime flags: as template arguments they measured slower, docs/PERF.md).
 template <int D, int B_r, int B_c, bool KV_IN_REGS, bool DKAPPA>
 __global__ void __launch_bounds__(B_c / 16 * 32, 1)
 v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
