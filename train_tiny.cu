@@ -33,7 +33,7 @@
 //   evaluation       validation loss; --eval-contexts (loss at T*m with the prior rebuilt for that L),
 //                    --sink-stats (mass on token 0 against content range), --prior-csv (the prior's tables);
 //                    what experiments/run.sh measures
-//   checkpoints      --save / --load
+//   checkpoints      --save / --load (checksummed, format version 2)
 //   main
 //
 // Measured (seed 1337, defaults unless named):
@@ -53,7 +53,8 @@
 //
 // Rules it keeps: every tensor states its shape; fixed seeds, printed; every CUDA and cuBLAS call checked by
 // a macro that names the statement, file and line; bad flags, files and checkpoints give a message and a
-// non-zero exit, never a crash. Without nvcc the file is plain C++ (all CUDA code is under __CUDACC__):
+// non-zero exit, never a crash; nothing is written unless a flag names the file, and every such path is checked
+// before training; a diverged run stops with a message and never saves weights that produced a NaN. Without nvcc the file is plain C++ (all CUDA code is under __CUDACC__):
 //   g++ -O2 -std=c++17 -x c++ train_tiny.cu reference.cpp -o train_tiny            (CPU only)
 //   nvcc -O3 -std=c++17 -arch=sm_90 train_tiny.cu goat.cu reference.cpp -lcublas   (GPU and CPU)
 // tests/test_train.cpp includes this file with TRAIN_TINY_NO_MAIN defined; everything but main has internal
@@ -118,6 +119,27 @@ std::string format_duration(double s) {
     return strf("%d:%02d", t / 60, t % 60);
 }
 
+// Throws a RunError unless `path` can be written, without changing anything: an existing file is opened for
+// appending (not truncated, so --load and --save may name the same file); a new one is created and removed.
+// Run before any work, so that a bad output path costs a second, not a whole training run.
+void check_writable(const std::string& path, const char* flag) {
+    struct stat st;
+    const bool exists = stat(path.c_str(), &st) == 0;
+    if (exists && S_ISDIR(st.st_mode)) throw RunError(strf("%s '%s' is a directory (checked before training)", flag, path.c_str()));
+    FILE* f = std::fopen(path.c_str(), exists ? "ab" : "wb");
+    if (!f) throw RunError(strf("%s '%s' cannot be written: %s (checked before training)", flag, path.c_str(), std::strerror(errno)));
+    std::fclose(f);
+    if (!exists) std::remove(path.c_str());
+}
+
+// 64-bit FNV-1a: a few lines, and any single changed byte changes the result (each step is a bijection).
+constexpr uint64_t FNV_OFFSET = 0xcbf29ce484222325ULL, FNV_PRIME = 0x100000001b3ULL;
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = FNV_OFFSET) {
+    const unsigned char* p = (const unsigned char*)data;
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * FNV_PRIME;
+    return h;
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // options
 
@@ -156,7 +178,7 @@ struct Options {
     int log_every = 0;         // steps between progress lines when stdout is not a terminal (0 = auto)
     int sample_len = 300;      // characters to generate at the end
     double temperature = 0.8;  // sampling temperature (0 = greedy)
-    std::string svg = "prior.svg";  // where to draw the learned prior (empty = skip)
+    std::string svg;           // where to draw the learned prior (empty = nowhere: nothing is written by default)
     std::string save, load;    // checkpoint paths
     int check = 0;             // every N steps print the Sinkhorn / closed form / kernel agreement (0 = off)
     int compare = 0;           // run N steps on CPU and GPU side by side and exit (0 = off)
@@ -203,10 +225,10 @@ std::vector<Flag> flag_table(Options* o) {
         {"--log-every", 'i', &o->log_every, "steps between progress lines when not on a terminal (0 = auto)"},
         {"--sample-len", 'i', &o->sample_len, "characters generated at the end (0 = none)"},
         {"--temperature", 'f', &o->temperature, "sampling temperature (0 = greedy)"},
-        {"--svg", 's', &o->svg, "SVG file for the learned prior (empty = none)"},
-        {"--save", 's', &o->save, "write a checkpoint here at the end"},
+        {"--svg", 's', &o->svg, "SVG file for the learned prior, e.g. build/prior.svg (empty = none)"},
+        {"--save", 's', &o->save, "write a checkpoint here at the end (on divergence: the last validated weights)"},
         {"--load", 's', &o->load, "start from this checkpoint (shapes must match the flags)"},
-        {"--check", 'i', &o->check, "every N steps: Sinkhorn vs closed form vs fused kernel on layer 0, head 0"},
+        {"--check", 'i', &o->check, "every N steps: Sinkhorn vs closed form vs fused kernel on layer 0, head 0 (PASS/FAIL; a FAIL exits 1)"},
         {"--compare", 'i', &o->compare, "run N steps on CPU and GPU from the same init, print both losses, exit"},
         {"--device", 's', &o->device, "auto | gpu | cpu (auto: the GPU when this build and machine have one)"},
         {"--eval-contexts", 's', &o->eval_contexts, "after training, validation loss at context T*m for each m of a list like 1,2,4,8"},
@@ -420,7 +442,39 @@ struct Dataset {
     std::vector<unsigned char> vocab;  // (V) token id -> byte it prints as
     std::vector<int> train, val;       // token streams (text task)
     uint64_t val_seed = 0;             // copy task: validation sequence b of batch k uses Rng(val_seed + k)
+    double nontext_frac = 0;           // share of bytes that are not text (nontext_bytes); main warns above a limit
 };
+
+// Length of the valid UTF-8 sequence starting at s[i] (2..4), or 0 when s[i] does not start one.
+size_t utf8_sequence_length(const std::string& s, size_t i) {
+    const unsigned char c = (unsigned char)s[i];
+    const size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return 0;
+    for (size_t k = 1; k < n; ++k)
+        if (((unsigned char)s[i + k] & 0xC0) != 0x80) return 0;
+    return n;
+}
+
+// Bytes that do not belong in text: control characters other than tab, newline, vertical tab, form feed and
+// carriage return, DEL, and bytes outside valid UTF-8 sequences.
+size_t nontext_bytes(const std::string& s) {
+    size_t bad = 0;
+    for (size_t i = 0; i < s.size();) {
+        const unsigned char c = (unsigned char)s[i];
+        if (c >= 0x80) {
+            const size_t n = utf8_sequence_length(s, i);
+            if (n == 0) { ++bad; ++i; } else { i += n; }
+            continue;
+        }
+        if ((c < 0x20 && !(c >= '\t' && c <= '\r')) || c == 0x7F) ++bad;
+        ++i;
+    }
+    return bad;
+}
+
+// Above this share of non-text bytes the data is binary (an executable has them everywhere), and main says so;
+// real text files may carry a few stray control bytes.
+constexpr double NONTEXT_WARN_FRAC = 0.01;
 
 // The whole file as bytes; `what` names it in errors ("data file", "checkpoint"). Directories, missing and
 // unreadable files are RunErrors.
@@ -461,6 +515,7 @@ Dataset make_text_dataset(const std::string& text, const std::string& name, int 
         throw RunError(strf("%s has %zu characters: too short for --context %d with --val-frac %g (train and "
                             "validation parts each need at least %d characters; they have %zu and %zu)",
                             name.c_str(), n, T, val_frac, T + 1, n_train, n_val));
+    ds.nontext_frac = (double)nontext_bytes(text) / n;
     ds.train.resize(n_train);
     ds.val.resize(n_val);
     for (size_t i = 0; i < n_train; ++i) ds.train[i] = id[(unsigned char)text[i]];
@@ -1227,12 +1282,13 @@ void cpu_backward(CpuModel<real>* m, const int* inputs, const int* targets, int 
 }
 
 // Global gradient norm, clipping, and one AdamW step per parameter tensor (decay on matrices only). Returns
-// the norm before clipping.
+// the norm before clipping; a non-finite norm leaves the weights untouched.
 template <typename real>
 double cpu_update(CpuModel<real>* m, const OptimConfig& o, double lr) {
     double sumsq = 0;
     for (real gr : m->grads) sumsq += (double)gr * gr;
     const double norm = std::sqrt(sumsq);
+    if (!std::isfinite(norm)) return norm;   // the weights stay as they were; the caller reports the divergence
     const double scale = (o.clip > 0 && norm > o.clip) ? o.clip / norm : 1.0;
     m->t += 1;
     const double bc1 = 1 - std::pow(o.beta1, m->t), bc2 = 1 - std::pow(o.beta2, m->t);
@@ -1729,6 +1785,7 @@ double gpu_update(GpuModel* m, const OptimConfig& o, double lr) {
     double sumsq = 0;
     CUDA_CHECK(cudaMemcpy(&sumsq, m->sumsq, sizeof(double), cudaMemcpyDeviceToHost));
     const double norm = std::sqrt(sumsq);
+    if (!std::isfinite(norm)) return norm;   // the weights stay as they were; the caller reports the divergence
     const double scale = (o.clip > 0 && norm > o.clip) ? o.clip / norm : 1.0;
     m->t += 1;
     const double bc1 = 1 - std::pow(o.beta1, m->t), bc2 = 1 - std::pow(o.beta2, m->t);
@@ -1755,6 +1812,7 @@ bool gpu_available() { return false; }
 
 struct Trainer {
     bool on_gpu = false;
+    double last_loss = NAN;   // the loss of trainer_step's last forward, kept if its backward throws
     ModelConfig cfg;
     CpuModel<float> cpu;
 #ifdef __CUDACC__
@@ -1778,21 +1836,28 @@ void free_trainer(Trainer* tr) {
     free_cpu_model(&tr->cpu);
 }
 
-// One optimiser step on a batch; returns the batch's mean loss before the update.
+// One optimiser step on a batch; returns the batch's mean loss before the update. A non-finite loss skips the
+// backward and the update, and a non-finite gradient norm (*grad_norm) skips the update: the weights are never
+// overwritten with NaN, and the caller decides what a divergence means.
 double trainer_step(Trainer* tr, const Batch& b, const OptimConfig& o, double lr, double* grad_norm) {
-    double loss, norm;
+    double loss, norm = NAN;
+    tr->last_loss = NAN;
 #ifdef __CUDACC__
     if (tr->on_gpu) {
-        loss = gpu_forward(&tr->gpu, b.inputs.data(), b.targets.data(), b.B);
-        gpu_backward(&tr->gpu, b.B);
-        norm = gpu_update(&tr->gpu, o, lr);
+        loss = tr->last_loss = gpu_forward(&tr->gpu, b.inputs.data(), b.targets.data(), b.B);
+        if (std::isfinite(loss)) {
+            gpu_backward(&tr->gpu, b.B);
+            norm = gpu_update(&tr->gpu, o, lr);
+        }
         if (grad_norm) *grad_norm = norm;
         return loss;
     }
 #endif
-    loss = cpu_forward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
-    cpu_backward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
-    norm = cpu_update(&tr->cpu, o, lr);
+    loss = tr->last_loss = cpu_forward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
+    if (std::isfinite(loss)) {
+        cpu_backward(&tr->cpu, b.inputs.data(), b.targets.data(), b.B);
+        norm = cpu_update(&tr->cpu, o, lr);
+    }
     if (grad_norm) *grad_norm = norm;
     return loss;
 }
@@ -1882,11 +1947,36 @@ HeadSnapshot trainer_head0(Trainer* tr) {
 // scores and the log-prior), the closed form softmax(s + K), and the training kernel's own attention
 // (its output o, and P rebuilt from its saved lse). Pairs: 0 = Sinkhorn vs closed, 1 = closed vs kernel,
 // 2 = Sinkhorn vs kernel.
+//
+// Bounds: P is a probability, so max|dP| is judged as it is; O is a convex combination of v's rows, so max|dO|
+// is judged against the bound times max(1, max|v|).
+// Sinkhorn and the closed form are two double routes to one softmax (rho = 0 reaches it after its first row
+// step): only double rounding separates them.
+constexpr double CHECK_TOL_SINKHORN = 1e-12;
+// The CPU attention computes in double and stores o and lse as float (relative rounding 2^-24); P rebuilt from
+// a float lse inherits |lse| times that, and 1e-5 holds for |lse| up to about 150, far beyond a model that trains.
+constexpr double CHECK_TOL_CPU_KERNEL = 1e-5;
+// The GPU kernel works in fp32 throughout: each score is a d-term fp32 dot product (rounding grows with d and the
+// logits' size), then an fp32 exp and sum, in another order than the double reference; 1e-4 admits that for
+// d <= 128 and logits of a trained model, while a wrong term (errors of 1e-2 and up) cannot pass.
+constexpr double CHECK_TOL_GPU_KERNEL = 1e-4;
+
 struct Agreement {
     double dP[3] = {0, 0, 0}, dO[3] = {0, 0, 0};
+    double max_v = 0;   // max |v|: the scale of O
     int sinkhorn_iters = 0;
     double sinkhorn_row_err = 0;
 };
+
+// The bound of pair `pair` (0, 1, 2 as above) on P; the bound on O is this times max(1, max|v|).
+double agreement_tol(int pair, bool on_gpu) {
+    return pair == 0 ? CHECK_TOL_SINKHORN : on_gpu ? CHECK_TOL_GPU_KERNEL : CHECK_TOL_CPU_KERNEL;
+}
+double agreement_o_scale(const Agreement& a) { return std::max(1.0, a.max_v); }
+bool agreement_pass(const Agreement& a, int pair, bool on_gpu) {
+    const double tol = agreement_tol(pair, on_gpu);
+    return a.dP[pair] <= tol && a.dO[pair] <= tol * agreement_o_scale(a);   // false for NaN too
+}
 
 Agreement agreement_check(const HeadSnapshot& s) {
     const int T = s.T, d = s.d;
@@ -1914,6 +2004,7 @@ Agreement agreement_check(const HeadSnapshot& s) {
                 O_closed[(size_t)i * d + c] += P_closed[(size_t)i * T + j] * s.v[(size_t)j * d + c];
             }
     Agreement a;
+    for (float x : s.v) a.max_v = std::max(a.max_v, (double)std::fabs(x));
     a.sinkhorn_iters = r.iterations;
     a.sinkhorn_row_err = r.row_err;
     for (size_t x = 0; x < scores.size(); ++x) {
@@ -1929,14 +2020,23 @@ Agreement agreement_check(const HeadSnapshot& s) {
     return a;
 }
 
-void print_agreement(int step, const Agreement& a, bool on_gpu, int T) {
+// The table, each row with its bounds and verdict; returns true when every row passes.
+bool print_agreement(int step, const Agreement& a, bool on_gpu, int T) {
     const char* kernel = on_gpu ? "fused GPU kernel (goat.cu)" : "CPU reference (goat_forward_cpu)";
     std::printf("check at step %d: layer 0, head 0, batch row 0, L = %d; Sinkhorn rho=0: %d iteration(s), row error %.1e\n",
                 step, T, a.sinkhorn_iters, a.sinkhorn_row_err);
-    std::printf("  %-52s %12s %12s\n", "pair", "max|dP|", "max|dO|");
-    std::printf("  %-52s %12.2e %12.2e\n", "Sinkhorn (iterated) vs closed form softmax(s+K)", a.dP[0], a.dO[0]);
-    std::printf("  %-52s %12.2e %12.2e\n", (std::string("closed form vs ") + kernel).c_str(), a.dP[1], a.dO[1]);
-    std::printf("  %-52s %12.2e %12.2e\n", (std::string("Sinkhorn vs ") + kernel).c_str(), a.dP[2], a.dO[2]);
+    std::printf("  %-52s %10s %8s %10s %8s  %s\n", "pair", "max|dP|", "bound", "max|dO|", "bound", "verdict");
+    const std::string names[3] = {"Sinkhorn (iterated) vs closed form softmax(s+K)", "closed form vs " + std::string(kernel),
+                                  "Sinkhorn vs " + std::string(kernel)};
+    bool all = true;
+    for (int pair = 0; pair < 3; ++pair) {
+        const double tol = agreement_tol(pair, on_gpu);
+        const bool ok = agreement_pass(a, pair, on_gpu);
+        all = all && ok;
+        std::printf("  %-52s %10.2e %8.1e %10.2e %8.1e  %s\n", names[pair].c_str(), a.dP[pair], tol, a.dO[pair],
+                    tol * agreement_o_scale(a), ok ? "PASS" : "FAIL");
+    }
+    return all;
 }
 
 #ifdef __CUDACC__
@@ -2017,6 +2117,28 @@ std::string sample_text(Trainer* tr, const Dataset& ds, int n, double temperatur
     return s;
 }
 
+// The sample as a terminal should show it: printable ASCII, tab, newline, CR before LF and valid UTF-8 as they
+// are; every other byte (control characters, C1 controls, stray bytes of binary data) as \xNN, so that the
+// data cannot drive the terminal.
+std::string printable_text(const std::string& s) {
+    std::string out;
+    for (size_t i = 0; i < s.size();) {
+        const unsigned char ch = (unsigned char)s[i];
+        const size_t n = ch >= 0x80 ? utf8_sequence_length(s, i) : 0;
+        if (n > 0 && !(ch == 0xC2 && (unsigned char)s[i + 1] < 0xA0)) {   // U+0080..U+009F are controls
+            out.append(s, i, n);
+            i += n;
+            continue;
+        }
+        if ((ch >= 0x20 && ch < 0x7F) || ch == '\n' || ch == '\t' || (ch == '\r' && i + 1 < s.size() && s[i + 1] == '\n'))
+            out += (char)ch;
+        else
+            out += strf("\\x%02x", ch);
+        ++i;
+    }
+    return out;
+}
+
 // The prior tables of every layer in double, for display: kappa (L,H,2T-1), u (L,H,T). False: no prior.
 bool prior_tables_for_display(const ModelConfig& c, const std::vector<float>& params, std::vector<double>* kappa,
                               std::vector<double>* u) {
@@ -2063,45 +2185,112 @@ void print_prior(const ModelConfig& c, const std::vector<float>& params, const s
         }
 }
 
-// An SVG a browser opens: one row per layer, kappa_h(delta) for delta = 0..T-1 on the left, u_h(j) for
-// j = 0..T-1 on the right, one coloured line per head.
+// Round tick positions covering [lo, hi]: steps of 1, 2 or 5 times a power of ten, at most about n of them.
+// The axis runs from the first tick to the last, so every curve lies inside it and each tick has a label.
+std::vector<double> nice_ticks(double lo, double hi, int n) {
+    if (!(hi > lo)) { lo -= 0.5; hi += 0.5; }
+    const double raw = (hi - lo) / std::max(1, n), mag = std::pow(10.0, std::floor(std::log10(raw)));
+    const double step = raw <= mag ? mag : raw <= 2 * mag ? 2 * mag : raw <= 5 * mag ? 5 * mag : 10 * mag;
+    std::vector<double> t;
+    for (double k = std::floor(lo / step); k <= std::ceil(hi / step) + 0.5; k += 1) t.push_back(k * step);
+    return t;
+}
+
+// A tick label with no more digits than the step between ticks needs.
+std::string tick_label(double x, double step) {
+    const int decimals = std::max(0, (int)std::ceil(-std::log10(step) - 1e-9));
+    if (std::fabs(x) < step * 1e-6) x = 0;   // no "-0.00"
+    return strf("%.*f", decimals, x);
+}
+
+std::string xml_escape(const std::string& s) {
+    std::string out;
+    for (char ch : s) {
+        if (ch == '&') out += "&amp;";
+        else if (ch == '<') out += "&lt;";
+        else if (ch == '>') out += "&gt;";
+        else if (ch == '"') out += "&quot;";
+        else if ((unsigned char)ch >= 0x20 || ch == '\t') out += ch;   // control bytes are not allowed in XML
+    }
+    return out;
+}
+
+// An SVG a browser opens: a title, a legend row (one colour per head), then one row per layer with
+// kappa_h(delta) for delta = 0..T-1 on the left and u_h(j) for j = 0..T-1 on the right. Each panel has its own
+// y axis with round ticks, a dashed zero line when 0 is in range, and axis titles; margins hold every label.
 void write_prior_svg(const std::string& path, const ModelConfig& c, const std::vector<float>& params,
                      const std::string& title) {
     std::vector<double> kappa, u;
     if (!prior_tables_for_display(c, params, &kappa, &u)) return;
     FILE* f = std::fopen(path.c_str(), "w");
     if (!f) throw RunError(strf("cannot write SVG '%s': %s", path.c_str(), std::strerror(errno)));
-    const int pw = 420, ph = 170, mx = 60, my = 40, gap = 30;
-    const int W = 2 * (pw + mx) + gap, Hh = my + c.n_layer * (ph + my) + 20;
+    // panel (plot area) size, margins around it: left for tick labels and the y title, bottom for tick labels
+    // and the x title, top for the panel title; the header holds the title, the formula line and the legend
+    const int pw = 420, ph = 170, ml = 72, mr = 24, mt = 26, mb = 44, legend_w = 78, W = 2 * (ml + pw + mr);
+    const int per_row = (W - 24) / legend_w, legend_rows = (c.n_head + per_row - 1) / per_row;
+    const int header = 60 + 18 * legend_rows, Hh = header + c.n_layer * (mt + ph + mb) + 8;
     const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
+    auto stroke = [&](int h) {   // eight colours; past them, each further eight heads get their own dash pattern
+        return strf("stroke=\"%s\"%s", colors[h % 8], h < 8 ? "" : strf(" stroke-dasharray=\"%d,3\"", 3 * (h / 8)).c_str());
+    };
     std::fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"11\">\n", W, Hh);
-    std::fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"14\">%s</text>\n", title.c_str());
+    std::fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    std::fprintf(f, "<text x=\"12\" y=\"20\" font-size=\"14\">%s</text>\n", xml_escape(title).c_str());
+    std::fprintf(f, "<text x=\"12\" y=\"38\" fill=\"#444\">logit z_ij = q_i.k_j / sqrt(d) + kappa_h(i - j) + u_h(j); "
+                    "only differences matter (softmax ignores a constant per row)</text>\n");
+    for (int h = 0; h < c.n_head; ++h) {   // legend, above the panels
+        const int lx = 12 + legend_w * (h % per_row), ly = 56 + 18 * (h / per_row);
+        std::fprintf(f, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" %s stroke-width=\"2\"/>"
+                        "<text x=\"%d\" y=\"%d\">head %d</text>\n", lx, ly, lx + 18, ly, stroke(h).c_str(), lx + 22, ly + 4, h);
+    }
     const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    // x runs over 0..T-1 exactly: round ticks inside it, and T-1 labelled unless a round tick sits close to it
+    const double x_hi = c.T - 1;
+    std::vector<double> xt = nice_ticks(0, x_hi, 8);
+    const double x_step = xt[1] - xt[0];
+    while (xt.back() > x_hi) xt.pop_back();
+    if (x_hi - xt.back() > 0.4 * x_step) xt.push_back(x_hi);
     for (int l = 0; l < c.n_layer; ++l)
         for (int panel = 0; panel < 2; ++panel) {
-            const int x0 = mx + panel * (pw + mx + gap), y0 = my + l * (ph + my);
+            const int x0 = panel * (ml + pw + mr) + ml, y0 = header + l * (mt + ph + mb) + mt;
             auto value = [&](int h, int x) {
                 return panel == 0 ? kappa[l * nk + (size_t)h * (2 * c.T - 1) + (c.T - 1) + x] : u[l * nu + (size_t)h * c.T + x];
             };
-            double lo = 1e300, hi = -1e300;
+            double lo = INFINITY, hi = -INFINITY;
             for (int h = 0; h < c.n_head; ++h)
-                for (int x = 0; x < c.T; ++x) { lo = std::min(lo, value(h, x)); hi = std::max(hi, value(h, x)); }
-            if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
-            std::fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0, pw, ph);
-            std::fprintf(f, "<text x=\"%d\" y=\"%d\">layer %d: %s</text>\n", x0, y0 - 6, l,
-                         panel == 0 ? "kappa_h(delta), delta = i - j = 0 .. T-1" : "u_h(j), key position j = 0 .. T-1");
-            std::fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + 10, hi);
-            std::fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + ph, lo);
-            std::fprintf(f, "<text x=\"%d\" y=\"%d\">0</text><text x=\"%d\" y=\"%d\" text-anchor=\"end\">%d</text>\n",
-                         x0, y0 + ph + 13, x0 + pw, y0 + ph + 13, c.T - 1);
-            for (int h = 0; h < c.n_head; ++h) {
-                std::fprintf(f, "<polyline fill=\"none\" stroke-width=\"1.5\" stroke=\"%s\" points=\"", colors[h % 8]);
                 for (int x = 0; x < c.T; ++x)
-                    std::fprintf(f, "%.1f,%.1f ", x0 + (double)pw * x / std::max(1, c.T - 1),
-                                 y0 + ph - (double)ph * (value(h, x) - lo) / (hi - lo));
+                    if (std::isfinite(value(h, x))) { lo = std::min(lo, value(h, x)); hi = std::max(hi, value(h, x)); }
+            if (!(lo <= hi)) { lo = 0; hi = 0; }
+            const double pad = 0.02 * (hi - lo);   // no curve runs along the frame
+            const std::vector<double> yt = nice_ticks(lo - pad, hi + pad, 5);
+            const double y_lo = yt.front(), y_hi = yt.back(), y_step = yt.size() > 1 ? yt[1] - yt[0] : 1;
+            auto px = [&](double x) { return x0 + pw * x / x_hi; };
+            auto py = [&](double y) { return y0 + ph - ph * (y - y_lo) / (y_hi - y_lo); };
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\" font-size=\"12\">layer %d: %s</text>\n", x0, y0 - 8, l,
+                         panel == 0 ? "kappa_h(delta), the relative term" : "u_h(j), the key-only (sink) term");
+            for (double y : yt) {   // grid and tick labels
+                std::fprintf(f, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#e4e4e4\"/>", x0, py(y), x0 + pw, py(y));
+                std::fprintf(f, "<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", x0 - 5, py(y) + 4,
+                             tick_label(y, y_step).c_str());
+            }
+            for (double x : xt) {
+                std::fprintf(f, "<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" stroke=\"#999\"/>", px(x), y0 + ph, px(x), y0 + ph + 4);
+                std::fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", px(x), y0 + ph + 16,
+                             tick_label(x, 1).c_str());
+            }
+            if (y_lo < 0 && y_hi > 0)
+                std::fprintf(f, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#555\" stroke-dasharray=\"4,3\"/>\n",
+                             x0, py(0), x0 + pw, py(0));
+            std::fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0, pw, ph);
+            std::fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", x0 + pw / 2, y0 + ph + 34,
+                         panel == 0 ? "delta = i - j (query position minus key position)" : "key position j");
+            std::fprintf(f, "<text transform=\"translate(%d,%d) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
+                         x0 - ml + 16, y0 + ph / 2, panel == 0 ? "kappa_h(delta)" : "u_h(j)");
+            for (int h = 0; h < c.n_head; ++h) {
+                std::fprintf(f, "<polyline fill=\"none\" stroke-width=\"1.5\" %s points=\"", stroke(h).c_str());
+                for (int x = 0; x < c.T; ++x)
+                    if (std::isfinite(value(h, x))) std::fprintf(f, "%.1f,%.1f ", px(x), py(value(h, x)));
                 std::fprintf(f, "\"/>\n");
-                if (l == 0 && panel == 1)
-                    std::fprintf(f, "<text x=\"%d\" y=\"%d\" fill=\"%s\">head %d</text>\n", x0 + pw - 50, y0 + 14 + 12 * h, colors[h % 8], h);
             }
         }
     std::fprintf(f, "</svg>\n");
@@ -2304,64 +2493,101 @@ bool write_prior_csv(const std::string& path, const ModelConfig& c, const std::v
 //
 // Layout (little-endian): CheckpointHeader, then V vocabulary bytes, then n_params floats (the flat array of
 // section "parameters"). AdamW's moments are not saved: --load starts a fresh optimiser from these weights.
+// The header's checksum covers the whole file, so a flipped byte anywhere is "checkpoint corrupt", never a
+// silently different model.
 
 constexpr uint32_t CKPT_MAGIC = 0x54414F47;   // "GOAT" read as bytes
-constexpr uint32_t CKPT_VERSION = 1;
+constexpr uint32_t CKPT_VERSION = 2;          // 2 added the checksum; version 1 files are refused with a message
 
 struct CheckpointHeader {
     uint32_t magic, version;
     int32_t V, T, n_layer, n_head, C, prior, R, M;
     int32_t step, reserved;
     uint64_t n_params;
+    uint64_t checksum;   // fnv1a64 of the whole file with this field set to 0
 };
+static_assert(sizeof(CheckpointHeader) == 64, "the header is read and written as raw bytes");
+
+// The checksum of a file made of header h (its checksum field taken as 0) and the bytes that follow it.
+uint64_t checkpoint_checksum(CheckpointHeader h, const void* rest, size_t rest_bytes) {
+    h.checksum = 0;
+    return fnv1a64(rest, rest_bytes, fnv1a64(&h, sizeof(h)));
+}
 
 void save_checkpoint(const std::string& path, const ModelConfig& c, const std::vector<unsigned char>& vocab,
                      const std::vector<float>& params, int step) {
     CheckpointHeader h = {CKPT_MAGIC, CKPT_VERSION, c.V, c.T, c.n_layer, c.n_head, c.C, c.prior, c.R, c.M,
-                          step, 0, (uint64_t)params.size()};
+                          step, 0, (uint64_t)params.size(), 0};
+    std::string rest((const char*)vocab.data(), vocab.size());
+    rest.append((const char*)params.data(), params.size() * sizeof(float));
+    h.checksum = checkpoint_checksum(h, rest.data(), rest.size());
     FILE* f = std::fopen(path.c_str(), "wb");
     if (!f) throw RunError(strf("cannot write checkpoint '%s': %s", path.c_str(), std::strerror(errno)));
-    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(vocab.data(), 1, vocab.size(), f) == vocab.size() &&
-              std::fwrite(params.data(), sizeof(float), params.size(), f) == params.size();
+    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(rest.data(), 1, rest.size(), f) == rest.size();
     ok = (std::fclose(f) == 0) && ok;
     if (!ok) throw RunError(strf("cannot write checkpoint '%s' (disk full?)", path.c_str()));
 }
 
-// Reads a checkpoint and checks that it is one, of this version, with the shape the flags ask for and the
-// data's vocabulary. Every problem is a RunError with a message; nothing is trusted before it is checked.
+// Every field in which the checkpoint's shape h differs from this run's c, as "--flag FILE in the file, HERE
+// here", joined by "; ". Empty when the shapes agree.
+std::string checkpoint_shape_diff(const CheckpointHeader& h, const ModelConfig& c) {
+    std::string out;
+    auto add = [&](const std::string& what) { out += (out.empty() ? "" : "; ") + what; };
+    auto num = [&](const char* name, long long file, long long here) {
+        if (file != here) add(strf("%s %lld in the file, %lld here", name, file, here));
+    };
+    num("vocabulary size (other data?)", h.V, c.V);
+    num("--context", h.T, c.T);
+    num("--layers", h.n_layer, c.n_layer);
+    num("--heads", h.n_head, c.n_head);
+    if (h.n_head > 0 && h.C % h.n_head == 0) num("--head-dim", h.C / h.n_head, c.C / c.n_head);
+    else num("width (heads * head-dim)", h.C, c.C);
+    if (h.prior != c.prior)
+        add(strf("--prior %s in the file, %s here", h.prior >= 0 && h.prior < 4 ? PRIOR_NAMES[h.prior] : "(unknown)",
+                 PRIOR_NAMES[c.prior]));
+    if (h.prior == PRIOR_GOAT && c.prior == PRIOR_GOAT) {   // only the learned prior has these parameters
+        num("--pos-rank", h.R, c.R);
+        num("--abs-rank", h.M, c.M);
+    }
+    return out;
+}
+
+// Reads a checkpoint and checks, in this order, that it is one, of this version, complete, intact (checksum),
+// with the shape the flags ask for and the data's vocabulary. Every problem is a RunError with a message;
+// nothing is trusted before it is checked.
 std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c, const std::vector<unsigned char>& vocab,
                                    int* step) {
     std::string bytes = read_whole_file(path, "checkpoint");
     CheckpointHeader h;
+    if (bytes.size() < 8) throw RunError(strf("checkpoint '%s' is too short to be one (%zu bytes)", path.c_str(), bytes.size()));
+    std::memcpy(&h, bytes.data(), 8);   // magic and version: the same place in every version
+    if (h.magic != CKPT_MAGIC) throw RunError(strf("'%s' is not a train_tiny checkpoint (bad magic number)", path.c_str()));
+    if (h.version == 1)
+        throw RunError(strf("checkpoint '%s' has the old format version 1, which has no checksum; this program reads "
+                            "version %u only: train again with --save", path.c_str(), CKPT_VERSION));
+    if (h.version != CKPT_VERSION)
+        throw RunError(strf("checkpoint '%s' has format version %u; this program reads version %u", path.c_str(), h.version, CKPT_VERSION));
     if (bytes.size() < sizeof(h)) throw RunError(strf("checkpoint '%s' is too short to be one (%zu bytes)", path.c_str(), bytes.size()));
     std::memcpy(&h, bytes.data(), sizeof(h));
-    if (h.magic != CKPT_MAGIC) throw RunError(strf("'%s' is not a train_tiny checkpoint (bad magic number)", path.c_str()));
-    if (h.version != CKPT_VERSION)
-        throw RunError(strf("checkpoint '%s' has version %u; this program reads version %u", path.c_str(), h.version, CKPT_VERSION));
-    const int32_t got[9] = {h.V, h.T, h.n_layer, h.n_head, h.C, h.prior, h.R, h.M, 0};
-    const int32_t want[9] = {c.V, c.T, c.n_layer, c.n_head, c.C, c.prior, c.R, c.M, 0};
-    const char* names[9] = {"vocabulary size", "context (--context)", "layers (--layers)", "heads (--heads)",
-                            "width (heads * head-dim)", "prior kind (--prior)", "pos-rank (--pos-rank)", "abs-rank (--abs-rank)", ""};
-    for (int i = 0; i < 8; ++i) {
-        if (got[i] == want[i]) continue;
-        if (i == 5)
-            throw RunError(strf("checkpoint '%s' was trained with --prior %s; this run asks for --prior %s", path.c_str(),
-                                got[i] >= 0 && got[i] < 4 ? PRIOR_NAMES[got[i]] : "?", PRIOR_NAMES[want[i]]));
-        throw RunError(strf("checkpoint '%s' does not match this run: %s is %d in the file, %d here", path.c_str(),
-                            names[i], got[i], want[i]));
-    }
+    const size_t rest = bytes.size() - sizeof(h);
+    if (h.V < 1 || h.V > 256 || h.n_params > rest / sizeof(float) || (size_t)h.V + h.n_params * sizeof(float) != rest)
+        throw RunError(strf("checkpoint '%s' is %zu bytes; its header describes a different size (truncated or corrupt)",
+                            path.c_str(), bytes.size()));
+    const uint64_t sum = checkpoint_checksum(h, bytes.data() + sizeof(h), rest);
+    if (sum != h.checksum)
+        throw RunError(strf("checkpoint corrupt: '%s' does not match its checksum (stored %016llx, computed %016llx)",
+                            path.c_str(), (unsigned long long)h.checksum, (unsigned long long)sum));
+    const std::string diff = checkpoint_shape_diff(h, c);
+    if (!diff.empty()) throw RunError(strf("checkpoint '%s' does not match this run: %s", path.c_str(), diff.c_str()));
     const size_t expect = num_params(c);
     if (h.n_params != expect)
         throw RunError(strf("checkpoint '%s' holds %llu parameters; this shape has %zu", path.c_str(), (unsigned long long)h.n_params, expect));
-    const size_t total = sizeof(h) + (size_t)c.V + expect * sizeof(float);
-    if (bytes.size() != total)
-        throw RunError(strf("checkpoint '%s' is %zu bytes; expected %zu (truncated or corrupt)", path.c_str(), bytes.size(), total));
     if (std::memcmp(bytes.data() + sizeof(h), vocab.data(), c.V) != 0)
         throw RunError(strf("checkpoint '%s' was trained on a different vocabulary (other data)", path.c_str()));
     std::vector<float> params(expect);
     std::memcpy(params.data(), bytes.data() + sizeof(h) + c.V, expect * sizeof(float));
-    for (size_t i = 0; i < expect; ++i)
-        if (!std::isfinite(params[i])) throw RunError(strf("checkpoint '%s' has a non-finite parameter at index %zu (corrupt)", path.c_str(), i));
+    for (size_t i = 0; i < expect; ++i)   // a checksum only proves the file is what was written
+        if (!std::isfinite(params[i])) throw RunError(strf("checkpoint '%s' has a non-finite parameter at index %zu", path.c_str(), i));
     if (step) *step = h.step;
     return params;
 }
@@ -2369,9 +2595,41 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
 // ----------------------------------------------------------------------------------------------------------
 // main
 
+// The small CPU configuration that `make demo` runs (the Makefile's TINY_CPU_DEMO: keep the two the same).
+const char* const CPU_DEMO_FLAGS = "--layers 2 --heads 4 --head-dim 16 --context 64 --batch 8 --steps 600 "
+                                   "--warmup 30 --val-every 100 --check 300 --sample-len 200";
+// A CPU run estimated to take longer than this gets a hint with that configuration: a first run should take
+// minutes, and the default model is sized for a GPU.
+constexpr double LONG_CPU_RUN_S = 600;
+
+// Every file the run may write, checked before the data is loaded or a step is taken.
+void check_output_paths(const Options& o) {
+    const std::pair<const std::string*, const char*> outputs[] = {
+        {&o.save, "--save"}, {&o.svg, "--svg"}, {&o.prior_csv, "--prior-csv"}, {&o.sink_stats, "--sink-stats"}};
+    for (const auto& [path, flag] : outputs)
+        if (!path->empty()) check_writable(*path, flag);
+}
+
+// reference.cpp refuses non-finite inputs (require_finite: "has a non-finite entry", require_log_prior: "NaN or
+// +inf"). Shapes were accepted before training, so inside a step such a refusal means values overflowed: the
+// run diverged; any other std::invalid_argument is a bug and propagates.
+bool is_overflow_refusal(const std::invalid_argument& e) {
+    const std::string m = e.what();
+    return m.find("non-finite") != std::string::npos || m.find("NaN or +inf") != std::string::npos;
+}
+
+// The one-line message for a run that diverged at `step`; `what` says which value went bad.
+std::string divergence_message(int step, const std::string& what, double clip) {
+    return strf("training diverged at step %d (%s); lower --lr or %s", step, what.c_str(),
+                clip > 0 ? "--clip" : "set --clip (e.g. --clip 1)");
+}
+
+std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", x); }
+
 [[maybe_unused]] int train_main(int argc, char** argv) {
     Options o;
     if (!parse_args(argc, argv, &o)) { print_usage(stdout); return 0; }
+    check_output_paths(o);
     Dataset ds = load_dataset(o);
     check_eval_data(o, ds);
     const ModelConfig c = model_config(o, (int)ds.vocab.size());
@@ -2401,7 +2659,14 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
     if (c.prior == PRIOR_GOAT) std::printf(" (learned per layer: R = %d, M = %d, init %s, %zu parameters per layer)", c.R, c.M, o.prior_init.c_str(), prior_size(c));
     std::printf("\ndata: %s", ds.name.c_str());
     if (ds.task == TASK_TEXT) std::printf(", %zu train / %zu validation tokens", ds.train.size(), ds.val.size());
-    std::printf("\nseeds: weights %lld, batches %lld, sampling %lld%s\n", o.seed, o.seed + 1, o.seed + 2,
+    std::printf("\n");
+    if (ds.nontext_frac > NONTEXT_WARN_FRAC) {
+        std::fflush(stdout);
+        std::fprintf(stderr, "warning: %s does not look like text (%.0f%% of its bytes are control characters or not "
+                             "UTF-8); train_tiny models text, and samples show such bytes as \\xNN\n", ds.name.c_str(),
+                     100 * ds.nontext_frac);
+    }
+    std::printf("seeds: weights %lld, batches %lld, sampling %lld%s\n", o.seed, o.seed + 1, o.seed + 2,
                 o.load.empty() ? "" : strf(" (weights loaded from '%s', saved at step %d)", o.load.c_str(), step0).c_str());
     std::printf("optimiser: AdamW (0.9, 0.95), lr %g, warm-up %d, cosine to %g, weight decay %g, clip %g, batch %d x %d tokens, %d steps\n",
                 o.lr, o.warmup, o.lr * o.min_lr_frac, o.weight_decay, o.clip, o.batch, c.T, o.steps);
@@ -2426,38 +2691,114 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
     resize_batch(&vbatch, o.batch, c.T);
     Rng batch_rng((uint64_t)o.seed + 1);
 
+    // If the run diverges, --save gets the weights of the last validation whose loss was below ln V, the loss of
+    // a uniform guess (or the loaded weights): never weights that produced a NaN or predict worse than chance.
+    const double chance_loss = std::log((double)c.V);
+    std::vector<float> safe_params;
+    int safe_step = -1;
+    double safe_val = NAN;
+    if (!o.save.empty() && !o.load.empty()) { safe_params = init; safe_step = 0; }
+
     const bool tty = isatty(1);
+    bool line_open = false;   // on a terminal: a progress line is shown without its newline
+    auto end_line = [&] { if (line_open) { std::printf("\n"); line_open = false; } };
+    auto diverged = [&](int step, const std::string& what) {
+        end_line();
+        if (!o.save.empty() && safe_step >= 0) {
+            try {
+                save_checkpoint(o.save, c, ds.vocab, safe_params, step0 + safe_step);
+                std::printf("checkpoint of step %d (%s) written to %s; nothing else is written\n", step0 + safe_step,
+                            std::isnan(safe_val) ? "the loaded weights" : strf("validation loss %.4f", safe_val).c_str(),
+                            o.save.c_str());
+            } catch (const RunError& e) {   // the divergence stays the error the run ends with
+                std::fflush(stdout);
+                std::fprintf(stderr, "error: %s\n", e.what());
+            }
+        } else if (!o.save.empty()) {
+            std::printf("no checkpoint written: no validation before the divergence had a loss below chance (ln V = %.2f)\n", chance_loss);
+        }
+        std::fflush(stdout);
+        throw RunError(divergence_message(step, what, o.clip));
+    };
     const int log_every = o.log_every > 0 ? o.log_every : std::max(1, o.steps / 20);
     double val_loss = NAN, train_loss = NAN, step_time = 0;
-    int timed_steps = 0;
+    int timed_steps = 0, checks = 0, checks_failed = 0;
     const double t_start = now_seconds();
     for (int step = 0; step < o.steps; ++step) {
         next_train_batch(ds, batch_rng, &batch);
         const double lr = learning_rate(step, o.steps, o.warmup, o.lr, o.min_lr_frac);
         const double t0 = now_seconds();
-        train_loss = trainer_step(&tr, batch, opt, lr, nullptr);
+        double grad_norm = NAN;
+        try {
+            train_loss = trainer_step(&tr, batch, opt, lr, &grad_norm);
+        } catch (const std::invalid_argument& e) {
+            if (!is_overflow_refusal(e)) throw;
+            diverged(step + 1, "loss = " + number_or_nan(tr.last_loss) + "; " + e.what());
+        }
         const double dt = now_seconds() - t0;
-        if (!std::isfinite(train_loss)) throw RunError(strf("training diverged: loss %g at step %d (lower --lr?)", train_loss, step + 1));
+        if (!std::isfinite(train_loss) || !std::isfinite(grad_norm))
+            diverged(step + 1, "loss = " + number_or_nan(train_loss) +
+                                   (std::isfinite(train_loss) ? ", gradient norm = " + number_or_nan(grad_norm) : ""));
         if (step > 0 || o.steps == 1) { step_time += dt; ++timed_steps; }   // the first step pays for start-up
         const bool last = step + 1 == o.steps;
         if (o.check > 0 && ((step + 1) % o.check == 0 || step == 0)) {   // before validation reuses the buffers
-            if (tty) std::printf("\n");
-            print_agreement(step + 1, agreement_check(trainer_head0(&tr)), on_gpu, c.T);
+            end_line();
+            ++checks;
+            if (!print_agreement(step + 1, agreement_check(trainer_head0(&tr)), on_gpu, c.T)) ++checks_failed;
         }
-        if ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
+        const bool fresh_val = (o.val_every > 0 && (step + 1) % o.val_every == 0) || last;
+        if (fresh_val) {
+            try {
+                val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
+            } catch (const std::invalid_argument& e) {
+                if (!is_overflow_refusal(e)) throw;
+                val_loss = NAN;
+            }
+            if (!std::isfinite(val_loss)) diverged(step + 1, "validation loss = " + number_or_nan(val_loss));
+            if (!o.save.empty() && val_loss < chance_loss) { safe_params = trainer_params(&tr); safe_step = step + 1; safe_val = val_loss; }
+        }
         const double ms = timed_steps ? 1e3 * step_time / timed_steps : 1e3 * dt;
         const double elapsed = now_seconds() - t_start;
         const double left = elapsed / (step + 1) * (o.steps - step - 1);   // validation and checks included
+        // the validation loss shows on the line of the step that measured it, and that line stays
         const std::string line = strf("step %*d/%d | loss %.4f | val %s | %.1fk tok/s | %.1f ms/step | %s elapsed, %s left",
                                       (int)std::to_string(o.steps).size(), step + 1, o.steps, train_loss,
-                                      std::isnan(val_loss) ? "  -   " : strf("%.4f", val_loss).c_str(),
+                                      fresh_val ? strf("%.4f", val_loss).c_str() : "  -   ",
                                       (double)o.batch * c.T / ms, ms, format_duration(elapsed).c_str(),
                                       format_duration(left).c_str());
-        if (tty) std::printf("\r%s\033[K%s", line.c_str(), last ? "\n" : "");
-        else if ((step + 1) % log_every == 0 || step == 0 || last) std::printf("%s\n", line.c_str());
+        if (tty) {
+            std::printf("\r%s\033[K", line.c_str());
+            line_open = true;
+            if (last || fresh_val) end_line();
+        } else if ((step + 1) % log_every == 0 || step == 0 || last || fresh_val) {
+            std::printf("%s\n", line.c_str());
+        }
+        if (step == 0 && !on_gpu && left > LONG_CPU_RUN_S) {
+            end_line();
+            std::printf("hint: this CPU run needs about %s more (%.1f s/step); the small CPU configuration of `make demo` "
+                        "takes minutes: %s\n", format_duration(left).c_str(), dt, CPU_DEMO_FLAGS);
+        }
         std::fflush(stdout);
     }
     if (o.steps == 0) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
+    std::vector<float> params = trainer_params(&tr);
+
+    // Outputs: the checkpoint first, so that nothing after it can cost it; a file that cannot be written is
+    // reported and the others are still written (the exit status is then 1).
+    int outputs_failed = 0;
+    auto attempt = [&](auto&& write) {
+        try {
+            write();
+        } catch (const RunError& e) {
+            std::fprintf(stderr, "error: %s\n", e.what());
+            ++outputs_failed;
+        }
+    };
+    if (!o.save.empty())
+        attempt([&] {
+            save_checkpoint(o.save, c, ds.vocab, params, step0 + o.steps);
+            std::printf("checkpoint of step %d written to %s\n", step0 + o.steps, o.save.c_str());
+        });
 
     std::printf("\nfinal: train loss %s (last batch), validation loss %.4f (%d batches), %.1f ms/step, %.1fk tokens/s, %s total\n",
                 std::isnan(train_loss) ? "-" : strf("%.4f", train_loss).c_str(), val_loss, o.val_batches, timed_steps ? 1e3 * step_time / timed_steps : 0.0,
@@ -2476,30 +2817,32 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
     }
     if (o.sample_len > 0) {
         std::string s = sample_text(&tr, ds, o.sample_len, o.temperature, (uint64_t)o.seed + 2);
-        std::printf("\nsample (temperature %g, %d characters):\n%s\n\n", o.temperature, o.sample_len, s.c_str());
+        std::printf("\nsample (temperature %g, %d characters):\n%s\n\n", o.temperature, o.sample_len, printable_text(s).c_str());
     }
-    std::vector<float> params = trainer_params(&tr);
     const std::string title = c.prior == PRIOR_GOAT ? "learned GOAT prior (init " + o.prior_init + ")" : "fixed prior (" + std::string(PRIOR_NAMES[c.prior]) + ")";
     print_prior(c, params, title);
-    if (!o.svg.empty() && has_prior_tables(c)) {
-        write_prior_svg(o.svg, c, params, title + strf(", %s, %d steps", ds.name.c_str(), o.steps));
-        std::printf("prior drawn in %s\n", o.svg.c_str());
+    if (has_prior_tables(c)) {
+        if (o.svg.empty())
+            std::printf("(--svg FILE draws these curves, e.g. --svg build/prior.svg)\n");
+        else
+            attempt([&] {
+                write_prior_svg(o.svg, c, params, title + strf(", %s, %d steps", ds.name.c_str(), step0 + o.steps));
+                std::printf("prior drawn in %s\n", o.svg.c_str());
+            });
     }
-    if (!o.save.empty()) {
-        save_checkpoint(o.save, c, ds.vocab, params, step0 + o.steps);
-        std::printf("checkpoint written to %s\n", o.save.c_str());
-    }
-    if (!o.prior_csv.empty()) {
-        if (write_prior_csv(o.prior_csv, c, params)) std::printf("prior tables written to %s\n", o.prior_csv.c_str());
-        else std::printf("--prior-csv: --prior %s has no prior tables; nothing written\n", PRIOR_NAMES[c.prior]);
-    }
-    if (!o.sink_stats.empty()) {
-        std::vector<SinkRow> rows = sink_stats(&tr, ds, o.val_batches, &vbatch);
-        write_sink_csv(o.sink_stats, rows);
-        std::printf("sink statistics (all %d layers, %d heads, %d sequences of validation batch 0, queries 1..%d): "
-                    "%zu rows written to %s\n", c.n_layer, c.n_head, std::min(SINK_SEQS, o.batch), c.T - 1, rows.size(),
-                    o.sink_stats.c_str());
-    }
+    if (!o.prior_csv.empty())
+        attempt([&] {
+            if (write_prior_csv(o.prior_csv, c, params)) std::printf("prior tables written to %s\n", o.prior_csv.c_str());
+            else std::printf("--prior-csv: --prior %s has no prior tables; nothing written\n", PRIOR_NAMES[c.prior]);
+        });
+    if (!o.sink_stats.empty())
+        attempt([&] {
+            std::vector<SinkRow> rows = sink_stats(&tr, ds, o.val_batches, &vbatch);
+            write_sink_csv(o.sink_stats, rows);
+            std::printf("sink statistics (all %d layers, %d heads, %d sequences of validation batch 0, queries 1..%d): "
+                        "%zu rows written to %s\n", c.n_layer, c.n_head, std::min(SINK_SEQS, o.batch), c.T - 1, rows.size(),
+                        o.sink_stats.c_str());
+        });
     free_trainer(&tr);
     if (!o.eval_mults.empty()) {
         std::printf("evaluation at longer contexts: %s backend, prior tables rebuilt for each L, positions 0..L-1 "
@@ -2511,7 +2854,10 @@ std::vector<float> load_checkpoint(const std::string& path, const ModelConfig& c
         }
         std::printf("evaluation took %.1f s\n", now_seconds() - t_eval);
     }
-    return 0;
+    if (checks_failed > 0) std::printf("--check: %d of %d agreement checks FAILED (tables above)\n", checks_failed, checks);
+    else if (checks > 0) std::printf("--check: all %d agreement checks passed\n", checks);
+    std::fflush(stdout);
+    return checks_failed > 0 || outputs_failed > 0 ? 1 : 0;
 }
 
 }  // namespace

@@ -7,9 +7,13 @@
 //   2. training works: a 2-layer model on the embedded corpus ends below a loss it cannot reach with lr = 0;
 //   3. float and double models agree over a few steps (what --compare asks of the GPU, on the CPU);
 //   4. the --check oracle: Sinkhorn with rho = 0, the closed form and the CPU attention agree;
-//   5. checkpoints round-trip, and every kind of bad checkpoint, data file and flag gives an error, never a crash;
+//   5. checkpoints round-trip, their checksum catches one changed byte, a shape mismatch names every field, and
+//      every kind of bad checkpoint, data file and flag gives an error, never a crash;
 //   6. the experiments' measurements (experiments/run.sh): evaluation at longer contexts (a model rebuilt at
-//      L = T*m agrees with the trained one on the first T positions), abs refused past T_train, sink statistics.
+//      L = T*m agrees with the trained one on the first T positions), abs refused past T_train, sink statistics;
+//   7. the program end to end on a toy shape: output paths checked before training, the checkpoint written
+//      whatever else fails, divergence reported (and diverged weights never saved), the progress line, no file
+//      written unless asked, --check verdicts, binary data, the prior SVG.
 // Seeds are fixed and printed.
 #define TRAIN_TINY_NO_MAIN
 #include "../train_tiny.cu"
@@ -17,8 +21,11 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <dirent.h>
+#include <exception>
 #include <functional>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -294,9 +301,85 @@ TEST_CASE("train_tiny: checkpoint round trip restores the exact weights") {
     const float nan = NAN;
     std::memcpy(&bad[bad.size() - 4], &nan, 4);
     write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "checkpoint corrupt");
+    std::vector<float> with_nan = params;   // written with a valid checksum: the finiteness check still holds
+    with_nan.back() = NAN;
+    save_checkpoint(path, c, vocab, with_nan, 17);
     expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "non-finite");
     write_bytes(path, good + "x");
     expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "bytes");
+    std::remove(path.c_str());
+}
+
+TEST_CASE("train_tiny: the checkpoint checksum refuses one flipped payload byte, a weight set to 1e30 and an edited header") {
+    const ModelConfig c = tiny_config(PRIOR_GOAT);
+    const std::vector<unsigned char> vocab = {'a', 'b', 'c', 'd', 'e', 'f', 'g'};
+    const std::vector<float> params = random_params(c, TEST_SEED);
+    const std::string path = temp_path("ckpt_sum.bin");
+    save_checkpoint(path, c, vocab, params, 5);
+    const std::string good = read_bytes(path);
+    REQUIRE(good.size() == sizeof(CheckpointHeader) + vocab.size() + params.size() * sizeof(float));
+    CHECK(load_checkpoint(path, c, vocab, nullptr) == params);
+
+    const size_t payload = sizeof(CheckpointHeader) + vocab.size();   // offset of the first weight
+    std::string bad = good;
+    bad[payload + params.size() * 2 + 1] ^= 0x01;   // one bit of one weight in the middle
+    write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "checkpoint corrupt");
+
+    bad = good;
+    const float huge = 1e30f;   // finite, so only the checksum can catch it
+    std::memcpy(&bad[payload + 4 * 100], &huge, 4);
+    write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "checkpoint corrupt");
+
+    bad = good;
+    bad[sizeof(CheckpointHeader) + 2] ^= 0x20;   // a vocabulary byte
+    write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "checkpoint corrupt");
+
+    bad = good;
+    CheckpointHeader h;
+    std::memcpy(&h, bad.data(), sizeof(h));
+    h.step = 6;   // a header field the shape checks do not look at
+    std::memcpy(&bad[0], &h, sizeof(h));
+    write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "checkpoint corrupt");
+
+    bad = good;
+    h.version = 1;   // a file of the format before the checksum
+    std::memcpy(&bad[0], &h, sizeof(h));
+    write_bytes(path, bad);
+    expect_error<RunError>([&] { load_checkpoint(path, c, vocab, nullptr); }, "old format version 1");
+    std::remove(path.c_str());
+}
+
+TEST_CASE("train_tiny: a checkpoint of another shape is refused with every differing field in one message") {
+    const ModelConfig c = tiny_config(PRIOR_GOAT);
+    const std::vector<unsigned char> vocab = {'a', 'b', 'c', 'd', 'e', 'f', 'g'};
+    const std::string path = temp_path("ckpt_shape.bin");
+    save_checkpoint(path, c, vocab, random_params(c, TEST_SEED), 1);
+    ModelConfig other = c;
+    other.T = 9;
+    other.n_layer = 3;
+    other.n_head = 4;        // d = C / n_head = 2 instead of 4
+    other.prior = PRIOR_ALIBI;
+    bool thrown = false;
+    try {
+        load_checkpoint(path, other, vocab, nullptr);
+    } catch (const RunError& e) {
+        thrown = true;
+        const std::string m = e.what();
+        INFO("message: " << m);
+        CHECK(m.find("--context 6 in the file, 9 here") != std::string::npos);
+        CHECK(m.find("--layers 2 in the file, 3 here") != std::string::npos);
+        CHECK(m.find("--heads 2 in the file, 4 here") != std::string::npos);
+        CHECK(m.find("--head-dim 4 in the file, 2 here") != std::string::npos);
+        CHECK(m.find("--prior goat in the file, alibi here") != std::string::npos);
+        CHECK(m.find("vocabulary") == std::string::npos);   // equal fields are not listed
+        CHECK(m.find('\n') == std::string::npos);           // one line
+    }
+    CHECK(thrown);
     std::remove(path.c_str());
 }
 
@@ -515,4 +598,245 @@ TEST_CASE("train_tiny: --prior-csv holds kappa and u for every layer and head; n
     std::remove(path.c_str());
     ModelConfig cn = tiny_config(PRIOR_NONE);
     CHECK_FALSE(write_prior_csv(path, cn, random_params(cn, TEST_SEED)));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. the program end to end: train_main on a toy shape (milliseconds a run), its output captured
+
+namespace {
+
+// A model small enough that a run of a few dozen steps takes milliseconds, on the embedded corpus.
+const std::vector<std::string> TOY_RUN = {"--device", "cpu", "--layers", "1", "--heads", "2", "--head-dim", "4",
+                                          "--context", "8", "--batch", "2", "--val-batches", "1", "--sample-len", "0"};
+
+std::vector<std::string> toy_run(std::vector<std::string> extra) {
+    std::vector<std::string> args = TOY_RUN;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+}
+
+// Runs train_main with these flags and stdout sent to a file; *out gets what it printed, also when it throws.
+int run_main(std::vector<std::string> args, std::string* out) {
+    args.insert(args.begin(), "train_tiny");
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(&a[0]);
+    const std::string path = temp_path("stdout.txt");
+    std::fflush(stdout);
+    const int saved = dup(1);
+    FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f);
+    dup2(fileno(f), 1);
+    std::exception_ptr error;
+    int rc = -1;
+    try {
+        rc = train_main((int)argv.size(), argv.data());
+    } catch (...) {
+        error = std::current_exception();
+    }
+    std::fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+    std::fclose(f);
+    *out = read_bytes(path);
+    std::remove(path.c_str());
+    if (error) std::rethrow_exception(error);
+    return rc;
+}
+
+bool file_exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("train_tiny: an output path that cannot be written is refused before the first training step") {
+    for (const char* flag : {"--save", "--svg", "--prior-csv", "--sink-stats"}) {
+        std::string out;
+        expect_error<RunError>([&] { run_main(toy_run({"--steps", "5", flag, "/nonexistent_dir/out"}), &out); },
+                               std::string(flag) + " '/nonexistent_dir/out' cannot be written");
+        INFO("output: " << out);
+        CHECK(out.find("step") == std::string::npos);   // refused before the banner, let alone a step
+    }
+    std::string out;
+    expect_error<RunError>([&] { run_main(toy_run({"--steps", "5", "--save", "/tmp"}), &out); }, "is a directory");
+    // the check changes nothing: an existing file keeps its bytes (--load and --save may name one file), a new
+    // one is not left behind
+    const std::string path = temp_path("writable.bin");
+    write_bytes(path, "keep");
+    check_writable(path, "--save");
+    CHECK(read_bytes(path) == "keep");
+    std::remove(path.c_str());
+    check_writable(path, "--save");
+    CHECK_FALSE(file_exists(path));
+}
+
+TEST_CASE("train_tiny: an SVG that fails to write costs neither the checkpoint nor the other outputs") {
+    if (!file_exists("/dev/full")) { std::printf("skipped: no /dev/full (writes to it fail with ENOSPC)\n"); return; }
+    const std::string ckpt = temp_path("svg_fail.ckpt"), csv = temp_path("svg_fail.csv");
+    std::string out;
+    // /dev/full passes the check (it can be opened) and fails the write: the case of a disk that fills up
+    const int rc = run_main(toy_run({"--steps", "3", "--svg", "/dev/full", "--save", ckpt, "--prior-csv", csv}), &out);
+    INFO("output: " << out);
+    CHECK(rc == 1);
+    CHECK(out.find("checkpoint of step 3 written") != std::string::npos);
+    CHECK(file_exists(ckpt));
+    CHECK(file_exists(csv));
+    std::remove(ckpt.c_str());
+    std::remove(csv.c_str());
+}
+
+TEST_CASE("train_tiny: a diverging run stops with 'training diverged at step N' and never saves diverged weights") {
+    // lr 1e6 without clipping: the weights overflow within a few steps; validating every step, the last
+    // validations before the NaN have finite losses far above chance, and those weights are not worth saving
+    std::string out;
+    const std::string ckpt = temp_path("diverged.ckpt");
+    expect_error<RunError>([&] {
+        run_main(toy_run({"--steps", "30", "--lr", "1e6", "--clip", "0", "--val-every", "1", "--save", ckpt}), &out);
+    }, "training diverged at step ");
+    expect_error<RunError>([&] { run_main(toy_run({"--steps", "30", "--lr", "1e6", "--clip", "0"}), &out); },
+                           "; lower --lr or set --clip");
+    INFO("output: " << out);
+    CHECK(out.find("final:") == std::string::npos);   // no samples, prior or outputs of diverged weights
+    CHECK_FALSE(file_exists(ckpt));                    // nothing below chance was ever validated
+    // from a checkpoint: a divergence saves the loaded weights, bit for bit, under their own step
+    const std::string start = temp_path("start.ckpt");
+    REQUIRE(run_main(toy_run({"--steps", "5", "--save", start}), &out) == 0);
+    expect_error<RunError>([&] {
+        run_main(toy_run({"--steps", "30", "--lr", "1e6", "--clip", "0", "--load", start, "--save", ckpt}), &out);
+    }, "training diverged at step ");
+    CHECK(out.find("checkpoint of step 5 (the loaded weights) written") != std::string::npos);
+    REQUIRE(file_exists(ckpt));
+    CHECK(read_bytes(ckpt) == read_bytes(start));
+    std::remove(start.c_str());
+    std::remove(ckpt.c_str());
+    // the message names the step and the loss, on one line
+    const std::string msg = divergence_message(7, "loss = nan", 0.0);
+    CHECK(msg == "training diverged at step 7 (loss = nan); lower --lr or set --clip (e.g. --clip 1)");
+}
+
+TEST_CASE("train_tiny: the progress line shows a validation loss only on the step that measured it") {
+    std::string out;
+    REQUIRE(run_main(toy_run({"--steps", "12", "--val-every", "5", "--log-every", "1"}), &out) == 0);
+    INFO("output: " << out);
+    int fresh = 0, blank = 0;
+    for (size_t pos = 0; (pos = out.find("| val ", pos)) != std::string::npos; pos += 6) {
+        if (std::isdigit((unsigned char)out[pos + 6])) ++fresh;
+        else ++blank;
+    }
+    CHECK(fresh == 3);   // steps 5, 10 and the last
+    CHECK(blank == 9);
+    CHECK(out.find("step  5/12 | loss") != std::string::npos);
+}
+
+TEST_CASE("train_tiny: a run with default flags writes no file; --svg writes only where it is told") {
+    char dir_template[] = "/tmp/train_tiny_cwd_XXXXXX";
+    REQUIRE(mkdtemp(dir_template));
+    const std::string dir = dir_template;
+    char old_cwd[4096];
+    REQUIRE(getcwd(old_cwd, sizeof(old_cwd)));
+    REQUIRE(chdir(dir.c_str()) == 0);
+    std::string out;
+    const int rc = run_main(toy_run({"--steps", "3"}), &out);
+    int entries = 0;
+    if (DIR* d = opendir(".")) {
+        while (dirent* e = readdir(d))
+            if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) ++entries;
+        closedir(d);
+    }
+    REQUIRE(chdir(old_cwd) == 0);
+    CHECK(rc == 0);
+    CHECK(entries == 0);
+    CHECK(out.find("--svg FILE") != std::string::npos);   // and says how to get the picture
+    const std::string svg = dir + "/prior.svg";
+    REQUIRE(run_main(toy_run({"--steps", "3", "--svg", svg}), &out) == 0);
+    CHECK(read_bytes(svg).find("</svg>") != std::string::npos);
+    std::remove(svg.c_str());
+    rmdir(dir.c_str());
+}
+
+TEST_CASE("train_tiny: --check gives each row a bound and a verdict, and a kernel off by more than its bound fails") {
+    const ModelConfig c = tiny_config(PRIOR_GOAT);
+    Trainer tr;
+    build_trainer(&tr, c, 2, random_params(c, TEST_SEED), false);
+    Batch b;
+    random_batch(c, 2, TEST_SEED + 3, &b);
+    trainer_loss(&tr, b);
+    const HeadSnapshot s = trainer_head0(&tr);
+    free_trainer(&tr);
+    const Agreement a = agreement_check(s);
+    for (int pair = 0; pair < 3; ++pair) CHECK(agreement_pass(a, pair, false));
+    CHECK(print_agreement(1, a, false, c.T));
+    // o off by twice the CPU bound in one element: the two rows that involve the kernel fail, Sinkhorn vs closed
+    // form does not
+    HeadSnapshot bad_o = s;
+    bad_o.o[3] += (float)(2 * CHECK_TOL_CPU_KERNEL * std::max(1.0, a.max_v));
+    const Agreement ao = agreement_check(bad_o);
+    CHECK(agreement_pass(ao, 0, false));
+    CHECK_FALSE(agreement_pass(ao, 1, false));
+    CHECK_FALSE(agreement_pass(ao, 2, false));
+    CHECK_FALSE(print_agreement(1, ao, false, c.T));
+    CHECK(agreement_pass(ao, 1, true) == (ao.dO[1] <= CHECK_TOL_GPU_KERNEL * std::max(1.0, ao.max_v)));
+    // a wrong lse (P rebuilt from it is off): fails through max|dP|
+    HeadSnapshot bad_lse = s;
+    bad_lse.lse[2] += 1e-3f;
+    const Agreement al = agreement_check(bad_lse);
+    CHECK(al.dP[1] > CHECK_TOL_CPU_KERNEL);
+    CHECK_FALSE(agreement_pass(al, 1, false));
+    // NaN never passes
+    Agreement an = a;
+    an.dO[1] = NAN;
+    CHECK_FALSE(agreement_pass(an, 1, false));
+}
+
+TEST_CASE("train_tiny: binary data is recognised, and samples print non-printable bytes as \\xNN") {
+    std::string binary;
+    for (int i = 0; i < 4096; ++i) binary += (char)(i * 37 % 256);
+    CHECK((double)nontext_bytes(binary) / binary.size() > NONTEXT_WARN_FRAC);
+    CHECK(make_text_dataset(binary, "binary", 16, 0.1).nontext_frac > NONTEXT_WARN_FRAC);
+    const std::string corpus = embedded_corpus(20000);
+    CHECK(nontext_bytes(corpus) == 0);
+    CHECK(nontext_bytes("caf\xc3\xa9 \xe2\x82\xac\tline\r\n") == 0);   // UTF-8, tab, CRLF: text
+    CHECK(nontext_bytes(std::string("a\0b\x1b[31m\xff", 9)) == 3);     // NUL, ESC, a stray byte
+    CHECK(printable_text("plain text.\n") == "plain text.\n");
+    CHECK(printable_text("caf\xc3\xa9") == "caf\xc3\xa9");
+    CHECK(printable_text(std::string("a\0b", 3)) == "a\\x00b");
+    CHECK(printable_text("\x1b[2J\x7f") == "\\x1b[2J\\x7f");
+    CHECK(printable_text("x\ry\r\n") == "x\\x0dy\r\n");
+    CHECK(printable_text("\xc2\x9b" "1m") == "\\xc2\\x9b1m");   // U+009B, a C1 control, in UTF-8
+    CHECK(printable_text("\xff\xc3") == "\\xff\\xc3");            // invalid and truncated UTF-8
+}
+
+TEST_CASE("train_tiny: the prior SVG has axis titles, a zero line, round ticks and every coordinate on the canvas") {
+    const std::vector<double> want = {-0.2, 0.0, 0.2, 0.4, 0.6}, got = nice_ticks(-0.13, 0.41, 5);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < want.size(); ++i) CHECK(got[i] == doctest::Approx(want[i]).epsilon(1e-12));
+    const std::vector<double> t = nice_ticks(0, 63, 8);
+    CHECK(t.front() == 0);
+    CHECK(t.back() >= 63);
+    CHECK(tick_label(-1e-17, 0.1) == "0.0");
+    CHECK(tick_label(0.25, 0.05) == "0.25");
+    CHECK(xml_escape("a<b & \"c\"") == "a&lt;b &amp; &quot;c&quot;");
+
+    ModelConfig c = tiny_config(PRIOR_GOAT);
+    const std::string path = temp_path("prior.svg");
+    write_prior_svg(path, c, random_params(c, TEST_SEED), "title with <angle> & ampersand");
+    const std::string svg = read_bytes(path);
+    std::remove(path.c_str());
+    int W = 0, H = 0;
+    REQUIRE(std::sscanf(svg.c_str(), "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\"", &W, &H) == 2);
+    for (const char* needle : {"delta = i - j", "key position j", "kappa_h(delta)</text>", "u_h(j)</text>",
+                               "stroke-dasharray=\"4,3\"", "head 1</text>", "&lt;angle&gt; &amp; ampersand"})
+        CHECK_MESSAGE(svg.find(needle) != std::string::npos, "missing: " << needle);
+    // every x, y, x1, y1, x2, y2 and translate() coordinate lies on the canvas
+    int bad = 0, seen = 0;
+    for (const char* attr : {" x=\"", " y=\"", " x1=\"", " y1=\"", " x2=\"", " y2=\"", "translate("})
+        for (size_t pos = 0; (pos = svg.find(attr, pos)) != std::string::npos; ++pos) {
+            const double v = std::atof(svg.c_str() + pos + std::strlen(attr));
+            const bool is_y = attr[1] == 'y';
+            ++seen;
+            if (v < 0 || v > (is_y ? H : W)) ++bad;
+        }
+    CHECK(seen > 50);
+    CHECK(bad == 0);
 }
