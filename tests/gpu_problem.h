@@ -400,3 +400,19 @@ inline const char* test_name(const std::string& name) {
 #define GPU_CASE_NAMED_(c, ...)     \
     static const Case c = __VA_ARGS__; \
     TEST_CASE(case_name(c)) { check_case(c); }
+
+// Does this program carry sm_90a device code? It is built with goat.o's targets (Makefile NVARCH), so this says
+// whether v4-v6 can run here: 1 in the device code of an sm_90a build, 0 in any other (e.g. compute_80 PTX).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+static __device__ int gpu_problem_built_sm90a = 1;
+#else
+static __device__ int gpu_problem_built_sm90a = 0;
+#endif
+inline bool build_has_sm90a() {
+    int built = 0;
+    if (cudaMemcpyFromSymbol(&built, gpu_problem_built_sm90a, sizeof(int)) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return built == 1;
+}

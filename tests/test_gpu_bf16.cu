@@ -91,13 +91,6 @@ Results twin(const Problem& pr) {
     return r;
 }
 
-// 1 in the device code of an sm_90a build, 0 in any other (this program is built with goat.o's targets).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ int test_built_sm90a = 1;
-#else
-__device__ int test_built_sm90a = 0;
-#endif
-
 // Does this GPU run v4? (what GOAT_AUTO picks for a supported bf16 problem)
 bool v4_available() {
     GoatParams p;
@@ -463,13 +456,12 @@ GPU_CASE({"", Check::twin, {2, 1, 2500, 128, C::yes, P::masked_key0}, "many key 
 
 TEST_CASE("bf16 v4+v5+v6 run wherever the GPU is compute capability 9.0 and the build has sm_90a code (so every "
           "bf16 case covers them); elsewhere forcing them says which of the two is missing") {
-    int major = 0, minor = 0, built = 0;
+    int major = 0, minor = 0;
     CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
-    CUDA_REQUIRE(cudaMemcpyFromSymbol(&built, test_built_sm90a, sizeof(int)));  // this program's build = goat.o's
-    const bool hopper = major == 9 && minor == 0;
+    const bool hopper = major == 9 && minor == 0, built = build_has_sm90a();
     INFO("compute capability ", major, ".", minor, ", sm_90a code in this build: ", built);
-    CHECK(v4_available() == (hopper && built == 1));
+    CHECK(v4_available() == (hopper && built));
     if (!v4_available()) {
         const Problem pr = make_problem(GOAT_BF16, 1, 1, 17, 64, true, Prior::random);
         DeviceProblem dp(pr);
