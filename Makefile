@@ -24,7 +24,7 @@ NVARCH   ?= -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm
             -gencode=arch=compute_90,code=compute_90
 BUILD    := build
 
-CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_train.cpp
+CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_cpu_general.cpp tests/test_train.cpp
 GPU_TEST_SRC := $(wildcard tests/test_gpu*.cu)
 GOAT_DEPS    := goat.cu goat.h $(wildcard kernels/*.cuh)
 

@@ -261,121 +261,166 @@ int eot_mirror_descent(const double* scores, const double* log_prior, int L, int
 // ----------------------------------------------------------------------------------------------------------
 // 2. Attention with a log-prior (GOAT.md sections 1 and 5)
 
-// Log-prior of (h, i, j): kappa[h][i - j + L - 1] + u[h][j]; either table may be absent. Causal masking is
-// done by the callers (they skip j > i).
-template <typename T>
-static double log_prior_hij(const T* kappa, const T* u, int L, int h, int i, int j) {
-    double K = 0;
-    if (kappa) K += (double)kappa[(size_t)h * (2 * L - 1) + (i - j + L - 1)];
-    if (u) K += (double)u[(size_t)h * L + j];
-    return K;
+// One call's sizes with the general fields of GoatDims resolved (zeros mean square self-attention), the layout
+// of every tensor, and the mask. Shapes: q, o, dout, dq [B][H][L_q][d]; k, v, dk, dv [B][H_kv][L_k][d];
+// lse [B][H][L_q]; kappa [H][L_q + L_k - 1] (query i, key j at i - j + L_k - 1); u [H][L_k].
+struct Shape {
+    int B, H, H_kv, group, L_q, L_k, d;
+    bool causal;
+    double scale;
+    long long shift;     // q_pos0 - k_pos0: under the causal mask key j is visible from query i iff j <= i + shift
+    const int* len_k;    // [B] or nullptr
+    size_t n_q() const { return (size_t)B * H * L_q * d; }
+    size_t n_kv() const { return (size_t)B * H_kv * L_k * d; }
+    size_t n_rows() const { return (size_t)B * H * L_q; }
+    int n_delta() const { return L_q + L_k - 1; }
+    size_t q_at(int b, int h, int i) const { return (((size_t)b * H + h) * L_q + i) * d; }
+    // key j of the kv head that query head h reads
+    size_t kv_at(int b, int h, int j) const { return (((size_t)b * H_kv + h / group) * L_k + j) * d; }
+    int keys(int b) const { return len_k ? len_k[b] : L_k; }
+    bool visible(int b, int i, int j) const { return j < keys(b) && !(causal && (long long)j > i + shift); }
+    // kappa(i - j) + u(j) of query head h; either table may be absent
+    template <typename T>
+    double prior(const T* kappa, const T* u, int h, int i, int j) const {
+        double K = 0;
+        if (kappa) K += (double)kappa[(size_t)h * n_delta() + (i - j + L_k - 1)];
+        if (u) K += (double)u[(size_t)h * L_k + j];
+        return K;
+    }
+};
+
+static Shape shape_of(const GoatDims& dims) {
+    check_dims(dims);
+    require(dims.L_k >= 0, "dims.L_k must be >= 0 (0 means L_k = L)");
+    require(dims.H_kv >= 0, "dims.H_kv must be >= 0 (0 means H_kv = H)");
+    Shape s;
+    s.B = dims.B; s.H = dims.H; s.d = dims.d; s.L_q = dims.L;
+    s.L_k = dims.L_k ? dims.L_k : dims.L;
+    s.H_kv = dims.H_kv ? dims.H_kv : dims.H;
+    require(s.H % s.H_kv == 0, "dims.H_kv must divide dims.H (got H = " + std::to_string(s.H) + ", H_kv = " +
+                                   std::to_string(s.H_kv) + ")");
+    s.group = s.H / s.H_kv;
+    s.causal = dims.causal;
+    s.scale = dims.scale;
+    s.shift = dims.q_pos0 - dims.k_pos0;
+    s.len_k = dims.len_k;
+    if (s.len_k)
+        for (int b = 0; b < s.B; ++b)
+            require(s.len_k[b] >= 0 && s.len_k[b] <= s.L_k, "dims.len_k[" + std::to_string(b) + "] = " +
+                                                                std::to_string(s.len_k[b]) + " is outside 0..L_k");
+    require((long long)s.B * s.H_kv * s.L_k * s.d < (1LL << 40), "dims: B*H_kv*L_k*d too large");
+    return s;
+}
+
+// The tiled twin below models the square case only (the kernels that it judges take nothing else).
+static void require_square(const GoatDims& dims, const char* who) {
+    require((dims.L_k == 0 || dims.L_k == dims.L) && (dims.H_kv == 0 || dims.H_kv == dims.H) &&
+                dims.q_pos0 == dims.k_pos0 && dims.len_k == nullptr,
+            std::string(who) + " takes square self-attention only (L_k, H_kv, positions and len_k unset)");
 }
 
 template <typename T>
-static void check_forward_args(const GoatDims& dims, const T* q, const T* k, const T* v, const T* kappa,
-                               const T* u, const T* o, const T* lse) {
-    check_dims(dims);
+static Shape check_forward_args(const GoatDims& dims, const T* q, const T* k, const T* v, const T* kappa,
+                                const T* u, const T* o, const T* lse) {
+    const Shape s = shape_of(dims);
     require_ptr(q, "q");
     require_ptr(k, "k");
     require_ptr(v, "v");
     require_ptr(o, "o");
     require_ptr(lse, "lse");
-    size_t n = (size_t)dims.B * dims.H * dims.L * dims.d;
-    require_finite(q, n, "q");
-    require_finite(k, n, "k");
-    require_finite(v, n, "v");
-    if (kappa) require_log_prior(kappa, (size_t)dims.H * (2 * dims.L - 1), "kappa");
-    if (u) require_log_prior(u, (size_t)dims.H * dims.L, "u");
+    require_finite(q, s.n_q(), "q");
+    require_finite(k, s.n_kv(), "k");
+    require_finite(v, s.n_kv(), "v");
+    if (kappa) require_log_prior(kappa, (size_t)s.H * s.n_delta(), "kappa");
+    if (u) require_log_prior(u, (size_t)s.H * s.L_k, "u");
+    return s;
 }
 
-// q, k, v, o: [B][H][L][d]; kappa: [H][2L-1]; u: [H][L]; lse: [B][H][L].
+// Shapes: see Shape. Every (query, key) pair is formed, masked ones get z = -inf.
 template <typename T>
 static void forward_impl(GoatDims dims, const T* q, const T* k, const T* v, const T* kappa, const T* u,
                          T* o, T* lse) {
-    check_forward_args(dims, q, k, v, kappa, u, o, lse);
-    const int L = dims.L, d = dims.d;
-    std::vector<double> z(L);
-    for (int b = 0; b < dims.B; ++b)
-        for (int h = 0; h < dims.H; ++h) {
-            const size_t bh = (size_t)b * dims.H + h;
-            const T* q_bh = q + bh * L * d;
-            const T* k_bh = k + bh * L * d;
-            const T* v_bh = v + bh * L * d;
-            for (int i = 0; i < L; ++i) {
-                const int n_keys = dims.causal ? i + 1 : L;   // keys j > i are masked under causal
-                for (int j = 0; j < n_keys; ++j) {
+    const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
+    const int d = sh.d;
+    std::vector<double> z(sh.L_k);
+    for (int b = 0; b < sh.B; ++b)
+        for (int h = 0; h < sh.H; ++h)
+            for (int i = 0; i < sh.L_q; ++i) {
+                const T* q_i = q + sh.q_at(b, h, i);
+                for (int j = 0; j < sh.L_k; ++j) {
+                    z[j] = NEG_INF;
+                    if (!sh.visible(b, i, j)) continue;
+                    const T* k_j = k + sh.kv_at(b, h, j);
                     double s = 0;
-                    for (int c = 0; c < d; ++c) s += (double)q_bh[(size_t)i * d + c] * (double)k_bh[(size_t)j * d + c];
-                    z[j] = (double)dims.scale * s + log_prior_hij(kappa, u, L, h, i, j);
+                    for (int c = 0; c < d; ++c) s += (double)q_i[c] * (double)k_j[c];
+                    z[j] = sh.scale * s + sh.prior(kappa, u, h, i, j);
                 }
-                double lse_i = logsumexp(z.data(), n_keys);
+                const double lse_i = logsumexp(z.data(), sh.L_k);
                 // P_ij = exp(z_ij - lse_i); an empty row (lse = -inf) has P = 0 and o = 0
-                for (int j = 0; j < n_keys; ++j) z[j] = (lse_i == NEG_INF || z[j] == NEG_INF) ? 0.0 : std::exp(z[j] - lse_i);
-                T* o_i = o + (bh * L + i) * d;
+                for (int j = 0; j < sh.L_k; ++j) z[j] = (lse_i == NEG_INF || z[j] == NEG_INF) ? 0.0 : std::exp(z[j] - lse_i);
+                T* o_i = o + sh.q_at(b, h, i);
                 for (int c = 0; c < d; ++c) {
                     double acc = 0;
-                    for (int j = 0; j < n_keys; ++j) acc += z[j] * (double)v_bh[(size_t)j * d + c];
+                    for (int j = 0; j < sh.L_k; ++j)
+                        if (z[j] != 0.0) acc += z[j] * (double)v[sh.kv_at(b, h, j) + c];
                     o_i[c] = (T)acc;
                 }
-                lse[bh * L + i] = (T)lse_i;
+                lse[((size_t)b * sh.H + h) * sh.L_q + i] = (T)lse_i;
             }
-        }
 }
 
+// dk, dv sum over the query heads of each kv head's group; dkappa, du over the batch.
 template <typename T>
 static void backward_impl(GoatDims dims, const T* q, const T* k, const T* v, const T* kappa, const T* u,
                           const T* o, const T* lse, const T* dout, T* dq, T* dk, T* dv, T* dkappa, T* du) {
-    check_forward_args(dims, q, k, v, kappa, u, o, lse);
+    const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
     require_ptr(dout, "dout");
     require_ptr(dq, "dq");
     require_ptr(dk, "dk");
     require_ptr(dv, "dv");
-    const int L = dims.L, d = dims.d;
-    const size_t n = (size_t)dims.B * dims.H * L * d;
-    require_finite(o, n, "o");
-    require_finite(dout, n, "dout");
-    require_lse(lse, (size_t)dims.B * dims.H * L, "lse");
+    const int d = sh.d;
+    require_finite(o, sh.n_q(), "o");
+    require_finite(dout, sh.n_q(), "dout");
+    require_lse(lse, sh.n_rows(), "lse");
 
-    std::vector<double> dkappa_acc((size_t)dims.H * (2 * L - 1), 0.0), du_acc((size_t)dims.H * L, 0.0);
-    std::vector<double> dq_bh((size_t)L * d), dk_bh((size_t)L * d), dv_bh((size_t)L * d);
-    for (int b = 0; b < dims.B; ++b)
-        for (int h = 0; h < dims.H; ++h) {
-            const size_t bh = (size_t)b * dims.H + h, off = bh * L * d;
-            std::fill(dq_bh.begin(), dq_bh.end(), 0.0);
-            std::fill(dk_bh.begin(), dk_bh.end(), 0.0);
-            std::fill(dv_bh.begin(), dv_bh.end(), 0.0);
-            for (int i = 0; i < L; ++i) {
-                const double lse_i = (double)lse[bh * L + i];
-                if (lse_i == NEG_INF) continue;   // nothing allowed in this row: P = 0, no gradient
-                // D_i = <dO_i, O_i>
-                double D_i = 0;
-                for (int c = 0; c < d; ++c) D_i += (double)dout[off + (size_t)i * d + c] * (double)o[off + (size_t)i * d + c];
-                const int n_keys = dims.causal ? i + 1 : L;
-                for (int j = 0; j < n_keys; ++j) {
-                    double s = 0, dP = 0;
-                    for (int c = 0; c < d; ++c) {
-                        s += (double)q[off + (size_t)i * d + c] * (double)k[off + (size_t)j * d + c];
-                        dP += (double)dout[off + (size_t)i * d + c] * (double)v[off + (size_t)j * d + c];
+    std::vector<double> dkappa_acc((size_t)sh.H * sh.n_delta(), 0.0), du_acc((size_t)sh.H * sh.L_k, 0.0);
+    std::vector<double> dk_acc(sh.n_kv(), 0.0), dv_acc(sh.n_kv(), 0.0), dq_i(d);
+    for (int b = 0; b < sh.B; ++b)
+        for (int h = 0; h < sh.H; ++h)
+            for (int i = 0; i < sh.L_q; ++i) {
+                const size_t qi = sh.q_at(b, h, i);
+                std::fill(dq_i.begin(), dq_i.end(), 0.0);
+                const double lse_i = (double)lse[((size_t)b * sh.H + h) * sh.L_q + i];
+                if (lse_i != NEG_INF) {   // else nothing visible in this row: P = 0, no gradient
+                    double D_i = 0;       // D_i = <dO_i, O_i>
+                    for (int c = 0; c < d; ++c) D_i += (double)dout[qi + c] * (double)o[qi + c];
+                    for (int j = 0; j < sh.L_k; ++j) {
+                        if (!sh.visible(b, i, j)) continue;
+                        const size_t kj = sh.kv_at(b, h, j);
+                        double s = 0, dP = 0;
+                        for (int c = 0; c < d; ++c) {
+                            s += (double)q[qi + c] * (double)k[kj + c];
+                            dP += (double)dout[qi + c] * (double)v[kj + c];
+                        }
+                        const double z = sh.scale * s + sh.prior(kappa, u, h, i, j);
+                        if (z == NEG_INF) continue;
+                        const double P = std::exp(z - lse_i);
+                        const double dz = P * (dP - D_i);   // dz_ij = P_ij (dP_ij - D_i)
+                        for (int c = 0; c < d; ++c) {
+                            dv_acc[kj + c] += P * (double)dout[qi + c];
+                            dq_i[c] += sh.scale * dz * (double)k[kj + c];
+                            dk_acc[kj + c] += sh.scale * dz * (double)q[qi + c];
+                        }
+                        dkappa_acc[(size_t)h * sh.n_delta() + (i - j + sh.L_k - 1)] += dz;   // diagonal sums
+                        du_acc[(size_t)h * sh.L_k + j] += dz;                                // column sums
                     }
-                    double z = (double)dims.scale * s + log_prior_hij(kappa, u, L, h, i, j);
-                    if (z == NEG_INF) continue;
-                    double P = std::exp(z - lse_i);
-                    double dz = P * (dP - D_i);   // dz_ij = P_ij (dP_ij - D_i)
-                    for (int c = 0; c < d; ++c) {
-                        dv_bh[(size_t)j * d + c] += P * (double)dout[off + (size_t)i * d + c];
-                        dq_bh[(size_t)i * d + c] += dims.scale * dz * (double)k[off + (size_t)j * d + c];
-                        dk_bh[(size_t)j * d + c] += dims.scale * dz * (double)q[off + (size_t)i * d + c];
-                    }
-                    dkappa_acc[(size_t)h * (2 * L - 1) + (i - j + L - 1)] += dz;   // diagonal sums
-                    du_acc[(size_t)h * L + j] += dz;                                // column sums
                 }
+                for (int c = 0; c < d; ++c) dq[qi + c] = (T)dq_i[c];
             }
-            for (size_t x = 0; x < (size_t)L * d; ++x) {
-                dq[off + x] = (T)dq_bh[x];
-                dk[off + x] = (T)dk_bh[x];
-                dv[off + x] = (T)dv_bh[x];
-            }
-        }
+    for (size_t x = 0; x < sh.n_kv(); ++x) {
+        dk[x] = (T)dk_acc[x];
+        dv[x] = (T)dv_acc[x];
+    }
     if (dkappa)
         for (size_t x = 0; x < dkappa_acc.size(); ++x) dkappa[x] = (T)dkappa_acc[x];
     if (du)
@@ -410,13 +455,13 @@ static double softplus(double x) { return x > 30 ? x : std::log1p(std::exp(x)); 
 static double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // feat(t) = [cos(nu_m t) for m < M, sin(nu_m t) for m < M, t / T_train, log1p(t) / log1p(T_train)]
-static void sink_features(const GoatPrior& p, int t, double* feat) {
+static void sink_features(const GoatPrior& p, long long t, double* feat) {
     for (int m = 0; m < p.M; ++m) {
         double nu = frequency(p.base, m, p.M);
         feat[m] = std::cos(nu * t);
         feat[p.M + m] = std::sin(nu * t);
     }
-    feat[2 * p.M] = t / p.T_train;
+    feat[2 * p.M] = (double)t / p.T_train;
     feat[2 * p.M + 1] = std::log1p((double)t) / std::log1p(p.T_train);
 }
 
@@ -489,90 +534,118 @@ GoatPrior goat_prior_init(int H, int R, int M, double T_train, const std::string
     return p;
 }
 
-void goat_prior_tables(const GoatPrior& p, int L, bool causal, double* kappa, double* u) {
+static void check_window(const GoatWindow& w) {
+    require_positive(w.L_q, "window.L_q");
+    require_positive(w.L_k, "window.L_k");
+    require(w.q_pos0 >= 0 && w.k_pos0 >= 0, "window positions must be >= 0");
+}
+
+void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, double* kappa, double* u) {
     check_prior(p);
-    require_positive(L, "L");
+    check_window(w);
     require_ptr(kappa, "kappa");
     require_ptr(u, "u");
-    // kappa_h(delta) = sum_r lam_sym cos(w_r delta) + lam_asym sin(w_r delta), delta in [-(L-1), L-1]
+    const int n_delta = w.L_q + w.L_k - 1;
+    // kappa_h(delta) = sum_r lam_sym cos(w_r delta) + lam_asym sin(w_r delta), entry x at
+    // delta = (q_pos0 - k_pos0) + x - (L_k - 1)
     for (int h = 0; h < p.H; ++h)
-        for (int delta = -(L - 1); delta <= L - 1; ++delta) {
+        for (int x = 0; x < n_delta; ++x) {
+            const double delta = (double)(w.q_pos0 - w.k_pos0) + x - (w.L_k - 1);
             double K = 0;
             for (int r = 0; r < p.R; ++r) {
-                double w = frequency(p.base, r, p.R);
-                K += p.lam_sym[(size_t)h * p.R + r] * std::cos(w * delta) + p.lam_asym[(size_t)h * p.R + r] * std::sin(w * delta);
+                double fr = frequency(p.base, r, p.R);
+                K += p.lam_sym[(size_t)h * p.R + r] * std::cos(fr * delta) + p.lam_asym[(size_t)h * p.R + r] * std::sin(fr * delta);
             }
-            kappa[(size_t)h * (2 * L - 1) + (delta + L - 1)] = K;
+            kappa[(size_t)h * n_delta + x] = K;
         }
-    // u_h(j) = gain_h mlp(feat(j)) + bump_h [j == 0] + softplus(slope_raw_h) j (causal only)
+    // u_h(t) = gain_h mlp(feat(t)) + bump_h [t == 0] + softplus(slope_raw_h) t (causal only), t = k_pos0 + j
     std::vector<double> feat(p.n_features());
     double a[GOAT_MLP_WIDTH], hid[GOAT_MLP_WIDTH];
-    for (int j = 0; j < L; ++j) {
-        sink_features(p, j, feat.data());
+    for (int j = 0; j < w.L_k; ++j) {
+        const long long t = w.k_pos0 + j;
+        sink_features(p, t, feat.data());
         double mlp = sink_mlp(p, feat.data(), a, hid);
         for (int h = 0; h < p.H; ++h)
-            u[(size_t)h * L + j] = p.gain[h] * mlp + (j == 0 ? p.bump[h] : 0.0) +
-                                   (causal ? softplus(p.slope_raw[h]) * j : 0.0);
+            u[(size_t)h * w.L_k + j] = p.gain[h] * mlp + (t == 0 ? p.bump[h] : 0.0) +
+                                       (causal ? softplus(p.slope_raw[h]) * (double)t : 0.0);
     }
 }
 
-void goat_prior_tables(const GoatPrior& p, int L, bool causal, float* kappa, float* u) {
-    require_positive(L, "L");
+void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, float* kappa, float* u) {
+    check_window(w);
     require_ptr(kappa, "kappa");
     require_ptr(u, "u");
-    std::vector<double> kd((size_t)p.H * (2 * L - 1)), ud((size_t)p.H * L);
-    goat_prior_tables(p, L, causal, kd.data(), ud.data());
+    std::vector<double> kd((size_t)p.H * (w.L_q + w.L_k - 1)), ud((size_t)p.H * w.L_k);
+    goat_prior_tables_at(p, w, causal, kd.data(), ud.data());
     for (size_t x = 0; x < kd.size(); ++x) kappa[x] = (float)kd[x];
     for (size_t x = 0; x < ud.size(); ++x) u[x] = (float)ud[x];
 }
 
-void goat_prior_backward(const GoatPrior& p, int L, bool causal, const double* dkappa, const double* du,
-                         GoatPrior* grad) {
-    check_prior(p);
+void goat_prior_tables(const GoatPrior& p, int L, bool causal, double* kappa, double* u) {
     require_positive(L, "L");
+    goat_prior_tables_at(p, GoatWindow{0, L, 0, L}, causal, kappa, u);
+}
+void goat_prior_tables(const GoatPrior& p, int L, bool causal, float* kappa, float* u) {
+    require_positive(L, "L");
+    goat_prior_tables_at(p, GoatWindow{0, L, 0, L}, causal, kappa, u);
+}
+
+void goat_prior_backward_at(const GoatPrior& p, GoatWindow w, bool causal, const double* dkappa,
+                            const double* du, GoatPrior* grad) {
+    check_prior(p);
+    check_window(w);
     require_ptr(dkappa, "dkappa");
     require_ptr(du, "du");
     require_ptr(grad, "grad");
-    require_finite(dkappa, (size_t)p.H * (2 * L - 1), "dkappa");
-    require_finite(du, (size_t)p.H * L, "du");
+    const int n_delta = w.L_q + w.L_k - 1;
+    require_finite(dkappa, (size_t)p.H * n_delta, "dkappa");
+    require_finite(du, (size_t)p.H * w.L_k, "du");
     GoatPrior g = goat_prior_zeros_like(p);
     // Relative part: dlam_sym[r] = sum_delta dkappa(delta) cos(w_r delta), dlam_asym with sin.
     for (int h = 0; h < p.H; ++h)
         for (int r = 0; r < p.R; ++r) {
-            double w = frequency(p.base, r, p.R), gs = 0, ga = 0;
-            for (int delta = -(L - 1); delta <= L - 1; ++delta) {
-                double dk = dkappa[(size_t)h * (2 * L - 1) + (delta + L - 1)];
-                gs += dk * std::cos(w * delta);
-                ga += dk * std::sin(w * delta);
+            double fr = frequency(p.base, r, p.R), gs = 0, ga = 0;
+            for (int x = 0; x < n_delta; ++x) {
+                const double delta = (double)(w.q_pos0 - w.k_pos0) + x - (w.L_k - 1);
+                double dk = dkappa[(size_t)h * n_delta + x];
+                gs += dk * std::cos(fr * delta);
+                ga += dk * std::sin(fr * delta);
             }
             g.lam_sym[(size_t)h * p.R + r] = gs;
             g.lam_asym[(size_t)h * p.R + r] = ga;
         }
-    // Sink part, position by position: u_h(j) = gain_h mlp(j) + bump_h [j==0] + softplus(slope_raw_h) j.
+    // Sink part, position by position: u_h(t) = gain_h mlp(t) + bump_h [t==0] + softplus(slope_raw_h) t.
     const int F = p.n_features();
     std::vector<double> feat(F);
     double a[GOAT_MLP_WIDTH], hid[GOAT_MLP_WIDTH];
-    for (int j = 0; j < L; ++j) {
-        sink_features(p, j, feat.data());
+    for (int j = 0; j < w.L_k; ++j) {
+        const long long t = w.k_pos0 + j;
+        sink_features(p, t, feat.data());
         double mlp = sink_mlp(p, feat.data(), a, hid);
         double dmlp = 0;
         for (int h = 0; h < p.H; ++h) {
-            double du_hj = du[(size_t)h * L + j];
+            double du_hj = du[(size_t)h * w.L_k + j];
             g.gain[h] += du_hj * mlp;
             dmlp += du_hj * p.gain[h];
-            if (j == 0) g.bump[h] += du_hj;
-            if (causal) g.slope_raw[h] += du_hj * j * sigmoid(p.slope_raw[h]);   // softplus' = sigmoid
+            if (t == 0) g.bump[h] += du_hj;
+            if (causal) g.slope_raw[h] += du_hj * (double)t * sigmoid(p.slope_raw[h]);   // softplus' = sigmoid
         }
         g.b2 += dmlp;
         for (int c = 0; c < GOAT_MLP_WIDTH; ++c) {
             g.W2[c] += dmlp * hid[c];
-            double s = sigmoid(a[c]);
-            double da = dmlp * p.W2[c] * s * (1 + a[c] * (1 - s));   // silu'(a) = s (1 + a (1 - s))
+            double sg = sigmoid(a[c]);
+            double da = dmlp * p.W2[c] * sg * (1 + a[c] * (1 - sg));   // silu'(a) = s (1 + a (1 - s))
             g.b1[c] += da;
             for (int f = 0; f < F; ++f) g.W1[(size_t)c * F + f] += da * feat[f];
         }
     }
     *grad = g;
+}
+
+void goat_prior_backward(const GoatPrior& p, int L, bool causal, const double* dkappa, const double* du,
+                         GoatPrior* grad) {
+    require_positive(L, "L");
+    goat_prior_backward_at(p, GoatWindow{0, L, 0, L}, causal, dkappa, du, grad);
 }
 
 void goat_alibi_tables(int H, int L, float* kappa, float* u) {
@@ -668,12 +741,22 @@ void attention_cpu(int B, int H, int L, int d_qk, int d_v, bool causal, double s
 // ----------------------------------------------------------------------------------------------------------
 // 5. The tiled twin of the fused kernels (FlashAttention-2 order; GoatTiling sets B_r, B_c, bf16 emulation)
 
+// kappa[h][i - j + L - 1] + u[h][j] of the square case; either table may be absent.
+template <typename T>
+static double log_prior_sq(const T* kappa, const T* u, int L, int h, int i, int j) {
+    double K = 0;
+    if (kappa) K += (double)kappa[(size_t)h * (2 * L - 1) + (i - j + L - 1)];
+    if (u) K += (double)u[(size_t)h * L + j];
+    return K;
+}
+
 // Value as the bf16 kernel sees it: rounded to bf16 when emulating, otherwise unchanged.
 static double as_seen(double x, bool bf16) { return bf16 ? (double)bf16_round((float)x) : x; }
 
 template <typename T>
 static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T* k, const T* v, const T* kappa,
                                const T* u, T* o, T* lse) {
+    require_square(dims, "goat_forward_tiled_cpu");
     check_forward_args(dims, q, k, v, kappa, u, o, lse);
     require_positive(t.B_r, "tiling.B_r");
     require_positive(t.B_c, "tiling.B_c");
@@ -701,7 +784,7 @@ static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T*
                         if (!(dims.causal && j > i)) {
                             double s = 0;
                             for (int x = 0; x < d; ++x) s += Q_i[(size_t)r * d + x] * as_seen(k[off + (size_t)j * d + x], e);
-                            z = (double)dims.scale * s + log_prior_hij(kappa, u, L, h, i, j);
+                            z = (double)dims.scale * s + log_prior_sq(kappa, u, L, h, i, j);
                         }
                         S_ij[(size_t)r * B_c + c] = z;
                     }
@@ -738,6 +821,7 @@ template <typename T>
 static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T* k, const T* v,
                                 const T* kappa, const T* u, const T* o, const T* lse, const T* dout,
                                 T* dq, T* dk, T* dv, T* dkappa, T* du) {
+    require_square(dims, "goat_backward_tiled_cpu");
     check_forward_args(dims, q, k, v, kappa, u, o, lse);
     require_ptr(dout, "dout");
     require_ptr(dq, "dq");
@@ -786,7 +870,7 @@ static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T
                             s += seen(q, off + (size_t)i * d + x) * seen(k, off + (size_t)j * d + x);
                             dP += seen(dout, off + (size_t)i * d + x) * seen(v, off + (size_t)j * d + x);
                         }
-                        const double z = (double)dims.scale * s + log_prior_hij(kappa, u, L, h, i, j);
+                        const double z = (double)dims.scale * s + log_prior_sq(kappa, u, L, h, i, j);
                         if (z == NEG_INF) continue;
                         const double P = std::exp(z - lse_i);  // rebuilt from the saved lse
                         const double dS = P * (dP - D[i]);     // dz = P (dP - D)

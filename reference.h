@@ -13,12 +13,14 @@
 // std::invalid_argument with a message naming the argument; a log-prior entry of -INFINITY means "masked"
 // and gives exactly zero attention weight, never NaN.
 //
-// Shapes (row-major, innermost last):
-//   q, k, v, o, dout, dq, dk, dv : [B][H][L][d]
-//   kappa, dkappa                : [H][2L-1], entry for delta = i - j stored at index delta + L - 1
-//   u, du                        : [H][L]
+// Shapes (row-major, innermost last), for L queries and L_k keys (L_k = L unless GoatDims says otherwise):
+//   q, o, dout, dq               : [B][H][L][d]
+//   k, v, dk, dv                 : [B][H_kv][L_k][d]   (H_kv = H unless GoatDims says otherwise)
+//   kappa, dkappa                : [H][L + L_k - 1], entry for query i, key j at index i - j + L_k - 1
+//   u, du                        : [H][L_k]
 //   lse                          : [B][H][L]
-// logit z_ij = scale * <q_i, k_j> + kappa[h][i-j+L-1] + u[h][j]; causal masks keys j > i.
+// logit z_ij = scale * <q_i, k_j> + kappa[h][i - j + L_k - 1] + u[h][j]; causal masks keys j > i (more generally
+// key positions after the query's position, see GoatDims). Square self-attention: L_k = L, kappa [H][2L-1].
 #pragma once
 
 #include <cstdint>
@@ -63,13 +65,31 @@ int eot_mirror_descent(const double* scores, const double* log_prior, int L, int
 // ----------------------------------------------------------------------------------------------------------
 // 2. Attention with a log-prior: z = scale * q k^T + kappa(i - j) + u(j), P = softmax(z), o = P v
 
-struct GoatDims { int B, H, L, d; bool causal; float scale; };
+// The sizes of one call. The first six fields describe square self-attention (L queries against the same L keys
+// at positions 0..L-1, as many key/value heads as query heads); the rest, left at zero, keep it so.
+struct GoatDims {
+    int B, H, L, d;          // L: queries per sequence
+    bool causal;
+    float scale;
+    int L_k = 0;             // keys per sequence (0: L)
+    int H_kv = 0;            // key/value heads (0: H); H % H_kv == 0, query head h reads kv head h / (H / H_kv)
+    long long q_pos0 = 0;    // absolute position of query 0 (query i sits at q_pos0 + i)
+    long long k_pos0 = 0;    // absolute position of key 0 (key j sits at k_pos0 + j)
+    const int* len_k = nullptr;  // [B] or nullptr: keys j >= len_k[b] (0 <= len_k[b] <= L_k) are padding, masked
+};
+// The rules (goat.h states the same for the kernels):
+//   visible(b, i, j) = j < len_k[b]  and, when causal, k_pos0 + j <= q_pos0 + i
+//   kappa[h][i - j + L_k - 1] holds kappa_h at the position difference (q_pos0 + i) - (k_pos0 + j), u[h][j] holds
+//   u_h at key position k_pos0 + j (goat_prior_tables_at builds both); query head h uses row h of each table.
+// A kv cache: L new queries after a cache, q_pos0 = k_pos0 + L_k - L (the last query sees every key).
 
 // kappa == nullptr or u == nullptr means that part of the prior is zero. lse[b][h][i] = logsumexp_j z_ij;
-// a row whose allowed entries are all -inf gets o = 0 and lse = -INFINITY.
+// a row with nothing visible (every visible entry -inf, or none, e.g. len_k[b] = 0) gets o = 0 and
+// lse = -INFINITY, and contributes no gradient.
 void goat_forward_cpu(GoatDims dims, const float* q, const float* k, const float* v,
                       const float* kappa, const float* u, float* o, float* lse);
-// dkappa and du are overwritten with sums over the batch (either may be nullptr: not computed).
+// dkappa and du are overwritten with sums over the batch (either may be nullptr: not computed); dk and dv with
+// sums over the query heads that share each kv head.
 void goat_backward_cpu(GoatDims dims, const float* q, const float* k, const float* v,
                        const float* kappa, const float* u, const float* o, const float* lse,
                        const float* dout, float* dq, float* dk, float* dv,
@@ -129,6 +149,15 @@ void goat_prior_tables(const GoatPrior& p, int L, bool causal, float* kappa, flo
 // Backward from the tables' gradients to every parameter; grad is overwritten (same shape as p).
 void goat_prior_backward(const GoatPrior& p, int L, bool causal, const double* dkappa, const double* du,
                          GoatPrior* grad);
+
+// The same for L_q queries at positions q_pos0.. against L_k keys at k_pos0.. (a chunk of a sequence, a kv cache):
+// kappa [H][L_q + L_k - 1] (entry x: delta = (q_pos0 - k_pos0) + x - (L_k - 1)), u [H][L_k] (entry j: position
+// k_pos0 + j), the layout GoatDims describes. Positions are >= 0. goat_prior_tables is the window (0, L, 0, L).
+struct GoatWindow { long long q_pos0; int L_q; long long k_pos0; int L_k; };
+void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, double* kappa, double* u);
+void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, float* kappa, float* u);
+void goat_prior_backward_at(const GoatPrior& p, GoatWindow w, bool causal, const double* dkappa,
+                            const double* du, GoatPrior* grad);
 
 // The same table interface for fixed priors: ALiBi (kappa = -m_h |delta|, m_h = 2^(-8(h+1)/H), u = 0) and
 // no prior (all zeros).
