@@ -117,6 +117,23 @@ static GoatStatus sm90a_missing(int version) {
                           "build has none", goat_version_name(version));
 }
 
+// The first general field of goat.h that a call uses (a square, packed call: nullptr). The bf16 versions take
+// none of them yet.
+static const char* goat_general_feature(const GoatParams& p) {
+    const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
+    if (L_k != p.L) return "L_k != L";
+    if (H_kv != p.H) return "H_kv != H (grouped-query attention)";
+    if (p.q_pos0 != p.k_pos0) return "q_pos0 != k_pos0";
+    if (p.len_k) return "len_k (padded keys)";
+    const GoatStrides* q_like[] = {&p.q_stride, &p.o_stride, &p.dout_stride, &p.dq_stride};
+    const GoatStrides* kv_like[] = {&p.k_stride, &p.v_stride, &p.dk_stride, &p.dv_stride};
+    for (const GoatStrides* st : q_like)
+        if (!goat_strides_packed(*st, p.H, p.L, p.d)) return "strides other than packed [B][H][L][d]";
+    for (const GoatStrides* st : kv_like)
+        if (!goat_strides_packed(*st, H_kv, L_k, p.d)) return "strides other than packed [B][H][L][d]";
+    return nullptr;
+}
+
 // Argument checks shared by forward and backward; code 1 = bad argument, 2 = unsupported combination.
 static GoatStatus goat_check(const GoatParams& p, bool backward) {
     if (p.B <= 0) return goat_status(1, "B must be > 0 (got %d)", p.B);
@@ -124,9 +141,24 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
     if (p.L <= 0) return goat_status(1, "L must be > 0 (got %d)", p.L);
     if (p.d <= 0) return goat_status(1, "d must be > 0 (got %d)", p.d);
     if (p.d > 128) return goat_status(1, "d must be <= 128 (got %d)", p.d);
-    // every index the kernels form in int (B*H*L*d elements, H*(2L-1) kappa entries) must fit
-    if ((long long)p.B * p.H * p.L * p.d > 2147483647LL || (long long)p.H * (2LL * p.L - 1) > 2147483647LL)
-        return goat_status(1, "B*H*L*d = %lld overflows int", (long long)p.B * p.H * p.L * p.d);
+    if (p.L_k < 0) return goat_status(1, "L_k must be >= 0 (got %d; 0 means L)", p.L_k);
+    if (p.H_kv < 0) return goat_status(1, "H_kv must be >= 0 (got %d; 0 means H)", p.H_kv);
+    const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
+    if (p.H % H_kv != 0) return goat_status(1, "H_kv must divide H (got H = %d, H_kv = %d)", p.H, H_kv);
+    {
+        const GoatStrides* st[] = {&p.q_stride, &p.k_stride, &p.v_stride, &p.o_stride,
+                                   &p.dout_stride, &p.dq_stride, &p.dk_stride, &p.dv_stride};
+        const char* names[] = {"q", "k", "v", "o", "dout", "dq", "dk", "dv"};
+        for (int x = 0; x < 8; ++x)
+            if (st[x]->batch < 0 || st[x]->head < 0 || st[x]->row < 0)
+                return goat_status(1, "%s_stride must not be negative (got %lld, %lld, %lld)", names[x],
+                                   st[x]->batch, st[x]->head, st[x]->row);
+    }
+    // the fp32 kernels index tensors in 64 bits; their grids and table indices (H*(L+L_k-1), H*L_k) are int
+    if ((long long)p.H * ((long long)p.L + L_k - 1) > 2147483647LL)
+        return goat_status(1, "H*(L+L_k-1) = %lld overflows int", (long long)p.H * ((long long)p.L + L_k - 1));
+    if ((long long)p.B * p.H * ((p.L + 31) / 32) > 2147483647LL || (long long)p.B * H_kv * ((L_k + 31) / 32) > 2147483647LL)
+        return goat_status(1, "B*H*L = %lld rows overflows the kernels' grids", (long long)p.B * p.H * p.L);
     if (!std::isfinite(p.scale)) return goat_status(1, "scale must be finite (got %g)", p.scale);
     if (p.dtype != GOAT_F32 && p.dtype != GOAT_BF16) return goat_status(1, "dtype %d is not a GoatDtype", (int)p.dtype);
     if (p.version < GOAT_AUTO || p.version > GOAT_V6_WGMMA_BWD_BF16)
@@ -146,6 +178,13 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
     if (!dev.ok()) return dev;
     const int version = goat_resolve_version(p);
     if (version >= GOAT_V3_MMA_BF16) {
+        if (const char* feature = goat_general_feature(p))
+            return goat_status(2, "%s does not take %s yet (v1 and v2, dtype fp32, do)", goat_version_name(version),
+                               feature);
+        // the bf16 kernels form some indices in int
+        if ((long long)p.B * p.H * p.L * p.d > 2147483647LL)
+            return goat_status(2, "%s needs B*H*L*d < 2^31 (got %lld; v1 and v2 take more)",
+                               goat_version_name(version), (long long)p.B * p.H * p.L * p.d);
         if (p.dtype != GOAT_BF16 || (p.d != 64 && p.d != 128))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
@@ -201,8 +240,9 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
         return goat_status(1, "workspace must be 16-byte aligned (cudaMalloc's memory is; the bulk copies need it)");
 
     // dkappa and du are overwritten: start from zero (the kernels add into them)
-    if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (2 * p.L - 1) * sizeof(float), stream));
-    if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * p.L * sizeof(float), stream));
+    const size_t L_k = p.L_k ? p.L_k : p.L;
+    if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (p.L + L_k - 1) * sizeof(float), stream));
+    if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * L_k * sizeof(float), stream));
 
     void* workspace = p.workspace;
     if (!workspace && need > 0) GOAT_CUDA_CHECK(cudaMallocAsync(&workspace, need, stream));

@@ -50,28 +50,72 @@ static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 // the fp32 kernels' view of the parameters (v1, v2)
 
 
-// The fp32 kernels' view of GoatParams: the same pointers, typed, plus the backward's scratch arrays carved
-// out of the workspace by the launcher. Shapes as in goat.h; D is [B][H][L] (D_i = <dO_i, O_i>).
+// The fp32 kernels' view of GoatParams: the same pointers, typed, the general shape resolved (L_k, H_kv, the
+// causal shift, every tensor's strides), plus the backward's scratch arrays carved out of the workspace by the
+// launcher. Shapes as in goat.h; D is [B][H][L] (D_i = <dO_i, O_i>).
 struct GoatF32 {
-    int B, H, L, d;
+    int B, H, L, d;                // L: queries per sequence
+    int L_k, H_kv, group;          // keys per sequence, kv heads, query heads per kv head
+    long long shift;               // q_pos0 - k_pos0: causal keys j <= i + shift are visible
+    const int* len_k;              // [B] device, or nullptr
     float scale;
     bool causal;
-    const float *q, *k, *v;        // [B][H][L][d]
-    const float *kappa, *u;        // [H][2L-1], [H][L]; either may be nullptr
+    GoatStrides sq, sk, sv, so, sdo, sdq, sdk, sdv;  // strides in elements, packed ones filled in
+    const float *q, *k, *v;        // [B][H][L][d], [B][H_kv][L_k][d] x 2
+    const float *kappa, *u;        // [H][L + L_k - 1], [H][L_k]; either may be nullptr
     const float *o, *lse, *dout;   // [B][H][L][d], [B][H][L], [B][H][L][d]
     float *o_out, *lse_out;        // forward outputs (the same buffers as o, lse)
-    float *dq, *dk, *dv;           // [B][H][L][d]
-    float *dkappa, *du;            // [H][2L-1], [H][L]; either may be nullptr
+    float *dq, *dk, *dv;           // [B][H][L][d], [B][H_kv][L_k][d] x 2
+    float *dkappa, *du;            // [H][L + L_k - 1], [H][L_k]; either may be nullptr
     float* D;                      // workspace: [B][H][L]
-    float* du_part;                // workspace, deterministic v2: [B][H][L] per-batch column sums
+    float* du_part;                // workspace, deterministic v2: [B][H][L_k] per-batch column sums
     float* dkappa_part;            // workspace, deterministic v2: [B][H][n_J][row_len] diagonal sums
+
+    // offset of row r of head h of batch b in a tensor with strides s
+    __host__ __device__ static size_t at(const GoatStrides& s, int b, int h, int r) {
+        return (size_t)((long long)b * s.batch + (long long)h * s.head + (long long)r * s.row);
+    }
+    __host__ __device__ int n_delta() const { return L + L_k - 1; }
+    // keys of batch b: L_k, or len_k[b] clamped to 0..L_k
+    __device__ int keys(int b) const {
+        if (!len_k) return L_k;
+        const int n = len_k[b];
+        return n < 0 ? 0 : n > L_k ? L_k : n;
+    }
 };
+
+// Strides as given, or packed [B][heads][rows][d] when all three are zero.
+static GoatStrides goat_resolve_strides(GoatStrides s, int heads, int rows, int d) {
+    if (s.batch == 0 && s.head == 0 && s.row == 0) {
+        s.row = d;
+        s.head = (long long)rows * d;
+        s.batch = (long long)heads * rows * d;
+    }
+    return s;
+}
+static bool goat_strides_packed(const GoatStrides& s, int heads, int rows, int d) {
+    const GoatStrides r = goat_resolve_strides(s, heads, rows, d);
+    return r.row == d && r.head == (long long)rows * d && r.batch == (long long)heads * rows * d;
+}
 
 static GoatF32 goat_f32_view(const GoatParams& p) {
     GoatF32 f = {};
     f.B = p.B; f.H = p.H; f.L = p.L; f.d = p.d;
+    f.L_k = p.L_k ? p.L_k : p.L;
+    f.H_kv = p.H_kv ? p.H_kv : p.H;
+    f.group = f.H / f.H_kv;
+    f.shift = p.q_pos0 - p.k_pos0;
+    f.len_k = p.len_k;
     f.scale = p.scale;
     f.causal = p.causal;
+    f.sq = goat_resolve_strides(p.q_stride, f.H, f.L, f.d);
+    f.so = goat_resolve_strides(p.o_stride, f.H, f.L, f.d);
+    f.sdo = goat_resolve_strides(p.dout_stride, f.H, f.L, f.d);
+    f.sdq = goat_resolve_strides(p.dq_stride, f.H, f.L, f.d);
+    f.sk = goat_resolve_strides(p.k_stride, f.H_kv, f.L_k, f.d);
+    f.sv = goat_resolve_strides(p.v_stride, f.H_kv, f.L_k, f.d);
+    f.sdk = goat_resolve_strides(p.dk_stride, f.H_kv, f.L_k, f.d);
+    f.sdv = goat_resolve_strides(p.dv_stride, f.H_kv, f.L_k, f.d);
     f.q = (const float*)p.q; f.k = (const float*)p.k; f.v = (const float*)p.v;
     f.kappa = p.kappa; f.u = p.u;
     f.o = (const float*)p.o; f.lse = p.lse; f.dout = (const float*)p.dout;

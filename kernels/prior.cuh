@@ -29,6 +29,11 @@ __device__ __forceinline__ float goat_kappa(const float* __restrict__ kappa, int
 __device__ __forceinline__ float goat_u(const float* __restrict__ u, int L, int h, int j) {
     return u ? u[(size_t)h * L + j] : 0.f;
 }
+// The general layout (goat.h): L queries, L_k keys; kappa [H][L + L_k - 1] with query i, key j at i - j + L_k - 1
+// (the caller filled it at the global position difference), u [H][L_k] (goat_u with L = L_k).
+__device__ __forceinline__ float goat_kappa(const float* __restrict__ kappa, int L, int L_k, int h, int i, int j) {
+    return kappa ? kappa[(size_t)h * (L + L_k - 1) + (i - j + L_k - 1)] : 0.f;
+}
 
 // The kappa window of a (query tile i0, key tile j0) pair: tile-local index x = (i - i0) - (j - j0) + B_c - 1
 // in [0, B_r + B_c - 2] holds kappa[h][(i - j) + L - 1] (the layout goat_kappa reads), so the window
@@ -44,6 +49,11 @@ static __device__ __forceinline__ int kappa_window_start(int i0, int j0, int B_c
 // (Query rows past L are never written back, so no kernel needs to mask them.)
 __device__ __forceinline__ bool goat_visible(int i, int j, int L, bool causal) {
     return j < L && !(causal && j > i);
+}
+// The general rule (goat.h): key j exists for this sequence (j < n_keys: L_k, or the batch's len_k) and, under a
+// causal mask, its position k_pos0 + j is not after the query's q_pos0 + i; shift = q_pos0 - k_pos0.
+__device__ __forceinline__ bool goat_visible(int i, int j, int n_keys, bool causal, long long shift) {
+    return j < n_keys && !(causal && (long long)j > i + shift);
 }
 
 // The GOAT step: the logit of one (query, key) pair from its score s = <q_i, k_j> and the two prior entries,

@@ -241,7 +241,7 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
         {"scale", 1, [](GoatParams& p) { p.scale = NAN; }},
         {"version", 1, [](GoatParams& p) { p.version = 7; }},
         {"version", 1, [](GoatParams& p) { p.version = -1; }},
-        {"overflows", 1, [](GoatParams& p) { p.B = 1 << 20; p.H = 1 << 10; }},
+        {"overflows", 1, [](GoatParams& p) { p.B = 1 << 20; p.H = 1 << 12; }},  // 2^32 query tiles
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V1_NAIVE; }},
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V2_TILED; }},
         {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V3_MMA_BF16; }},                       // v3 with fp32
