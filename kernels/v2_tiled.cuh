@@ -190,8 +190,9 @@ __global__ void __launch_bounds__(V2_FWD_B_r * V2_TEAM) v2_forward_kernel(GoatF3
 // heads of its kv head's group, and for each over the query tiles. Writes dk, dv (summed over the group); adds dq
 // (atomic_dq); du and dkappa (per query head): atomic adds into p.du / p.dkappa, or (deterministic) plain writes
 // to p.du_part / p.dkappa_part.
+// (3 blocks per multiprocessor: what its shared memory allows at d <= 64; without the hint ptxas spilled)
 template <int D_MAX>
-__global__ void __launch_bounds__(V2_BWD_B_c * V2_TEAM)
+__global__ void __launch_bounds__(V2_BWD_B_c * V2_TEAM, 3)
     v2_backward_kernel(GoatF32 p, bool deterministic) {
     constexpr int B_r = V2_BWD_B_r, B_c = V2_BWD_B_c, S = D_MAX + 1;
     constexpr int QUERIES = B_r / V2_TEAM, COLS = D_MAX / V2_TEAM;   // per thread
