@@ -312,13 +312,6 @@ static Shape shape_of(const GoatDims& dims) {
     return s;
 }
 
-// The tiled twin below models the square case only (the kernels that it judges take nothing else).
-static void require_square(const GoatDims& dims, const char* who) {
-    require((dims.L_k == 0 || dims.L_k == dims.L) && (dims.H_kv == 0 || dims.H_kv == dims.H) &&
-                dims.q_pos0 == dims.k_pos0 && dims.len_k == nullptr,
-            std::string(who) + " takes square self-attention only (L_k, H_kv, positions and len_k unset)");
-}
-
 template <typename T>
 static Shape check_forward_args(const GoatDims& dims, const T* q, const T* k, const T* v, const T* kappa,
                                 const T* u, const T* o, const T* lse) {
@@ -741,165 +734,163 @@ void attention_cpu(int B, int H, int L, int d_qk, int d_v, bool causal, double s
 // ----------------------------------------------------------------------------------------------------------
 // 5. The tiled twin of the fused kernels (FlashAttention-2 order; GoatTiling sets B_r, B_c, bf16 emulation)
 
-// kappa[h][i - j + L - 1] + u[h][j] of the square case; either table may be absent.
-template <typename T>
-static double log_prior_sq(const T* kappa, const T* u, int L, int h, int i, int j) {
-    double K = 0;
-    if (kappa) K += (double)kappa[(size_t)h * (2 * L - 1) + (i - j + L - 1)];
-    if (u) K += (double)u[(size_t)h * L + j];
-    return K;
-}
-
 // Value as the bf16 kernel sees it: rounded to bf16 when emulating, otherwise unchanged.
 static double as_seen(double x, bool bf16) { return bf16 ? (double)bf16_round((float)x) : x; }
 
 template <typename T>
 static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T* k, const T* v, const T* kappa,
                                const T* u, T* o, T* lse) {
-    require_square(dims, "goat_forward_tiled_cpu");
-    check_forward_args(dims, q, k, v, kappa, u, o, lse);
+    const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
     require_positive(t.B_r, "tiling.B_r");
     require_positive(t.B_c, "tiling.B_c");
-    const int L = dims.L, d = dims.d, B_r = t.B_r, B_c = t.B_c;
+    const int d = sh.d, B_r = t.B_r, B_c = t.B_c;
     const bool e = t.emulate_bf16;
     std::vector<double> Q_i((size_t)B_r * d), S_ij((size_t)B_r * B_c), acc((size_t)B_r * d), m(B_r), l(B_r);
-    for (size_t bh = 0; bh < (size_t)dims.B * dims.H; ++bh) {
-        const int h = (int)(bh % dims.H);
-        const size_t off = bh * L * d;
-        for (int i0 = 0; i0 < L; i0 += B_r) {                  // one query tile (a thread block on the GPU)
-            const int rows = std::min(B_r, L - i0);
-            for (int r = 0; r < rows; ++r)
-                for (int c = 0; c < d; ++c) Q_i[(size_t)r * d + c] = as_seen(q[off + (size_t)(i0 + r) * d + c], e);
-            std::fill(m.begin(), m.end(), NEG_INF);           // running max
-            std::fill(l.begin(), l.end(), 0.0);               // running sum of exp(z - m)
-            std::fill(acc.begin(), acc.end(), 0.0);           // running unnormalised output
-            for (int j0 = 0; j0 < L; j0 += B_c) {              // loop over key tiles K_j, V_j
-                if (dims.causal && j0 > i0 + rows - 1) break;  // every later tile is fully masked
-                const int cols = std::min(B_c, L - j0);
-                // S = scale * Q_i K_j^T + prior, masked entries -inf (the prior is added before the max)
+    for (int b = 0; b < sh.B; ++b)
+        for (int h = 0; h < sh.H; ++h)
+            for (int i0 = 0; i0 < sh.L_q; i0 += B_r) {          // one query tile (a thread block on the GPU)
+                const int rows = std::min(B_r, sh.L_q - i0);
                 for (int r = 0; r < rows; ++r)
-                    for (int c = 0; c < cols; ++c) {
-                        const int i = i0 + r, j = j0 + c;
-                        double z = NEG_INF;
-                        if (!(dims.causal && j > i)) {
-                            double s = 0;
-                            for (int x = 0; x < d; ++x) s += Q_i[(size_t)r * d + x] * as_seen(k[off + (size_t)j * d + x], e);
-                            z = (double)dims.scale * s + log_prior_sq(kappa, u, L, h, i, j);
+                    for (int c = 0; c < d; ++c) Q_i[(size_t)r * d + c] = as_seen(q[sh.q_at(b, h, i0 + r) + c], e);
+                std::fill(m.begin(), m.end(), NEG_INF);         // running max
+                std::fill(l.begin(), l.end(), 0.0);             // running sum of exp(z - m)
+                std::fill(acc.begin(), acc.end(), 0.0);         // running unnormalised output
+                for (int j0 = 0; j0 < sh.keys(b); j0 += B_c) {   // loop over key tiles K_j, V_j
+                    // every later tile is fully masked: past the causal limit of the tile's last row
+                    if (sh.causal && (long long)j0 > i0 + rows - 1 + sh.shift) break;
+                    const int cols = std::min(B_c, sh.L_k - j0);
+                    // S = scale * Q_i K_j^T + prior, masked entries -inf (the prior is added before the max)
+                    for (int r = 0; r < rows; ++r)
+                        for (int c = 0; c < cols; ++c) {
+                            const int i = i0 + r, j = j0 + c;
+                            double z = NEG_INF;
+                            if (sh.visible(b, i, j)) {
+                                double s = 0;
+                                for (int x = 0; x < d; ++x) s += Q_i[(size_t)r * d + x] * as_seen(k[sh.kv_at(b, h, j) + x], e);
+                                z = sh.scale * s + sh.prior(kappa, u, h, i, j);
+                            }
+                            S_ij[(size_t)r * B_c + c] = z;
                         }
-                        S_ij[(size_t)r * B_c + c] = z;
+                    // online softmax: new max, rescale old state by exp(m_old - m_new), add this tile
+                    for (int r = 0; r < rows; ++r) {
+                        double m_new = m[r];
+                        for (int c = 0; c < cols; ++c) m_new = std::max(m_new, S_ij[(size_t)r * B_c + c]);
+                        if (m_new == NEG_INF) continue;          // nothing visible in this row so far
+                        const double alpha = std::exp(m[r] - m_new);   // 0 when m[r] = -inf
+                        l[r] *= alpha;
+                        for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] *= alpha;
+                        for (int c = 0; c < cols; ++c) {
+                            const double z = S_ij[(size_t)r * B_c + c];
+                            if (z == NEG_INF) continue;
+                            const double p = std::exp(z - m_new);
+                            l[r] += p;                           // l sums the unrounded p, as the kernel does
+                            const double p_mma = as_seen(p, e);  // P enters P V in bf16 on the tensor cores
+                            for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] += p_mma * as_seen(v[sh.kv_at(b, h, j0 + c) + x], e);
+                        }
+                        m[r] = m_new;
                     }
-                // online softmax: new max, rescale old state by exp(m_old - m_new), add this tile
+                }
                 for (int r = 0; r < rows; ++r) {
-                    double m_new = m[r];
-                    for (int c = 0; c < cols; ++c) m_new = std::max(m_new, S_ij[(size_t)r * B_c + c]);
-                    if (m_new == NEG_INF) continue;            // nothing allowed in this row so far
-                    const double alpha = std::exp(m[r] - m_new);   // 0 when m[r] = -inf
-                    l[r] *= alpha;
-                    for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] *= alpha;
-                    for (int c = 0; c < cols; ++c) {
-                        const double z = S_ij[(size_t)r * B_c + c];
-                        if (z == NEG_INF) continue;
-                        const double p = std::exp(z - m_new);
-                        l[r] += p;                             // l sums the unrounded p, as the kernel does
-                        const double p_mma = as_seen(p, e);    // P enters P V in bf16 on the tensor cores
-                        for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] += p_mma * as_seen(v[off + (size_t)(j0 + c) * d + x], e);
-                    }
-                    m[r] = m_new;
+                    const bool empty = (m[r] == NEG_INF);
+                    T* o_i = o + sh.q_at(b, h, i0 + r);
+                    for (int x = 0; x < d; ++x) o_i[x] = (T)(empty ? 0.0 : as_seen(acc[(size_t)r * d + x] / l[r], e));
+                    lse[((size_t)b * sh.H + h) * sh.L_q + i0 + r] = (T)(empty ? NEG_INF : m[r] + std::log(l[r]));
                 }
             }
-            for (int r = 0; r < rows; ++r) {
-                const size_t row = bh * L + i0 + r;
-                const bool empty = (m[r] == NEG_INF);
-                for (int x = 0; x < d; ++x) o[row * d + x] = (T)(empty ? 0.0 : as_seen(acc[(size_t)r * d + x] / l[r], e));
-                lse[row] = (T)(empty ? NEG_INF : m[r] + std::log(l[r]));
-            }
-        }
-    }
 }
 
+// Per key tile of a (b, query head): loop over the query tiles, rebuild P from lse, dz = P (dP - D); du as column
+// sums and dkappa as diagonal sums of each dz tile; dk, dv summed over the query heads of each kv head (and over
+// the key tile's query tiles) in double, rounded once at the end, as a kernel that sums a group in fp32 would.
 template <typename T>
 static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T* k, const T* v,
                                 const T* kappa, const T* u, const T* o, const T* lse, const T* dout,
                                 T* dq, T* dk, T* dv, T* dkappa, T* du) {
-    require_square(dims, "goat_backward_tiled_cpu");
-    check_forward_args(dims, q, k, v, kappa, u, o, lse);
+    const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
     require_ptr(dout, "dout");
     require_ptr(dq, "dq");
     require_ptr(dk, "dk");
     require_ptr(dv, "dv");
     require_positive(t.B_r, "tiling.B_r");
     require_positive(t.B_c, "tiling.B_c");
-    const int L = dims.L, d = dims.d, B_r = t.B_r, B_c = t.B_c;
-    const size_t n = (size_t)dims.B * dims.H * L * d;
-    require_finite(o, n, "o");
-    require_finite(dout, n, "dout");
-    require_lse(lse, (size_t)dims.B * dims.H * L, "lse");
+    const int d = sh.d, B_r = t.B_r, B_c = t.B_c, n_delta = sh.n_delta();
+    require_finite(o, sh.n_q(), "o");
+    require_finite(dout, sh.n_q(), "dout");
+    require_lse(lse, sh.n_rows(), "lse");
     const bool e = t.emulate_bf16;
     auto seen = [&](const T* x, size_t idx) { return as_seen((double)x[idx], e); };
 
-    std::vector<double> dkappa_acc((size_t)dims.H * (2 * L - 1), 0.0), du_acc((size_t)dims.H * L, 0.0);
-    std::vector<double> dq_acc((size_t)L * d), D(L), dK_j((size_t)B_c * d), dV_j((size_t)B_c * d);
+    std::vector<double> dkappa_acc((size_t)sh.H * n_delta, 0.0), du_acc((size_t)sh.H * sh.L_k, 0.0);
+    std::vector<double> dk_acc(sh.n_kv(), 0.0), dv_acc(sh.n_kv(), 0.0);
+    std::vector<double> dq_acc((size_t)sh.L_q * d), D(sh.L_q), dK_j((size_t)B_c * d), dV_j((size_t)B_c * d);
     std::vector<double> diag(B_r + B_c - 1), col(B_c);
-    for (size_t bh = 0; bh < (size_t)dims.B * dims.H; ++bh) {
-        const int h = (int)(bh % dims.H);
-        const size_t off = bh * L * d;
-        // D_i = <dO_i, O_i> (a small kernel of its own on the GPU)
-        for (int i = 0; i < L; ++i) {
-            D[i] = 0;
-            for (int x = 0; x < d; ++x) D[i] += seen(dout, off + (size_t)i * d + x) * seen(o, off + (size_t)i * d + x);
-        }
-        std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
-        for (int j0 = 0; j0 < L; j0 += B_c) {                  // one key tile (a thread block on the GPU)
-            const int cols = std::min(B_c, L - j0);
-            std::fill(dK_j.begin(), dK_j.end(), 0.0);
-            std::fill(dV_j.begin(), dV_j.end(), 0.0);
-            std::fill(col.begin(), col.end(), 0.0);
-            const int i_start = dims.causal ? (j0 / B_r) * B_r : 0;   // earlier query tiles are fully masked
-            for (int i0 = i_start; i0 < L; i0 += B_r) {        // loop over query tiles
-                const int rows = std::min(B_r, L - i0);
-                std::fill(diag.begin(), diag.end(), 0.0);
-                for (int r = 0; r < rows; ++r) {
-                    const int i = i0 + r;
-                    const double lse_i = (double)lse[bh * L + i];
-                    if (lse_i == NEG_INF) continue;            // empty row: P = 0
-                    for (int c = 0; c < cols; ++c) {
-                        const int j = j0 + c;
-                        if (dims.causal && j > i) continue;
-                        double s = 0, dP = 0;
-                        for (int x = 0; x < d; ++x) {
-                            s += seen(q, off + (size_t)i * d + x) * seen(k, off + (size_t)j * d + x);
-                            dP += seen(dout, off + (size_t)i * d + x) * seen(v, off + (size_t)j * d + x);
+    for (int b = 0; b < sh.B; ++b)
+        for (int h = 0; h < sh.H; ++h) {
+            const size_t row0 = ((size_t)b * sh.H + h) * sh.L_q;
+            // D_i = <dO_i, O_i> (a small kernel of its own on the GPU)
+            for (int i = 0; i < sh.L_q; ++i) {
+                D[i] = 0;
+                for (int x = 0; x < d; ++x) D[i] += seen(dout, sh.q_at(b, h, i) + x) * seen(o, sh.q_at(b, h, i) + x);
+            }
+            std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
+            for (int j0 = 0; j0 < sh.L_k; j0 += B_c) {          // one key tile (a thread block on the GPU)
+                const int cols = std::min(B_c, sh.L_k - j0);
+                std::fill(dK_j.begin(), dK_j.end(), 0.0);
+                std::fill(dV_j.begin(), dV_j.end(), 0.0);
+                std::fill(col.begin(), col.end(), 0.0);
+                // earlier query tiles are fully masked: before the first query that sees key j0 (i = j0 - shift)
+                const long long i_first = sh.causal ? (long long)j0 - sh.shift : 0;
+                const int i_start = i_first <= 0 ? 0 : (int)std::min<long long>(i_first / B_r * B_r, sh.L_q);
+                for (int i0 = i_start; i0 < sh.L_q; i0 += B_r) {   // loop over query tiles
+                    const int rows = std::min(B_r, sh.L_q - i0);
+                    std::fill(diag.begin(), diag.end(), 0.0);
+                    for (int r = 0; r < rows; ++r) {
+                        const int i = i0 + r;
+                        const double lse_i = (double)lse[row0 + i];
+                        if (lse_i == NEG_INF) continue;          // empty row: P = 0
+                        for (int c = 0; c < cols; ++c) {
+                            const int j = j0 + c;
+                            if (!sh.visible(b, i, j)) continue;
+                            double s = 0, dP = 0;
+                            for (int x = 0; x < d; ++x) {
+                                s += seen(q, sh.q_at(b, h, i) + x) * seen(k, sh.kv_at(b, h, j) + x);
+                                dP += seen(dout, sh.q_at(b, h, i) + x) * seen(v, sh.kv_at(b, h, j) + x);
+                            }
+                            const double z = sh.scale * s + sh.prior(kappa, u, h, i, j);
+                            if (z == NEG_INF) continue;
+                            const double P = std::exp(z - lse_i);  // rebuilt from the saved lse
+                            const double dS = P * (dP - D[i]);     // dz = P (dP - D)
+                            const double P_mma = as_seen(P, e), dS_mma = as_seen(dS, e);
+                            for (int x = 0; x < d; ++x) {
+                                dV_j[(size_t)c * d + x] += P_mma * seen(dout, sh.q_at(b, h, i) + x);
+                                dK_j[(size_t)c * d + x] += sh.scale * dS_mma * seen(q, sh.q_at(b, h, i) + x);
+                                dq_acc[(size_t)i * d + x] += sh.scale * dS_mma * seen(k, sh.kv_at(b, h, j) + x);
+                            }
+                            col[c] += dS;                        // du: column sums of the fp32 dS
+                            diag[(r - c) + (B_c - 1)] += dS;     // dkappa: diagonal sums
                         }
-                        const double z = (double)dims.scale * s + log_prior_sq(kappa, u, L, h, i, j);
-                        if (z == NEG_INF) continue;
-                        const double P = std::exp(z - lse_i);  // rebuilt from the saved lse
-                        const double dS = P * (dP - D[i]);     // dz = P (dP - D)
-                        const double P_mma = as_seen(P, e), dS_mma = as_seen(dS, e);
-                        for (int x = 0; x < d; ++x) {
-                            dV_j[(size_t)c * d + x] += P_mma * seen(dout, off + (size_t)i * d + x);
-                            dK_j[(size_t)c * d + x] += dims.scale * dS_mma * seen(q, off + (size_t)i * d + x);
-                            dq_acc[(size_t)i * d + x] += dims.scale * dS_mma * seen(k, off + (size_t)j * d + x);
-                        }
-                        col[c] += dS;                          // du: column sums of the fp32 dS
-                        diag[(r - c) + (B_c - 1)] += dS;               // dkappa: diagonal sums
+                    }
+                    // one add per diagonal of this tile: tile-local x = (r - c) + B_c - 1 <-> i - j = i0 - j0 + x - (B_c - 1)
+                    for (int x = 0; x < rows + B_c - 1; ++x) {
+                        const int index = (i0 - j0) + x - (B_c - 1) + sh.L_k - 1;
+                        if (index < 0 || index >= n_delta) continue;
+                        dkappa_acc[(size_t)h * n_delta + index] += diag[x];
                     }
                 }
-                // one add per delta of this tile: tile-local index (r - c) + B_c - 1 <-> delta = i0 - j0 + r - c
-                for (int x = 0; x < rows + B_c - 1; ++x) {
-                    const int delta = (i0 - j0) + x - (B_c - 1);
-                    if (delta < -(L - 1) || delta > L - 1) continue;
-                    dkappa_acc[(size_t)h * (2 * L - 1) + delta + L - 1] += diag[x];
+                for (int c = 0; c < cols; ++c) {
+                    du_acc[(size_t)h * sh.L_k + j0 + c] += col[c];
+                    for (int x = 0; x < d; ++x) {
+                        dk_acc[sh.kv_at(b, h, j0 + c) + x] += dK_j[(size_t)c * d + x];
+                        dv_acc[sh.kv_at(b, h, j0 + c) + x] += dV_j[(size_t)c * d + x];
+                    }
                 }
             }
-            for (int c = 0; c < cols; ++c) {
-                du_acc[(size_t)h * L + j0 + c] += col[c];
-                for (int x = 0; x < d; ++x) {
-                    dk[off + (size_t)(j0 + c) * d + x] = (T)as_seen(dK_j[(size_t)c * d + x], e);
-                    dv[off + (size_t)(j0 + c) * d + x] = (T)as_seen(dV_j[(size_t)c * d + x], e);
-                }
-            }
+            for (int i = 0; i < sh.L_q; ++i)
+                for (int x = 0; x < d; ++x) dq[sh.q_at(b, h, i) + x] = (T)as_seen(dq_acc[(size_t)i * d + x], e);
         }
-        for (size_t x = 0; x < (size_t)L * d; ++x) dq[off + x] = (T)as_seen(dq_acc[x], e);
+    for (size_t x = 0; x < sh.n_kv(); ++x) {
+        dk[x] = (T)as_seen(dk_acc[x], e);
+        dv[x] = (T)as_seen(dv_acc[x], e);
     }
     if (dkappa)
         for (size_t x = 0; x < dkappa_acc.size(); ++x) dkappa[x] = (T)dkappa_acc[x];
