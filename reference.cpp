@@ -473,7 +473,7 @@ static double sink_mlp(const GoatPrior& p, const double* feat, double* a, double
 
 static void check_prior(const GoatPrior& p) {
     require_positive(p.H, "prior.H");
-    require_positive(p.R, "prior.R");
+    require(p.R >= 0, "prior.R must be >= 0 (0: no kappa, the key term u only)");
     require_positive(p.M, "prior.M");
     require(std::isfinite(p.base) && p.base > 0, "prior.base must be finite and > 0");
     require(std::isfinite(p.T_train) && p.T_train > 0, "prior.T_train must be finite and > 0");
@@ -501,7 +501,7 @@ GoatPrior goat_prior_init(int H, int R, int M, double T_train, const std::string
     p.M = M;
     p.T_train = T_train;
     require_positive(H, "H");
-    require_positive(R, "R");
+    require(R >= 0, "R must be >= 0 (0: no kappa, the key term u only)");
     require_positive(M, "M");
     require(std::isfinite(T_train) && T_train > 0, "T_train must be finite and > 0");
     Rng rng(seed);

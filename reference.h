@@ -110,7 +110,8 @@ constexpr int GOAT_MLP_WIDTH = 4;   // hidden width of the sink mlp (shared by t
 
 struct GoatPrior {
     int H = 0;            // heads
-    int R = 0;            // pos_rank: Fourier frequencies of kappa, w_r = base^(-r/(R-1)) (R = 1: w_0 = 1)
+    int R = 0;            // pos_rank: Fourier frequencies of kappa, w_r = base^(-r/(R-1)) (R = 1: w_0 = 1;
+                          // R = 0: kappa = 0, the sink and the recency slope only)
     int M = 0;            // abs_rank: frequencies of the sink features, nu_m = base^(-m/(M-1))
     double base = 1e4;
     double T_train = 256; // training context, normalises the position features

@@ -206,7 +206,7 @@ std::vector<Flag> flag_table(Options* o) {
         {"--context", 'i', &o->context, "context length T (tokens per training sequence)"},
         {"--prior", 's', &o->prior, "attention prior: goat (learned kappa + u) | none | alibi | abs (learned wpe)"},
         {"--prior-init", 's', &o->prior_init, "GOAT prior init: uniform (standard attention) | alibi"},
-        {"--pos-rank", 'i', &o->pos_rank, "R, Fourier frequencies of kappa"},
+        {"--pos-rank", 'i', &o->pos_rank, "R, Fourier frequencies of kappa (0: no kappa, the sink u only)"},
         {"--abs-rank", 'i', &o->abs_rank, "M, frequencies of the sink u's position features"},
         {"--task", 's', &o->task, "text | copy (copy-mixture task of GOAT.md section 7)"},
         {"--data", 's', &o->data, "text file to train on (empty: the embedded grammar corpus)"},
@@ -310,7 +310,7 @@ bool parse_args(int argc, char** argv, Options* o) {
     need(o->context >= 2 && o->context <= 4096, "--context must be in 2..4096");
     one_of(o->prior, {"goat", "none", "alibi", "abs"}, "--prior");
     one_of(o->prior_init, {"uniform", "alibi"}, "--prior-init");
-    need(o->pos_rank >= 1 && o->pos_rank <= 64, "--pos-rank must be in 1..64");
+    need(o->pos_rank >= 0 && o->pos_rank <= 64, "--pos-rank must be in 0..64 (0: no kappa, the sink u only)");
     need(o->abs_rank >= 1 && o->abs_rank <= 64, "--abs-rank must be in 1..64");
     one_of(o->task, {"text", "copy"}, "--task");
     need(!(o->task == "copy" && !o->data.empty()), "--data and --task copy cannot be combined");

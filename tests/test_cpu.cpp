@@ -570,7 +570,7 @@ TEST_CASE("bad input raises std::invalid_argument naming the argument") {
 
     expect_invalid([&] { goat_prior_init(2, 4, 2, 64, "rope", 1); }, "init");
     expect_invalid([&] { goat_prior_init(0, 4, 2, 64, "uniform", 1); }, "H");
-    expect_invalid([&] { goat_prior_init(2, 0, 2, 64, "uniform", 1); }, "R");
+    expect_invalid([&] { goat_prior_init(2, -1, 2, 64, "uniform", 1); }, "R");   // (R = 0 is allowed: no kappa)
     expect_invalid([&] { goat_prior_init(2, 4, 0, 64, "uniform", 1); }, "M");
     expect_invalid([&] { goat_prior_init(2, 4, 2, -1, "uniform", 1); }, "T_train");
     GoatPrior p = goat_prior_init(2, 4, 2, 64, "uniform", 1);
