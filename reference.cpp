@@ -919,6 +919,54 @@ void goat_backward_tiled_cpu(GoatDims dims, GoatTiling t, const double* q, const
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// 6. The split-key twin of a decode step
+
+void goat_decode_split_cpu(GoatDims dims, int n_splits, const double* q, const double* k, const double* v,
+                           const double* kappa, const double* u, double* o, double* lse) {
+    const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
+    require_positive(n_splits, "n_splits");
+    const int d = sh.d, chunk = (sh.L_k + n_splits - 1) / n_splits;
+    std::vector<double> z(chunk), o_part((size_t)n_splits * d), lse_part(n_splits);
+    for (int b = 0; b < sh.B; ++b)
+        for (int h = 0; h < sh.H; ++h)
+            for (int i = 0; i < sh.L_q; ++i) {
+                const double* q_i = q + sh.q_at(b, h, i);
+                // pass 1, one chunk of keys at a time (a thread block each on the GPU): a partial softmax
+                for (int s = 0; s < n_splits; ++s) {
+                    const int j0 = s * chunk, n = std::max(0, std::min(chunk, sh.L_k - j0));
+                    for (int c = 0; c < n; ++c) {
+                        const int j = j0 + c;
+                        z[c] = NEG_INF;
+                        if (!sh.visible(b, i, j)) continue;
+                        double dot = 0;
+                        for (int x = 0; x < d; ++x) dot += q_i[x] * k[sh.kv_at(b, h, j) + x];
+                        z[c] = sh.scale * dot + sh.prior(kappa, u, h, i, j);
+                    }
+                    const double l_s = logsumexp(z.data(), n);   // -inf for an empty chunk or n = 0
+                    lse_part[s] = l_s;
+                    for (int x = 0; x < d; ++x) {
+                        double acc = 0;
+                        if (l_s != NEG_INF)
+                            for (int c = 0; c < n; ++c)
+                                if (z[c] != NEG_INF) acc += std::exp(z[c] - l_s) * v[sh.kv_at(b, h, j0 + c) + x];
+                        o_part[(size_t)s * d + x] = acc;
+                    }
+                }
+                // pass 2, the combine: every chunk weighted by its share exp(lse_s - lse) of the row's mass
+                const double l = logsumexp(lse_part.data(), n_splits);
+                double* o_i = o + sh.q_at(b, h, i);
+                for (int x = 0; x < d; ++x) {
+                    double acc = 0;
+                    if (l != NEG_INF)
+                        for (int s = 0; s < n_splits; ++s)
+                            if (lse_part[s] != NEG_INF) acc += std::exp(lse_part[s] - l) * o_part[(size_t)s * d + x];
+                    o_i[x] = acc;
+                }
+                lse[((size_t)b * sh.H + h) * sh.L_q + i] = l;
+            }
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // demo main (`make demo`): every number printed is computed here, nothing is typed in.
 #ifdef GOAT_REFERENCE_MAIN
 

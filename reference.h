@@ -7,7 +7,8 @@
 //   2. multi-head attention with a log-prior, forward and backward (sections 1 and 5);
 //   3. the GOAT prior's parameterisation, kappa(i - j) + u(j), its tables and their backward (section 3);
 //   4. the packing route: prior lanes appended to q and k (section 4);
-//   5. the tiled online-softmax twin of the fused CUDA kernels (the same algorithm, readable, on the CPU).
+//   5. the tiled online-softmax twin of the fused CUDA kernels (the same algorithm, readable, on the CPU);
+//   6. the split-key twin of a decode step (partial softmaxes over chunks of the keys, then their combine).
 //
 // Rules kept: double-precision accumulation everywhere, no intrinsics, no threads; bad input throws
 // std::invalid_argument with a message naming the argument; a log-prior entry of -INFINITY means "masked"
@@ -202,6 +203,17 @@ void goat_backward_tiled_cpu(GoatDims dims, GoatTiling t, const double* q, const
                              const double* v, const double* kappa, const double* u, const double* o,
                              const double* lse, const double* dout, double* dq, double* dk, double* dv,
                              double* dkappa, double* du);
+
+// ----------------------------------------------------------------------------------------------------------
+// 6. The split-key twin of a decode step (Flash-Decoding order: a few queries against a long cache)
+
+// The keys of each sequence split into n_splits chunks of ceil(L_k / n_splits); every chunk gives each query a
+// partial softmax over its own keys, (o_s, lse_s) (a chunk with nothing visible: o_s = 0, lse_s = -inf), and the
+// combine is lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s. The same outputs as goat_forward_cpu, in
+// the order a split-KV kernel computes them. Forward only; any GoatDims (the decode case: small L, q_pos0 =
+// k_pos0 + L_k - L).
+void goat_decode_split_cpu(GoatDims dims, int n_splits, const double* q, const double* k, const double* v,
+                           const double* kappa, const double* u, double* o, double* lse);
 
 // Round-to-nearest-even to bfloat16 and back (what __float2bfloat16 does), NaN kept NaN.
 float bf16_round(float x);

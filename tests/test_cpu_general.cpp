@@ -421,3 +421,42 @@ TEST_CASE("general: the tiled twin equals the closed form on general shapes (for
         }
     }
 }
+
+TEST_CASE("decode: the split-key twin (partial softmaxes per chunk, then the combine) equals the closed form") {
+    struct Shape { int B, H, H_kv, L, L_k; std::vector<int> len; };
+    const Shape shapes[] = {
+        {2, 8, 2, 1, 1, {}},             // one key
+        {2, 8, 2, 1, 17, {17, 5}},       // a short cache, GQA, one padded sequence
+        {1, 4, 1, 4, 1000, {}},          // four queries, MQA
+        {3, 4, 4, 16, 300, {300, 0, 1}}, // sixteen queries; an empty and a one-key sequence
+    };
+    for (const Shape& sp : shapes)
+        for (bool causal : {true, false}) {
+            GoatDims g{sp.B, sp.H, sp.L, 8, causal, 0.35f};
+            g.H_kv = sp.H_kv;
+            g.L_k = sp.L_k;
+            g.k_pos0 = 100;
+            g.q_pos0 = 100 + sp.L_k - sp.L;  // the new queries at the end of the cache
+            g.len_k = sp.len.empty() ? nullptr : sp.len.data();
+            GenProblem p = make_general(g, 700 + sp.L_k + causal);
+            std::vector<double> o(p.n_q()), lse(p.n_rows());
+            goat_forward_cpu(g, p.q.data(), p.k.data(), p.v.data(), p.kappa.data(), p.u.data(), o.data(), lse.data());
+            for (int n_splits : {1, 3, 7, sp.L_k + 5}) {
+                std::vector<double> os(p.n_q(), -1.0), lss(p.n_rows(), -1.0);
+                goat_decode_split_cpu(g, n_splits, p.q.data(), p.k.data(), p.v.data(), p.kappa.data(), p.u.data(),
+                                      os.data(), lss.data());
+                INFO("L = " << sp.L << ", L_k = " << sp.L_k << (causal ? ", causal" : "") << ", splits " << n_splits);
+                check_close("o", os, o, TOL_SAME);
+                check_close("lse", lss, lse, TOL_SAME);
+            }
+        }
+    std::vector<double> x(64, 0.0), o(64), l(64);
+    bool threw = false;
+    try {
+        goat_decode_split_cpu(GoatDims{1, 1, 2, 2, false, 1.f}, 0, x.data(), x.data(), x.data(), nullptr, nullptr,
+                              o.data(), l.data());
+    } catch (const std::invalid_argument& e) {
+        threw = std::string(e.what()).find("n_splits") != std::string::npos;
+    }
+    CHECK(threw);
+}
