@@ -65,7 +65,7 @@ $(BUILD)/goat.o: $(GOAT_DEPS) | $(BUILD)
 	$(NVCC) $(NVFLAGS) -Xptxas -v -c goat.cu -o $@ 2> $(BUILD)/goat.ptxas.txt || (cat $(BUILD)/goat.ptxas.txt; false)
 
 # GPU tests: every kernel version against its CPU twin
-$(BUILD)/test_gpu: $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o tests/test_util.h reference.h goat.h
+$(BUILD)/test_gpu: $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o tests/test_util.h tests/gpu_problem.h reference.h goat.h
 	$(NVCC) $(NVFLAGS) $(DOCTEST_CFLAGS) -I. $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o -o $@
 
 # benchmark harness

@@ -89,16 +89,17 @@ static GoatStatus goat_device_status() {
         cudaFuncAttributes attr;
         const cudaError_t img = cudaFuncGetAttributes(&attr, v1_forward_kernel);
         cudaGetLastError();
-        cached[dev] = 1;
+        int verdict = 1;  // published only once decided (a racing first call sees "unknown" and checks too)
         if (major < 8) {
             snprintf(why[dev], sizeof why[dev], "this GPU has compute capability %d.%d; goat.cu needs 8.0 or newer",
                      major, minor);
-            cached[dev] = 2;
+            verdict = 2;
         } else if (img != cudaSuccess) {
             snprintf(why[dev], sizeof why[dev], "goat.cu has no code for this GPU (compute capability %d.%d): %s; "
                      "rebuild with its target in NVARCH (Makefile)", major, minor, cudaGetErrorString(img));
-            cached[dev] = 2;
+            verdict = 2;
         }
+        cached[dev] = verdict;
     }
     return cached[dev] == 1 ? GoatStatus() : goat_status(3, "%s", why[dev]);
 }
@@ -154,11 +155,19 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
                 return goat_status(1, "%s_stride must not be negative (got %lld, %lld, %lld)", names[x],
                                    st[x]->batch, st[x]->head, st[x]->row);
     }
-    // the fp32 kernels index tensors in 64 bits; their grids and table indices (H*(L+L_k-1), H*L_k) are int
+    // the fp32 kernels index tensors in 64 bits; lengths, grids and table indices (H*(L+L_k-1), H*L_k) are int
+    if (p.L > 2147483647 - 256 || L_k > 2147483647 - 256)
+        return goat_status(1, "L and L_k must be below 2^31 - 256 (got %d, %d)", p.L, L_k);
     if ((long long)p.H * ((long long)p.L + L_k - 1) > 2147483647LL)
         return goat_status(1, "H*(L+L_k-1) = %lld overflows int", (long long)p.H * ((long long)p.L + L_k - 1));
-    if ((long long)p.B * p.H * ((p.L + 31) / 32) > 2147483647LL || (long long)p.B * H_kv * ((L_k + 31) / 32) > 2147483647LL)
-        return goat_status(1, "B*H*L = %lld rows overflows the kernels' grids", (long long)p.B * p.H * p.L);
+    if ((long long)p.B * p.H * (((long long)p.L + 31) / 32) > 2147483647LL)
+        return goat_status(1, "B*H*L = %lld query rows overflows the kernels' grids", (long long)p.B * p.H * p.L);
+    if ((long long)p.B * H_kv * (((long long)L_k + 31) / 32) > 2147483647LL)
+        return goat_status(1, "B*H_kv*L_k = %lld key rows overflows the kernels' grids", (long long)p.B * H_kv * L_k);
+    // positions: |q_pos0 - k_pos0| + L + L_k must stay far inside 64 bits
+    const long long POS_MAX = 1LL << 62;
+    if (p.q_pos0 < -POS_MAX || p.q_pos0 > POS_MAX || p.k_pos0 < -POS_MAX || p.k_pos0 > POS_MAX)
+        return goat_status(1, "q_pos0 and k_pos0 must be within +-2^62 (got %lld, %lld)", p.q_pos0, p.k_pos0);
     if (!std::isfinite(p.scale)) return goat_status(1, "scale must be finite (got %g)", p.scale);
     if (p.dtype != GOAT_F32 && p.dtype != GOAT_BF16) return goat_status(1, "dtype %d is not a GoatDtype", (int)p.dtype);
     if (p.version < GOAT_AUTO || p.version > GOAT_V6_WGMMA_BWD_BF16)

@@ -193,6 +193,15 @@ void check_case(const Case& c) {
         p.o = d_o.ptr(); p.lse = d_lse.f32();
         p.dout = d_dout.ptr(); p.dq = d_dq.ptr(); p.dk = d_dk.ptr(); p.dv = d_dv.ptr();
         p.dkappa = d_dkappa.f32(); p.du = d_du.f32();
+        // the deterministic run gets a poisoned, guarded workspace of exactly the size asked for (its partials
+        // must be written before they are read); the others let the launcher allocate one
+        const size_t ws_bytes = goat_backward_workspace_size(p);
+        std::optional<DeviceBuffer> ws;
+        if (det) {
+            ws.emplace(ws_bytes);
+            p.workspace = ws->ptr();
+            p.workspace_bytes = ws_bytes;
+        }
         REQUIRE(goat_resolve_version(p) == version);
         GoatStatus st = goat_forward(p, 0);
         INFO("forward: ", st.message);
@@ -213,6 +222,7 @@ void check_case(const Case& c) {
         expect_close("dkappa", std::vector<double>(dkappa.begin(), dkappa.end()), dkappa_ref);
         expect_close("du", std::vector<double>(du.begin(), du.end()), du_ref);
         if (fused) dqkv->check_guards("qkv");
+        if (ws) ws->check_guards("workspace");
     }
 }
 
@@ -229,9 +239,13 @@ GPU_CASE({false, 2, 8, 1, 1, 300, 32, true, 1299, 1000, {300, 17}, Layout::blhd,
 GPU_CASE({false, 1, 8, 4, 64, 1000, 32, false, 5, 700, {}, Layout::packed, "cross-attention; group 2"})
 GPU_CASE({false, 1, 8, 2, 33, 45, 16, false, 0, 0, {}, Layout::packed, "group 4"})
 GPU_CASE({false, 1, 8, 1, 33, 45, 16, true, 12, 0, {}, Layout::blhd, "group 8 (MQA); bottom-right causal"})
-GPU_CASE({false, 1, 2, 2, 300, 2500, 64, true, 2200, 0, {2500, 2300}, Layout::blhd,
+GPU_CASE({false, 2, 2, 2, 300, 2500, 64, true, 2200, 0, {2500, 2300}, Layout::blhd,
           "chunked prefill after a cache; the chunk ends beyond the second sequence's keys"})
 GPU_CASE({false, 2, 2, 1, 128, 128, 64, true, 0, 0, {128, 0}, Layout::packed, "square lengths; MQA; an empty sequence"})
+GPU_CASE({true, 2, 4, 2, 40, 100, 8, true, 0, 20, {100, 30}, Layout::packed,
+          "causal with the queries before the keys: rows 0-19 see nothing; len_k beyond and inside"})
+GPU_CASE({true, 1, 2, 2, 5, 300, 8, true, 0, 290, {300}, Layout::packed,
+          "causal; every query before every key but the first ten: most key tiles have no query"})
 
 TEST_CASE("fp32 general v2 B*H = 65540 > 65535 (one query against two keys per head)") {
     const int H = 65540;
