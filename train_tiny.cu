@@ -123,8 +123,11 @@ std::string format_duration(double s) {
 // appending (not truncated, so --load and --save may name the same file); a new one is created and removed.
 // Run before any work, so that a bad output path costs a second, not a whole training run.
 void check_writable(const std::string& path, const char* flag) {
-    struct stat st;
+    struct stat st, lst;
     const bool exists = stat(path.c_str(), &st) == 0;
+    // a dangling symbolic link: opening it would create its target, removing the probe would remove the link
+    if (!exists && lstat(path.c_str(), &lst) == 0)
+        throw RunError(strf("%s '%s' is a symbolic link to nothing (checked before training)", flag, path.c_str()));
     if (exists && S_ISDIR(st.st_mode)) throw RunError(strf("%s '%s' is a directory (checked before training)", flag, path.c_str()));
     FILE* f = std::fopen(path.c_str(), exists ? "ab" : "wb");
     if (!f) throw RunError(strf("%s '%s' cannot be written: %s (checked before training)", flag, path.c_str(), std::strerror(errno)));
@@ -2188,11 +2191,13 @@ void print_prior(const ModelConfig& c, const std::vector<float>& params, const s
 // Round tick positions covering [lo, hi]: steps of 1, 2 or 5 times a power of ten, at most about n of them.
 // The axis runs from the first tick to the last, so every curve lies inside it and each tick has a label.
 std::vector<double> nice_ticks(double lo, double hi, int n) {
-    if (!(hi > lo)) { lo -= 0.5; hi += 0.5; }
+    // a flat or nearly flat curve (a range at the rounding level of its values) gets a unit-wide axis
+    if (!(hi - lo > 1e-9 * std::max({1.0, std::fabs(lo), std::fabs(hi)}))) { lo -= 0.5; hi += 0.5; }
     const double raw = (hi - lo) / std::max(1, n), mag = std::pow(10.0, std::floor(std::log10(raw)));
     const double step = raw <= mag ? mag : raw <= 2 * mag ? 2 * mag : raw <= 5 * mag ? 5 * mag : 10 * mag;
     std::vector<double> t;
-    for (double k = std::floor(lo / step); k <= std::ceil(hi / step) + 0.5; k += 1) t.push_back(k * step);
+    const double k0 = std::floor(lo / step), k1 = std::ceil(hi / step);
+    for (int x = 0; x <= (int)(k1 - k0) && x <= 4 * n + 4; ++x) t.push_back((k0 + x) * step);
     return t;
 }
 
@@ -2210,6 +2215,7 @@ std::string xml_escape(const std::string& s) {
         else if (ch == '<') out += "&lt;";
         else if (ch == '>') out += "&gt;";
         else if (ch == '"') out += "&quot;";
+        else if ((unsigned char)ch >= 0x80) out += '?';   // a file name's bytes need not be valid UTF-8
         else if ((unsigned char)ch >= 0x20 || ch == '\t') out += ch;   // control bytes are not allowed in XML
     }
     return out;
@@ -2521,11 +2527,20 @@ void save_checkpoint(const std::string& path, const ModelConfig& c, const std::v
     std::string rest((const char*)vocab.data(), vocab.size());
     rest.append((const char*)params.data(), params.size() * sizeof(float));
     h.checksum = checkpoint_checksum(h, rest.data(), rest.size());
-    FILE* f = std::fopen(path.c_str(), "wb");
-    if (!f) throw RunError(strf("cannot write checkpoint '%s': %s", path.c_str(), std::strerror(errno)));
+    // written beside the target and renamed over it once complete: a failed write never costs the old file
+    // (--load and --save may name the same one)
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f)
+        throw RunError(strf("cannot write checkpoint '%s' (%s: %s); the file there is unchanged", path.c_str(),
+                            tmp.c_str(), std::strerror(errno)));
     bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(rest.data(), 1, rest.size(), f) == rest.size();
+    ok = std::fflush(f) == 0 && ok;
     ok = (std::fclose(f) == 0) && ok;
-    if (!ok) throw RunError(strf("cannot write checkpoint '%s' (disk full?)", path.c_str()));
+    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::remove(tmp.c_str());
+        throw RunError(strf("cannot write checkpoint '%s' (disk full?); the file there is unchanged", path.c_str()));
+    }
 }
 
 // Every field in which the checkpoint's shape h differs from this run's c, as "--flag FILE in the file, HERE
@@ -2698,6 +2713,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     int safe_step = -1;
     double safe_val = NAN;
     if (!o.save.empty() && !o.load.empty()) { safe_params = init; safe_step = 0; }
+    int validations_run = 0;
 
     const bool tty = isatty(1);
     bool line_open = false;   // on a terminal: a progress line is shown without its newline
@@ -2715,7 +2731,10 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                 std::fprintf(stderr, "error: %s\n", e.what());
             }
         } else if (!o.save.empty()) {
-            std::printf("no checkpoint written: no validation before the divergence had a loss below chance (ln V = %.2f)\n", chance_loss);
+            std::printf("no checkpoint written: %s\n",
+                        validations_run == 0 ? "no validation ran before the divergence"
+                                             : strf("no validation before the divergence had a loss below chance "
+                                                    "(ln V = %.2f)", chance_loss).c_str());
         }
         std::fflush(stdout);
         throw RunError(divergence_message(step, what, o.clip));
@@ -2755,6 +2774,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                 val_loss = NAN;
             }
             if (!std::isfinite(val_loss)) diverged(step + 1, "validation loss = " + number_or_nan(val_loss));
+            ++validations_run;
             if (!o.save.empty() && val_loss < chance_loss) { safe_params = trainer_params(&tr); safe_step = step + 1; safe_val = val_loss; }
         }
         const double ms = timed_steps ? 1e3 * step_time / timed_steps : 1e3 * dt;

@@ -863,3 +863,33 @@ TEST_CASE("train_tiny: --pos-rank 0 (the sink and the recency slope, no kappa) t
     // at the alibi init u is the recency slope alone: u_h(j) = m_h j, m_0 = 2^-4 for H = 2
     CHECK(std::fabs((u[7] - u[0]) - 7 * 0.0625) < 1e-12);
 }
+
+TEST_CASE("train_tiny: a checkpoint that fails to write leaves the old file as it was; odd paths and names are safe") {
+    ModelConfig c = tiny_config(PRIOR_GOAT);
+    const std::vector<float> params = random_params(c, TEST_SEED);
+    const std::vector<unsigned char> vocab(c.V, 'a');
+    const std::string path = temp_path("keep.ckpt");
+    save_checkpoint(path, c, vocab, params, 3);
+    const std::string before = read_bytes(path);
+    // the temporary beside it cannot be created (a directory of that name): the save fails, the file stays
+    REQUIRE(mkdir((path + ".tmp").c_str(), 0700) == 0);
+    expect_error<RunError>([&] { save_checkpoint(path, c, vocab, params, 4); }, "the file there is unchanged");
+    CHECK(read_bytes(path) == before);
+    rmdir((path + ".tmp").c_str());
+    std::remove(path.c_str());
+    // a dangling symbolic link is refused before anything is created through it
+    const std::string link = temp_path("dangling.link"), target = temp_path("dangling.target");
+    std::remove(target.c_str());
+    REQUIRE(symlink(target.c_str(), link.c_str()) == 0);
+    expect_error<RunError>([&] { check_writable(link, "--svg"); }, "symbolic link to nothing");
+    CHECK_FALSE(file_exists(target));
+    std::remove(link.c_str());
+    // axis ticks of a curve flat to the last bit: a bounded, unit-wide axis
+    const std::vector<double> t = nice_ticks(3.0, 3.0 + 4e-16, 5);
+    CHECK(t.size() >= 2);
+    CHECK(t.size() <= 24);
+    CHECK(t.front() <= 3.0);
+    CHECK(t.back() >= 3.0);
+    // a file name that is not UTF-8 stays well-formed XML
+    CHECK(xml_escape("caf\xe9 <x>") == "caf? &lt;x&gt;");
+}
