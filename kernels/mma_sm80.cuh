@@ -121,6 +121,16 @@ static __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The online softmax's new running max of one of a thread's two score rows (the 4 lanes of a quad share a row):
+// m_new = max(m, the quad's max of mx). Returns the value to subtract before exponentiating: m_new, or 0 while the
+// row has nothing visible (m_new = -inf), so that exp gives 0, never NaN.
+static __device__ __forceinline__ float online_max_step(float mx, float m, float& m_new) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    m_new = fmaxf(m, mx);
+    return m_new == -INFINITY ? 0.f : m_new;
+}
+
 // Two floats -> one register of two bf16 (lo = first = lower column index), round to nearest even.
 static __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);

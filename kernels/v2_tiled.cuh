@@ -90,6 +90,24 @@ template <int D_MAX> constexpr int v2_backward_smem_floats() {
 static_assert(v2_backward_smem_floats<128>() * 4 <= 227 * 1024, "backward tiles must fit in shared memory");
 static_assert(v2_dq_smem_floats<128>() * 4 <= 227 * 1024, "dq tiles must fit in shared memory");
 
+// The query tile a block of the forward or of the dQ kernel owns (grid n_I * B * H, the last query tiles, the most
+// work under a causal mask, first) and where its rows are: (b, h), the tile's first row, the batch's keys, and the
+// K, V of the kv head that query head h reads.
+struct V2QueryBlock {
+    int b, h, bh, i0, n_keys;
+    const float *k_bh, *v_bh;
+    __device__ __forceinline__ V2QueryBlock(const GoatF32& p, int B_r) {
+        const long long BH = (long long)p.B * p.H;
+        bh = (int)(blockIdx.x % BH);
+        b = bh / p.H;
+        h = bh % p.H;
+        i0 = (goat_cdiv(p.L, B_r) - 1 - (int)(blockIdx.x / BH)) * B_r;
+        n_keys = p.keys(b);
+        k_bh = p.k + GoatF32::at(p.sk, b, h / p.group, 0);
+        v_bh = p.v + GoatF32::at(p.sv, b, h / p.group, 0);
+    }
+};
+
 // Number of key tiles a query tile [i0, i0 + B_r) of batch b must visit: those holding its batch's keys, and
 // under a causal mask only those up to the position of the tile's last row (later ones are fully masked).
 __device__ __forceinline__ int v2_key_tiles(const GoatF32& p, int b, int i0, int B_r, int B_c) {
@@ -113,13 +131,10 @@ __global__ void __launch_bounds__(V2_FWD_B_r * V2_TEAM) v2_forward_kernel(GoatF3
     float* kappa_s = P + B_r * (B_c + 1);       // [B_r + B_c - 1]
     float* u_s = kappa_s + (B_r + B_c - 1);     // [B_c]
 
-    const long long BH = (long long)p.B * p.H;
-    const int n_I = goat_cdiv(p.L, B_r);
-    const int bh = (int)(blockIdx.x % BH), b = bh / p.H, h = bh % p.H, I = n_I - 1 - (int)(blockIdx.x / BH);
-    const int r = threadIdx.x / V2_TEAM, lane = threadIdx.x % V2_TEAM;   // this thread's row, place in team
-    const int i0 = I * B_r, i = i0 + r, hk = h / p.group, n_keys = p.keys(b);
-    const float* k_bh = p.k + GoatF32::at(p.sk, b, hk, 0);
-    const float* v_bh = p.v + GoatF32::at(p.sv, b, hk, 0);
+    const V2QueryBlock qb(p, B_r);
+    const int b = qb.b, h = qb.h, bh = qb.bh, i0 = qb.i0, n_keys = qb.n_keys;
+    const int r = threadIdx.x / V2_TEAM, lane = threadIdx.x % V2_TEAM, i = i0 + r;   // this thread's row, team place
+    const float *k_bh = qb.k_bh, *v_bh = qb.v_bh;
 
     v2_load_rows<D_MAX>(Q_i, p.q + GoatF32::at(p.sq, b, h, 0), p.sq.row, i0, B_r, p.L, p.d);
     float m = -INFINITY, l = 0.f, acc[COLS];
@@ -344,13 +359,10 @@ __global__ void __launch_bounds__(V2_FWD_B_r * V2_TEAM) v2_backward_dq_kernel(Go
     float* kappa_s = dz + B_r * (B_c + 1);      // [B_r + B_c - 1]
     float* u_s = kappa_s + (B_r + B_c - 1);     // [B_c]
 
-    const long long BH = (long long)p.B * p.H;
-    const int n_I = goat_cdiv(p.L, B_r);
-    const int bh = (int)(blockIdx.x % BH), b = bh / p.H, h = bh % p.H, I = n_I - 1 - (int)(blockIdx.x / BH);
-    const int r = threadIdx.x / V2_TEAM, lane = threadIdx.x % V2_TEAM;
-    const int i0 = I * B_r, i = i0 + r, hk = h / p.group, n_keys = p.keys(b);
-    const float* k_bh = p.k + GoatF32::at(p.sk, b, hk, 0);
-    const float* v_bh = p.v + GoatF32::at(p.sv, b, hk, 0);
+    const V2QueryBlock qb(p, B_r);
+    const int b = qb.b, h = qb.h, bh = qb.bh, i0 = qb.i0, n_keys = qb.n_keys;
+    const int r = threadIdx.x / V2_TEAM, lane = threadIdx.x % V2_TEAM, i = i0 + r;   // this thread's row, team place
+    const float *k_bh = qb.k_bh, *v_bh = qb.v_bh;
 
     v2_load_rows<D_MAX>(Q_i, p.q + GoatF32::at(p.sq, b, h, 0), p.sq.row, i0, B_r, p.L, p.d);
     v2_load_rows<D_MAX>(dO_i, p.dout + GoatF32::at(p.sdo, b, h, 0), p.sdo.row, i0, B_r, p.L, p.d);

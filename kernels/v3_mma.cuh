@@ -216,11 +216,8 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
         // phase 5: online softmax: new running max (4 threads share a row), rescale O and l, P = exp2(z2 - m)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-            const float m_new = fmaxf(m[hh], mx[hh]);
-            // a row with nothing allowed so far keeps m = -inf; subtract 0 instead so exp2 gives 0, never NaN
-            const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+            float m_new;
+            const float m_use = online_max_step(mx[hh], m[hh], m_new);
             const float alpha = exp2f(m[hh] - m_use);
             m[hh] = m_new;
             l[hh] *= alpha;

@@ -40,11 +40,8 @@ static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float 
     float mlog2[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-        const float m_new = fmaxf(m[hh], mx[hh]);
-        // a row with nothing allowed so far keeps m = -inf; subtract 0 instead so exp gives 0, never NaN
-        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+        float m_new;
+        const float m_use = online_max_step(mx[hh], m[hh], m_new);
         alpha[hh] = exp2f((m[hh] - m_use) * GOAT_LOG2E);
         m[hh] = m_new;
         l[hh] *= alpha[hh];

@@ -76,6 +76,18 @@ void random_batch(const ModelConfig& c, int B, uint64_t seed, Batch* b) {
 constexpr double FD_STEP = 1e-6;
 constexpr double FD_TOL = 1e-7;
 
+// Layer 0, head 0 of a CPU model of shape c (random weights) after the forward of one random batch of 2.
+HeadSnapshot tiny_head0_after_one_batch(const ModelConfig& c) {
+    Trainer tr;
+    build_trainer(&tr, c, 2, random_params(c, TEST_SEED), false);
+    Batch b;
+    random_batch(c, 2, TEST_SEED + 3, &b);
+    trainer_loss(&tr, b);
+    HeadSnapshot s = trainer_head0(&tr);
+    free_trainer(&tr);
+    return s;
+}
+
 void gradient_check(int prior, int R = 3) {
     const ModelConfig c = tiny_config(prior, R);
     const int B = 2;
@@ -251,18 +263,12 @@ TEST_CASE("train_tiny: float and double CPU models follow the same losses for 10
 
 TEST_CASE("train_tiny: --check oracle: Sinkhorn (rho = 0), the closed form and the CPU attention agree") {
     const ModelConfig c = tiny_config(PRIOR_GOAT);
-    Trainer tr;
-    build_trainer(&tr, c, 2, random_params(c, TEST_SEED), false);
-    Batch b;
-    random_batch(c, 2, TEST_SEED + 3, &b);
-    trainer_loss(&tr, b);
-    const Agreement a = agreement_check(trainer_head0(&tr));
+    const Agreement a = agreement_check(tiny_head0_after_one_batch(c));
     std::printf("check oracle: |dP| sinkhorn-closed %.1e, closed-cpu %.1e; |dO| %.1e, %.1e\n", a.dP[0], a.dP[1], a.dO[0], a.dO[1]);
     CHECK(a.dP[0] < 1e-12);   // the same double computation, two routes
     CHECK(a.dO[0] < 1e-12);
     CHECK(a.dP[1] < 1e-6);    // the CPU attention rounds its outputs (o, lse) to float
     CHECK(a.dO[1] < 1e-6);
-    free_trainer(&tr);
 }
 
 TEST_CASE("train_tiny: checkpoint round trip restores the exact weights") {
@@ -761,13 +767,7 @@ TEST_CASE("train_tiny: a run with default flags writes no file; --svg writes onl
 
 TEST_CASE("train_tiny: --check gives each row a bound and a verdict, and a kernel off by more than its bound fails") {
     const ModelConfig c = tiny_config(PRIOR_GOAT);
-    Trainer tr;
-    build_trainer(&tr, c, 2, random_params(c, TEST_SEED), false);
-    Batch b;
-    random_batch(c, 2, TEST_SEED + 3, &b);
-    trainer_loss(&tr, b);
-    const HeadSnapshot s = trainer_head0(&tr);
-    free_trainer(&tr);
+    const HeadSnapshot s = tiny_head0_after_one_batch(c);
     const Agreement a = agreement_check(s);
     for (int pair = 0; pair < 3; ++pair) CHECK(agreement_pass(a, pair, false));
     CHECK(print_agreement(1, a, false, c.T));
