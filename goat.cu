@@ -43,10 +43,12 @@
 // ----------------------------------------------------------------------------------------------------------
 // versions
 
+static const char* goat_general_feature(const GoatParams& p);
+
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
     if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
-    return sm90a_supports(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
+    return sm90a_supports(p) && !goat_general_feature(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
 }
 
 const char* goat_version_name(int version) {
@@ -118,14 +120,17 @@ static GoatStatus sm90a_missing(int version) {
                           "build has none", goat_version_name(version));
 }
 
-// The first general field of goat.h that a call uses (a square, packed call: nullptr). The bf16 versions take
-// none of them yet.
+// The first general field of goat.h that a call uses (a square, packed call: nullptr). v4-v6 take none of them
+// yet (v1-v3 take all), nor more than 65535 (batch, head) pairs or 2^31 elements per tensor.
 static const char* goat_general_feature(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
     if (L_k != p.L) return "L_k != L";
     if (H_kv != p.H) return "H_kv != H (grouped-query attention)";
     if (p.q_pos0 != p.k_pos0) return "q_pos0 != k_pos0";
     if (p.len_k) return "len_k (padded keys)";
+    if ((long long)p.B * p.H > 65535) return "B*H > 65535";
+    if ((long long)p.B * p.H * p.L * p.d > 2147483647LL || (long long)p.B * H_kv * L_k * p.d > 2147483647LL)
+        return "tensors of 2^31 elements or more";
     const GoatStrides* q_like[] = {&p.q_stride, &p.o_stride, &p.dout_stride, &p.dq_stride};
     const GoatStrides* kv_like[] = {&p.k_stride, &p.v_stride, &p.dk_stride, &p.dv_stride};
     for (const GoatStrides* st : q_like)
@@ -187,25 +192,27 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
     if (!dev.ok()) return dev;
     const int version = goat_resolve_version(p);
     if (version >= GOAT_V3_MMA_BF16) {
-        if (const char* feature = goat_general_feature(p))
-            return goat_status(2, "%s does not take %s yet (v1 and v2, dtype fp32, do)", goat_version_name(version),
-                               feature);
-        // the bf16 kernels form some indices in int
-        if ((long long)p.B * p.H * p.L * p.d > 2147483647LL)
-            return goat_status(2, "%s needs B*H*L*d < 2^31 (got %lld; v1 and v2 take more)",
-                               goat_version_name(version), (long long)p.B * p.H * p.L * p.d);
         if (p.dtype != GOAT_BF16 || (p.d != 64 && p.d != 128))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
-        if ((size_t)p.B * p.H > 65535)
-            return goat_status(2, "%s needs B*H <= 65535 (got %lld)", goat_version_name(version),
-                               (long long)p.B * p.H);
-        // the bf16 kernels move 16 bytes at a time (cp.async, TMA, vector loads and stores)
+        if (version >= GOAT_V4_WGMMA_BF16)
+            if (const char* feature = goat_general_feature(p))
+                return goat_status(2, "%s does not take %s yet (v3, and v1 and v2 in fp32, do)",
+                                   goat_version_name(version), feature);
+        // the bf16 kernels move 16 bytes at a time (cp.async, TMA, vector loads and stores): every row of every
+        // tensor starts 16-byte aligned
         const void* tensors[] = {p.q, p.k, p.v, p.o, p.dout, p.dq, p.dk, p.dv};
+        const GoatStrides* strides[] = {&p.q_stride, &p.k_stride, &p.v_stride, &p.o_stride,
+                                        &p.dout_stride, &p.dq_stride, &p.dk_stride, &p.dv_stride};
         const char* names[] = {"q", "k", "v", "o", "dout", "dq", "dk", "dv"};
-        for (int x = 0; x < (backward ? 8 : 4); ++x)
+        for (int x = 0; x < (backward ? 8 : 4); ++x) {
             if ((uintptr_t)tensors[x] & 15)
                 return goat_status(1, "%s must be 16-byte aligned for the bf16 kernels (got %p)", names[x], tensors[x]);
+            const GoatStrides& st = *strides[x];
+            if ((st.batch | st.head | st.row) & 7)
+                return goat_status(1, "%s_stride must be multiples of 8 elements (16 bytes) for the bf16 kernels "
+                                      "(got %lld, %lld, %lld)", names[x], st.batch, st.head, st.row);
+        }
         if (version >= GOAT_V4_WGMMA_BF16 && !sm90a_device_ok()) return sm90a_missing(version);
     } else if (p.dtype != GOAT_F32) {
         return goat_status(2, "%s needs dtype fp32 (got %s)", goat_version_name(version), dtype_name(p.dtype));

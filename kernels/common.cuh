@@ -42,34 +42,32 @@ static GoatStatus goat_status(int code, const char* fmt, ...) {
 __host__ __device__ constexpr int goat_cdiv(int a, int b) { return (a + b - 1) / b; }
 static size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
+// A grid of `tiles` blocks per row for `rows` rows (e.g. (batch, head) pairs), rows beyond grid.y's limit of
+// 65535 continuing in grid.z; a block finds its row with goat_grid_row() and leaves if it is >= rows.
+static dim3 goat_grid(int tiles, long long rows) {
+    const long long y = rows < 65535 ? rows : 65535;
+    return dim3((unsigned)tiles, (unsigned)y, (unsigned)((rows + 65534) / 65535));
+}
+__device__ __forceinline__ int goat_grid_row() { return (int)(blockIdx.y + 65535u * blockIdx.z); }
+
 // exp(x) = exp2(x log2(e)): the bf16 kernels exponentiate with exp2 and carry log2(e) in their constants
 #define GOAT_LOG2E 1.4426950408889634f
 #define GOAT_LN2 0.6931471805599453f
 
 // ----------------------------------------------------------------------------------------------------------
-// the fp32 kernels' view of the parameters (v1, v2)
+// the kernels' view of the parameters: the shape (every version), the fp32 pointers (v1, v2)
 
-
-// The fp32 kernels' view of GoatParams: the same pointers, typed, the general shape resolved (L_k, H_kv, the
-// causal shift, every tensor's strides), plus the backward's scratch arrays carved out of the workspace by the
-// launcher. Shapes as in goat.h; D is [B][H][L] (D_i = <dO_i, O_i>).
-struct GoatF32 {
+// The shape of a call with goat.h's general fields resolved: L_k, H_kv (and the group size H / H_kv), the
+// clamped causal shift, every tensor's strides (packed ones filled in). The fp32 view (GoatF32) and the bf16
+// argument block (Bf16Args, kernels/mma_sm80.cuh) both start with it.
+struct GoatShape {
     int B, H, L, d;                // L: queries per sequence
     int L_k, H_kv, group;          // keys per sequence, kv heads, query heads per kv head
-    long long shift;               // q_pos0 - k_pos0: causal keys j <= i + shift are visible
+    int shift;                     // q_pos0 - k_pos0, clamped (goat_causal_shift): causal keys j - i <= shift visible
     const int* len_k;              // [B] device, or nullptr
     float scale;
     bool causal;
     GoatStrides sq, sk, sv, so, sdo, sdq, sdk, sdv;  // strides in elements, packed ones filled in
-    const float *q, *k, *v;        // [B][H][L][d], [B][H_kv][L_k][d] x 2
-    const float *kappa, *u;        // [H][L + L_k - 1], [H][L_k]; either may be nullptr
-    const float *o, *lse, *dout;   // [B][H][L][d], [B][H][L], [B][H][L][d]
-    float *o_out, *lse_out;        // forward outputs (the same buffers as o, lse)
-    float *dq, *dk, *dv;           // [B][H][L][d], [B][H_kv][L_k][d] x 2
-    float *dkappa, *du;            // [H][L + L_k - 1], [H][L_k]; either may be nullptr
-    float* D;                      // workspace: [B][H][L]
-    float* du_part;                // workspace, deterministic v2: [B][H][L_k] per-batch column sums
-    float* dkappa_part;            // workspace, deterministic v2: [B][H][n_J][row_len] diagonal sums
 
     // offset of row r of head h of batch b in a tensor with strides s
     __host__ __device__ static size_t at(const GoatStrides& s, int b, int h, int r) {
@@ -82,6 +80,20 @@ struct GoatF32 {
         const int n = len_k[b];
         return n < 0 ? 0 : n > L_k ? L_k : n;
     }
+};
+
+// The fp32 kernels' view of GoatParams: the shape and the same pointers, typed, plus the backward's scratch
+// arrays carved out of the workspace by the launcher. Shapes as in goat.h; D is [B][H][L] (D_i = <dO_i, O_i>).
+struct GoatF32 : GoatShape {
+    const float *q, *k, *v;        // [B][H][L][d], [B][H_kv][L_k][d] x 2
+    const float *kappa, *u;        // [H][L + L_k - 1], [H][L_k]; either may be nullptr
+    const float *o, *lse, *dout;   // [B][H][L][d], [B][H][L], [B][H][L][d]
+    float *o_out, *lse_out;        // forward outputs (the same buffers as o, lse)
+    float *dq, *dk, *dv;           // [B][H][L][d], [B][H_kv][L_k][d] x 2
+    float *dkappa, *du;            // [H][L + L_k - 1], [H][L_k]; either may be nullptr
+    float* D;                      // workspace: [B][H][L]
+    float* du_part;                // workspace, deterministic v2: [B][H][L_k] per-batch column sums
+    float* dkappa_part;            // workspace, deterministic v2: [B][H][n_J][row_len] diagonal sums
 };
 
 // Strides as given, or packed [B][heads][rows][d] when all three are zero.
@@ -98,13 +110,19 @@ static bool goat_strides_packed(const GoatStrides& s, int heads, int rows, int d
     return r.row == d && r.head == (long long)rows * d && r.batch == (long long)heads * rows * d;
 }
 
-static GoatF32 goat_f32_view(const GoatParams& p) {
-    GoatF32 f = {};
+// q_pos0 - k_pos0 clamped to [-L, L_k]: the same causal mask for every query i < L and key j < L_k (from L_k - 1
+// on every key is visible, below -(L - 1) none is), and it fits an int, as does j - i.
+static int goat_causal_shift(const GoatParams& p) {
+    const long long L_k = p.L_k ? p.L_k : p.L, s = p.q_pos0 - p.k_pos0;
+    return (int)(s < -(long long)p.L ? -(long long)p.L : s > L_k ? L_k : s);
+}
+
+static void goat_fill_shape(GoatShape& f, const GoatParams& p) {
     f.B = p.B; f.H = p.H; f.L = p.L; f.d = p.d;
     f.L_k = p.L_k ? p.L_k : p.L;
     f.H_kv = p.H_kv ? p.H_kv : p.H;
     f.group = f.H / f.H_kv;
-    f.shift = p.q_pos0 - p.k_pos0;
+    f.shift = goat_causal_shift(p);
     f.len_k = p.len_k;
     f.scale = p.scale;
     f.causal = p.causal;
@@ -116,6 +134,11 @@ static GoatF32 goat_f32_view(const GoatParams& p) {
     f.sv = goat_resolve_strides(p.v_stride, f.H_kv, f.L_k, f.d);
     f.sdk = goat_resolve_strides(p.dk_stride, f.H_kv, f.L_k, f.d);
     f.sdv = goat_resolve_strides(p.dv_stride, f.H_kv, f.L_k, f.d);
+}
+
+static GoatF32 goat_f32_view(const GoatParams& p) {
+    GoatF32 f = {};
+    goat_fill_shape(f, p);
     f.q = (const float*)p.q; f.k = (const float*)p.k; f.v = (const float*)p.v;
     f.kappa = p.kappa; f.u = p.u;
     f.o = (const float*)p.o; f.lse = p.lse; f.dout = (const float*)p.dout;

@@ -16,35 +16,34 @@ typedef __nv_bfloat16 bf16;
 // ----------------------------------------------------------------------------------------------------------
 // the bf16 argument block
 
-// Every pointer and size the bf16 kernels (v3 to v6) need: one plain struct, passed by value.
-struct Bf16Args {
-    int B, H, L;
-    float scale;
-    bool causal;
+// Every pointer and size the bf16 kernels (v3 to v6) need: the shape (GoatShape, kernels/common.cuh) and the
+// pointers, one plain struct passed by value. Shapes as in goat.h: q-like tensors [B][H][L][d] and k-like
+// [B][H_kv][L_k][d] through their strides; lse and the workspace slices packed.
+struct Bf16Args : GoatShape {
     const bf16* q;         // [B][H][L][d]
-    const bf16* k;         // [B][H][L][d]
-    const bf16* v;         // [B][H][L][d]
-    const float* kappa;    // [H][2L-1] or nullptr
-    const float* u;        // [H][L] or nullptr
+    const bf16* k;         // [B][H_kv][L_k][d]
+    const bf16* v;         // [B][H_kv][L_k][d]
+    const float* kappa;    // [H][L + L_k - 1] or nullptr
+    const float* u;        // [H][L_k] or nullptr
     bf16* o;               // [B][H][L][d]  (forward output; backward input)
     float* lse;            // [B][H][L]     (forward output; backward input)
     const bf16* dout;      // [B][H][L][d]
     bf16* dq;              // [B][H][L][d]
-    bf16* dk;              // [B][H][L][d]
-    bf16* dv;              // [B][H][L][d]
-    float* dkappa;         // [H][2L-1] or nullptr
-    float* du;             // [H][L] or nullptr
+    bf16* dk;              // [B][H_kv][L_k][d]
+    bf16* dv;              // [B][H_kv][L_k][d]
+    float* dkappa;         // [H][L + L_k - 1] or nullptr
+    float* du;             // [H][L_k] or nullptr
     // workspace slices (backward)
     float* D_vec;          // [B][H][L]          D_i = <dO_i, O_i>
     float* dq_accum;       // [B][H][L][d]       fp32 dQ (atomic mode)
     float* dkappa_part;    // [B][H][T_c][L + B_c - 1]  per-block diagonal sums (deterministic mode)
-    float* du_part;        // [B][H][L]          per-b column sums (deterministic mode)
+    float* du_part;        // [B][H][L_k]        per-b column sums (deterministic mode)
 };
 
 // The kernels' view of GoatParams (the workspace slices are set by the backward's launcher).
 static Bf16Args bf16_args(const GoatParams& p) {
-    Bf16Args a;
-    a.B = p.B; a.H = p.H; a.L = p.L; a.scale = p.scale; a.causal = p.causal;
+    Bf16Args a = {};
+    goat_fill_shape(a, p);
     a.q = static_cast<const bf16*>(p.q);
     a.k = static_cast<const bf16*>(p.k);
     a.v = static_cast<const bf16*>(p.v);
@@ -56,14 +55,11 @@ static Bf16Args bf16_args(const GoatParams& p) {
     a.dk = static_cast<bf16*>(p.dk);
     a.dv = static_cast<bf16*>(p.dv);
     a.dkappa = p.dkappa; a.du = p.du;
-    a.D_vec = a.dq_accum = a.dkappa_part = a.du_part = nullptr;
     return a;
 }
 
 // What every bf16 kernel handles (the Hopper ones also need the GPU and the build: kernels/sm90.cuh).
-static bool bf16_supports(const GoatParams& p) {
-    return p.dtype == GOAT_BF16 && (p.d == 64 || p.d == 128) && (size_t)p.B * p.H <= 65535;
-}
+static bool bf16_supports(const GoatParams& p) { return p.dtype == GOAT_BF16 && (p.d == 64 || p.d == 128); }
 
 // ----------------------------------------------------------------------------------------------------------
 // asynchronous copies, ldmatrix, mma.sync
@@ -186,17 +182,18 @@ static __device__ __forceinline__ void ldsm_B_trans(uint32_t (&b)[4], uint32_t b
     ldsm_x4_trans(b, swz_chunk_addr<CH>(base, 16 * kk + (lane & 15), n0 / 8 + (lane >> 4)));
 }
 
-// Block-wide: rows row0 .. row0 + ROWS - 1 of x ([L][D] bf16, one (b, h)) -> swizzled tile; rows >= L are
-// zero-filled and never read.
+// Block-wide: rows row0 .. row0 + ROWS - 1 of x (one (b, h): rows of D bf16, row_stride elements apart) ->
+// swizzled tile; rows >= n_rows are zero-filled and never read.
 template <int D, int ROWS, int NTHREADS>
-static __device__ __forceinline__ void load_tile_swz(bf16* tile_s, const bf16* x, int row0, int L) {
+static __device__ __forceinline__ void load_tile_swz(bf16* tile_s, const bf16* x, int row0, int n_rows,
+                                                     long long row_stride) {
     constexpr int CH = D / 8;
     const uint32_t base = smem_u32(tile_s);
 #pragma unroll
     for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
         const int r = c / CH, cc = c % CH, row = row0 + r;
-        const bool valid = row < L;
-        cp_async_16(swz_chunk_addr<CH>(base, r, cc), x + (size_t)(valid ? row : 0) * D + cc * 8, valid);
+        const bool valid = row < n_rows;
+        cp_async_16(swz_chunk_addr<CH>(base, r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
     }
 }
 

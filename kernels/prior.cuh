@@ -36,10 +36,10 @@ __device__ __forceinline__ float goat_kappa(const float* __restrict__ kappa, int
 }
 
 // The kappa window of a (query tile i0, key tile j0) pair: tile-local index x = (i - i0) - (j - j0) + B_c - 1
-// in [0, B_r + B_c - 2] holds kappa[h][(i - j) + L - 1] (the layout goat_kappa reads), so the window
-// starts at table index (i0 - j0) - (B_c - 1) + L - 1.
-static __device__ __forceinline__ int kappa_window_start(int i0, int j0, int B_c, int L) {
-    return (i0 - j0) - (B_c - 1) + L - 1;
+// in [0, B_r + B_c - 2] holds kappa[h][(i - j) + L_k - 1] (the layout goat_kappa reads; L_k = L when square),
+// so the window starts at table index (i0 - j0) - (B_c - 1) + L_k - 1.
+static __device__ __forceinline__ int kappa_window_start(int i0, int j0, int B_c, int L_k) {
+    return (i0 - j0) - (B_c - 1) + L_k - 1;
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -51,9 +51,10 @@ __device__ __forceinline__ bool goat_visible(int i, int j, int L, bool causal) {
     return j < L && !(causal && j > i);
 }
 // The general rule (goat.h): key j exists for this sequence (j < n_keys: L_k, or the batch's len_k) and, under a
-// causal mask, its position k_pos0 + j is not after the query's q_pos0 + i; shift = q_pos0 - k_pos0.
-__device__ __forceinline__ bool goat_visible(int i, int j, int n_keys, bool causal, long long shift) {
-    return j < n_keys && !(causal && (long long)j > i + shift);
+// causal mask, its position k_pos0 + j is not after the query's q_pos0 + i; shift = q_pos0 - k_pos0 clamped
+// (goat_causal_shift), so that j - i > shift is the test in int.
+__device__ __forceinline__ bool goat_visible(int i, int j, int n_keys, bool causal, int shift) {
+    return j < n_keys && !(causal && j - i > shift);
 }
 
 // The GOAT step: the logit of one (query, key) pair from its score s = <q_i, k_j> and the two prior entries,

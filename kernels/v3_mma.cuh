@@ -46,28 +46,37 @@ template <> struct V3Tiles<128> {
 // ----------------------------------------------------------------------------------------------------------
 // steps shared by the forward and the deterministic dQ kernel (a block per query tile, streaming key tiles)
 
-// A block of the forward or of the dQ kernel: query tile it of (b, h) = blockIdx.y (under a causal mask the
-// heaviest query tiles, those with the most key tiles, are scheduled first), and where its loads read.
+// A block of the forward or of the dQ kernel: query tile it of (b, h) = goat_grid_row() (under a causal mask
+// the heaviest query tiles, those with the most key tiles, are scheduled first), and where its loads read:
+// query head h's rows, kv head h / group's keys, head h's prior tables.
 template <int D, int B_r, int B_c>
 struct V3QueryTile {
-    int L, it, i0, bh, h;
-    int n_kt;                   // key tiles it visits: all, or under a causal mask those up to its last row
-    size_t off;                 // of this (b, h) in [B][H][L][d]
-    const bf16 *k_bh, *v_bh;
+    int L, L_k, it, i0, bh, b, h;
+    int n_keys;                 // keys of this sequence (L_k, or len_k[b])
+    int n_kt;                   // key tiles it visits: those with keys it may see (under a causal mask, up to
+                                // the position of its last row)
+    const bf16 *k_bh, *v_bh;    // row 0 of kv head h / group
+    long long k_row, v_row;     // their row strides
     const float *kappa_h, *u_h; // this head's prior tables, or nullptr
     __device__ __forceinline__ explicit V3QueryTile(const Bf16Args& a) {
         L = a.L;
+        L_k = a.L_k;
         const int T_r = goat_cdiv(L, B_r);
         it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;
-        bh = blockIdx.y;
+        bh = goat_grid_row();
+        b = bh / a.H;
         h = bh % a.H;
         i0 = it * B_r;
-        n_kt = goat_cdiv(a.causal ? min(L, i0 + B_r) : L, B_c);
-        off = (size_t)bh * L * D;
-        k_bh = a.k + off;
-        v_bh = a.v + off;
-        kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-        u_h = a.u ? a.u + (size_t)h * L : nullptr;
+        n_keys = a.keys(b);
+        long long j_end = n_keys;
+        if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + a.shift);  // keys j <= i_last + shift
+        n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
+        k_bh = a.k + GoatShape::at(a.sk, b, h / a.group, 0);
+        v_bh = a.v + GoatShape::at(a.sv, b, h / a.group, 0);
+        k_row = a.sk.row;
+        v_row = a.sv.row;
+        kappa_h = a.kappa ? a.kappa + (size_t)h * a.n_delta() : nullptr;
+        u_h = a.u ? a.u + (size_t)h * L_k : nullptr;
     }
     // Block-wide: K_j, V_j, the kappa window and the u slice of key tile jt into buffer buf of the
     // double-buffered shared-memory tiles (cp.async; the caller commits).
@@ -76,29 +85,30 @@ struct V3QueryTile {
                                                   int buf) const {
         constexpr int KW = B_r + B_c - 1, KW_PAD = (KW + 3) / 4 * 4;
         const int j0 = jt * B_c;
-        load_tile_swz<D, B_c, NTHREADS>(K_s + buf * B_c * D, k_bh, j0, L);
-        load_tile_swz<D, B_c, NTHREADS>(V_s + buf * B_c * D, v_bh, j0, L);
-        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L),
-                                       2 * L - 1, k_bh);
-        load_slice_async<B_c, NTHREADS>(u_s + buf * B_c, u_h, j0, L, k_bh);
+        load_tile_swz<D, B_c, NTHREADS>(K_s + buf * B_c * D, k_bh, j0, n_keys, k_row);
+        load_tile_swz<D, B_c, NTHREADS>(V_s + buf * B_c * D, v_bh, j0, n_keys, v_row);
+        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L_k),
+                                       L + L_k - 1, k_bh);
+        load_slice_async<B_c, NTHREADS>(u_s + buf * B_c, u_h, j0, L_k, k_bh);
     }
 };
 
 // The GOAT step on one warp's 16 x B_c score fragments S (query rows r_loc0, r_loc0 + 8 of the tile at i0; keys
-// from j0): S becomes z2 = log2(e) z, masked entries -inf (only tiles that reach the diagonal or past L test),
-// and mx[hh] the maximum of this thread's entries of row r_loc0 + 8 hh.
+// from j0): S becomes z2 = log2(e) z, masked entries -inf (only tiles that reach past the sequence's n_keys or,
+// causal, past the diagonal j - i = shift test), and mx[hh] the maximum of this thread's entries of row
+// r_loc0 + 8 hh.
 template <int B_c>
 static __device__ __forceinline__ void v3_tile_logits(float (&S)[B_c / 8][4], float (&mx)[2], const float* kap,
                                                       const float* uu, float scale_log2, int r_loc0, int t, int i0,
-                                                      int j0, int L, bool causal) {
-    const bool need_mask = (j0 + B_c > L) || (causal && j0 + B_c - 1 > i0);
+                                                      int j0, int n_keys, bool causal, int shift) {
+    const bool need_mask = (j0 + B_c > n_keys) || (causal && (j0 + B_c - 1) - i0 > shift);
 #pragma unroll
     for (int n = 0; n < B_c / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
             float z2 = goat_logit_log2(S[n][e], scale_log2, kap[r_loc - c_loc + B_c - 1], GOAT_LOG2E * uu[c_loc]);
-            if (need_mask) z2 = goat_mask(z2, goat_visible(i0 + r_loc, j0 + c_loc, L, causal));
+            if (need_mask) z2 = goat_mask(z2, goat_visible(i0 + r_loc, j0 + c_loc, n_keys, causal, shift));
             S[n][e] = z2;
             mx[e >> 1] = fmaxf(mx[e >> 1], z2);
         }
@@ -106,11 +116,13 @@ static __device__ __forceinline__ void v3_tile_logits(float (&S)[B_c / 8][4], fl
 
 // The end of a forward block: o = O / l (bf16) and lse = m m_to_ln + ln l (-inf for a row with nothing visible)
 // for this thread's rows i_row, i_row + 8; O in the mma C layout (O[4 n + 2 hh + e]: row + 8 hh, column
-// 8 n + 2 t + e); l is this thread's partial sum (the quad's four are added here); rows >= L are never written.
+// 8 n + 2 t + e), rows o_row elements apart; l is this thread's partial sum (the quad's four are added here);
+// rows >= L are never written.
 // m_to_ln: ln 2 when m is in log2 units, 1 when natural. (v3, v4, v5)
 template <int D>
-static __device__ __forceinline__ void fwd_store_rows(bf16* o_bh, float* lse_bh, const float (&O)[D / 2], float (&l)[2],
-                                                      const float (&m)[2], float m_to_ln, int i_row, int L, int t) {
+static __device__ __forceinline__ void fwd_store_rows(bf16* o_bh, long long o_row, float* lse_bh, const float (&O)[D / 2],
+                                                      float (&l)[2], const float (&m)[2], float m_to_ln, int i_row,
+                                                      int L, int t) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
@@ -120,7 +132,7 @@ static __device__ __forceinline__ void fwd_store_rows(bf16* o_bh, float* lse_bh,
         if (i < L) {
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<__nv_bfloat162*>(o_bh + (size_t)i * D + 8 * n + 2 * t) =
+                *reinterpret_cast<__nv_bfloat162*>(o_bh + i * o_row + 8 * n + 2 * t) =
                     __floats2bfloat162_rn(O[4 * n + 2 * hh] * inv_l, O[4 * n + 2 * hh + 1] * inv_l);
             if (t == 0) lse_bh[i] = l[hh] > 0.f ? m[hh] * m_to_ln + logf(l[hh]) : -INFINITY;
         }
@@ -164,14 +176,14 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
+    if (goat_grid_row() >= a.B * a.H) return;
     const V3QueryTile<D, B_r, B_c> qt(a);
     const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
-    const size_t off = qt.off;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i and the first key tile into shared memory, then Q_i into registers
-    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + off, i0, L);
+    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + GoatShape::at(a.sq, qt.b, qt.h, 0), i0, L, a.sq.row);
     load_kv(0, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -211,7 +223,8 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
 
         // phase 4: the GOAT step, z2 = log2(e) (scale s + kappa(i - j) + u(j)), masked entries -inf; before the max
         float mx[2] = {-INFINITY, -INFINITY};
-        v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, L, a.causal);
+        v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, qt.n_keys,
+                            a.causal, a.shift);
 
         // phase 5: online softmax: new running max (4 threads share a row), rescale O and l, P = exp2(z2 - m)
 #pragma unroll
@@ -246,8 +259,8 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     }
 
     // phase 8: o = O_i / l (bf16), lse = m ln 2 + ln l
-    fwd_store_rows<D>(a.o + off, a.lse + (size_t)bh * L, reinterpret_cast<const float (&)[D / 2]>(O_acc), l, m, GOAT_LN2,
-                      i0 + r_loc0, L, t);
+    fwd_store_rows<D>(a.o + GoatShape::at(a.so, qt.b, qt.h, 0), a.so.row, a.lse + (size_t)bh * L,
+                      reinterpret_cast<const float (&)[D / 2]>(O_acc), l, m, GOAT_LN2, i0 + r_loc0, L, t);
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -270,7 +283,7 @@ static __device__ __forceinline__ void bwd_row_stats(const float* lse_bh, const 
 // atomic mode (zero_dq), row i of the fp32 dQ accumulator set to 0 (it was a separate cudaMemsetAsync: one
 // launch and one pass fewer). d/8 threads per row, each with one 16-byte load of dO and of O (8 elements) and
 // two 16-byte stores of zeros; the row's partial dots are summed by shuffles in a fixed order.
-// Shapes: dout, o [B*H*L][D] (16-byte aligned: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
+// Shapes: dout, o [B][H][L][D] (strided; 16-byte aligned rows: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
 template <int D>
 __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     constexpr int TPR = D / 8;  // threads per row: 8 or 16, a divisor of 32 (a row never spans two warps)
@@ -279,8 +292,9 @@ __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     const bool valid = row < n_rows;  // no early return: every lane takes part in the shuffles
     float s = 0.f;
     if (valid) {
-        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + row * D + 8 * c);
-        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + row * D + 8 * c);
+        const int i = (int)(row % a.L), bh = (int)(row / a.L), b = bh / a.H, h = bh % a.H;
+        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + GoatShape::at(a.sdo, b, h, i) + 8 * c);
+        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + GoatShape::at(a.so, b, h, i) + 8 * c);
         const __nv_bfloat162* dp = reinterpret_cast<const __nv_bfloat162*>(&d8);
         const __nv_bfloat162* op = reinterpret_cast<const __nv_bfloat162*>(&o8);
 #pragma unroll
@@ -299,41 +313,55 @@ __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     for (int w = TPR / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
     if (valid && c == 0) a.D_vec[row] = s;
 }
-// The end of a backward block (v3, v6): this lane's rows of dK_j (times scale) and dV_j as bf16, and du. Lane
-// (g, t) of a warp holds keys j_row, j_row + 8 (j_row = j0 + 16 w + g) at columns 8n + 2t, 8n + 2t + 1 as mma C
-// fragments, acc[4n + 2hh + e] (hh: the row, e: the column); du_j is the sum over the quad's four lanes, added
-// atomically to du [H][L] or, deterministic, written to du_part [B*H][L].
+// The end of a backward block (v3, v6): this lane's rows of dK_j (times scale) and dV_j as bf16. Lane (g, t) of
+// a warp holds keys j_row, j_row + 8 (j_row = j0 + 16 w + g) at columns 8n + 2t, 8n + 2t + 1 as mma C fragments,
+// acc[4n + 2hh + e] (hh: the row, e: the column); dk_bh, dv_bh point at row 0 of this (b, kv head).
 template <int D>
 static __device__ __forceinline__ void bwd_store_keys(const Bf16Args& a, const float (&dK)[D / 2], const float (&dV)[D / 2],
-                                                         const float (&du_acc)[2], size_t off, int bh, int j_row, int t,
-                                                         bool deterministic) {
-    const int h = bh % a.H;
-    bf16* dk_bh = a.dk + off;
-    bf16* dv_bh = a.dv + off;
+                                                      bf16* dk_bh, bf16* dv_bh, int j_row, int t) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = j_row + 8 * hh;
+        if (j < a.L_k) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                *reinterpret_cast<__nv_bfloat162*>(dk_bh + j * a.sdk.row + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(a.scale * dK[4 * n + 2 * hh], a.scale * dK[4 * n + 2 * hh + 1]);
+                *reinterpret_cast<__nv_bfloat162*>(dv_bh + j * a.sdv.row + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(dV[4 * n + 2 * hh], dV[4 * n + 2 * hh + 1]);
+            }
+        }
+    }
+}
+// du of query head h of batch b for the same two keys: the sum over the quad's four lanes of du_acc, added
+// atomically to du [H][L_k] or, deterministic, written to du_part [B][H][L_k]. Warp-wide (shuffles).
+static __device__ __forceinline__ void bwd_store_du(const Bf16Args& a, const float (&du_acc)[2], int b, int h,
+                                                    int j_row, int t, bool deterministic) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int j = j_row + 8 * hh;
         float du_j = du_acc[hh];
         du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
         du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
-        if (j < a.L) {
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(a.scale * dK[4 * n + 2 * hh], a.scale * dK[4 * n + 2 * hh + 1]);
-                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
-                    __floats2bfloat162_rn(dV[4 * n + 2 * hh], dV[4 * n + 2 * hh + 1]);
-            }
-            if (a.du != nullptr && t == 0) {
-                if (deterministic) a.du_part[(size_t)bh * a.L + j] = du_j;
-                else atomicAdd(a.du + (size_t)h * a.L + j, du_j);
-            }
+        if (a.du != nullptr && t == 0 && j < a.L_k) {
+            if (deterministic) a.du_part[((size_t)b * a.H + h) * a.L_k + j] = du_j;
+            else atomicAdd(a.du + (size_t)h * a.L_k + j, du_j);
         }
     }
 }
 
+// The first query tile that sees key j0 (earlier ones are masked under a causal mask: queries i >= j0 - shift
+// see it), T_r when none does; 0 without a causal mask.
+static __device__ __forceinline__ int bwd_first_query_tile(const Bf16Args& a, int j0, int B_r) {
+    if (!a.causal) return 0;
+    const long long i_first = (long long)j0 - a.shift;
+    return i_first <= 0 ? 0 : i_first >= a.L ? goat_cdiv(a.L, B_r) : (int)(i_first / B_r);
+}
+
 // The main backward kernel.
-// Grid (T_c = ceil(L / B_c), B*H); block B_c / 16 warps, warp w owns keys j0 + 16w .. j0 + 16w + 15.
+// Grid (T_c = ceil(L_k / B_c), B*H_kv); block B_c / 16 warps, warp w owns keys j0 + 16w .. j0 + 16w + 15 of kv
+// head hk. It visits every query tile of every query head that reads hk (the GQA group, heads outer), so dK_j
+// and dV_j sum over the group in registers; du and dkappa, per query head, are flushed at each head's end.
 // Shapes per block: K_j, V_j [B_c][d] (shared; also registers when KV_IN_REGS), Q_i, dO_i [2][B_r][d]
 // (shared, double-buffered), lse_i, D_i [2][B_r], kappa window [2][B_r + B_c - 1], S^T, P^T, dP^T, dS^T
 // [B_c][B_r] (registers, 16 keys per warp), dS^T bf16 [B_c][B_r] (shared, for dQ), per-warp diagonal sums
@@ -391,49 +419,46 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
     float* Di_s = reinterpret_cast<float*>(v3_smem + T::OFF_DI);
     float* shift_s = reinterpret_cast<float*>(v3_smem + T::OFF_SHIFT);
 
-    const int L = a.L, T_r = goat_cdiv(L, B_r);
-    const int jt = blockIdx.x, bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
-    const int j0 = jt * B_c;
-    const size_t off = (size_t)bh * L * D;
-    const bf16* q_bh = a.q + off;
-    const bf16* k_bh = a.k + off;
-    const bf16* v_bh = a.v + off;
-    const bf16* do_bh = a.dout + off;
-    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-    const float* lse_bh = a.lse + (size_t)bh * L;
-    const float* D_bh = a.D_vec + (size_t)bh * L;
+    const int bkv = goat_grid_row();
+    if (bkv >= a.B * a.H_kv) return;
+    const int L = a.L, L_k = a.L_k, T_r = goat_cdiv(L, B_r), T_c = goat_cdiv(L_k, B_c), n_delta = a.n_delta();
+    const int jt = blockIdx.x, b = bkv / a.H_kv, hk = bkv % a.H_kv;
+    const int j0 = jt * B_c, n_keys = a.keys(b);
+    const bf16* k_bh = a.k + GoatShape::at(a.sk, b, hk, 0);
+    const bf16* v_bh = a.v + GoatShape::at(a.sv, b, hk, 0);
     constexpr bool want_dkappa = DKAPPA;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int tid = threadIdx.x;
-    const int it_start = a.causal ? j0 / B_r : 0;  // earlier query tiles see none of these keys
+    const int it_start = bwd_first_query_tile(a, j0, B_r);  // earlier query tiles see none of these keys
+    const int n_it = j0 < n_keys ? T_r - it_start : 0;     // query tiles per head (none past the sequence's keys)
+    const int n_steps = a.group * n_it;                     // (query head, query tile) pairs, heads outer
     const int k_loc0 = 16 * warp + g;             // tile-local key of c[0], c[1]; c[2], c[3] at k_loc0 + 8
 
-    auto load_q = [&](int it, int buf) {  // Q_i, dO_i, kappa window of query tile it -> buffer buf
+    auto load_q = [&](int h, int it, int buf) {  // Q_i, dO_i, kappa window of query tile it of head h -> buf
         const int i0 = it * B_r;
-        load_tile_swz<D, B_r, NTHREADS>(Q_s + buf * B_r * D, q_bh, i0, L);
-        load_tile_swz<D, B_r, NTHREADS>(dO_s + buf * B_r * D, do_bh, i0, L);
-        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L),
-                                    2 * L - 1, a.k);
+        load_tile_swz<D, B_r, NTHREADS>(Q_s + buf * B_r * D, a.q + GoatShape::at(a.sq, b, h, 0), i0, L, a.sq.row);
+        load_tile_swz<D, B_r, NTHREADS>(dO_s + buf * B_r * D, a.dout + GoatShape::at(a.sdo, b, h, 0), i0, L,
+                                        a.sdo.row);
+        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, a.kappa ? a.kappa + (size_t)h * n_delta : nullptr,
+                                       kappa_window_start(i0, j0, B_c, L_k), n_delta, k_bh);
     };
-    auto row_stats = [&](int i, float& lse2, float& Di) { bwd_row_stats(lse_bh, D_bh, L, i, lse2, Di); };
+    auto row_stats = [&](int h, int i, float& lse2, float& Di) {
+        const size_t bh = (size_t)b * a.H + h;
+        bwd_row_stats(a.lse + bh * L, a.D_vec + bh * L, L, i, lse2, Di);
+    };
 
-    // phase 1: K_j, V_j and the first query tile; lse and D of the first tile; u of this warp's keys
-    load_tile_swz<D, B_c, NTHREADS>(K_s, k_bh, j0, L);
-    load_tile_swz<D, B_c, NTHREADS>(V_s, v_bh, j0, L);
-    load_q(it_start, 0);
+    // phase 1: K_j, V_j and the first query tile; lse and D of the first tile
+    load_tile_swz<D, B_c, NTHREADS>(K_s, k_bh, j0, n_keys, a.sk.row);
+    load_tile_swz<D, B_c, NTHREADS>(V_s, v_bh, j0, n_keys, a.sv.row);
+    if (n_steps > 0) load_q(hk * a.group, it_start, 0);
     cp_async_commit();
-    if (tid < B_r) {
+    if (n_steps > 0 && tid < B_r) {
         float x, y;
-        row_stats(it_start * B_r + tid, x, y);
+        row_stats(hk * a.group, it_start * B_r + tid, x, y);
         lse_s[tid] = x;
         Di_s[tid] = y;
     }
-    float u_reg[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int j = j0 + k_loc0 + 8 * hh;
-        u_reg[hh] = (a.u && j < L) ? GOAT_LOG2E * a.u[(size_t)h * L + j] : 0.f;  // log2 units
-    }
+    float u_reg[2] = {0.f, 0.f};  // u of this warp's two keys for the current head, log2 units
     float dkappa_run = 0.f;  // thread x < KW: running diagonal sum for tile-local diagonal x (see phase 9)
 
     float dK_acc[NT_D][4], dV_acc[NT_D][4];
@@ -446,12 +471,14 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
     const float scale_log2 = a.scale * GOAT_LOG2E;
     const uint32_t K_base = smem_u32(K_s), V_base = smem_u32(V_s), dS_base = smem_u32(dS_s);
 
-    for (int it = it_start; it < T_r; ++it) {
-        const int buf = (it - it_start) & 1, i0 = it * B_r;
-        // phase 2: wait for this tile; the barrier also means every warp is done with tile it - 1
+    for (int step = 0, h = hk * a.group, it = it_start; step < n_steps; ++step) {
+        const int buf = step & 1, i0 = it * B_r;
+        const bool head_start = it == it_start, head_end = it == T_r - 1;
+        const size_t bh = (size_t)b * a.H + h;
+        // phase 2: wait for this tile; the barrier also means every warp is done with the previous one
         cp_async_wait_all();
         __syncthreads();
-        if (KV_IN_REGS && it == it_start) {
+        if (KV_IN_REGS && step == 0) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 ldsm_A<CH>(K_frag[kk], K_base, 16 * warp, kk, lane);
@@ -459,13 +486,21 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
             }
         }
         // prefetch the next query tile (cp.async) and its lse, D (plain loads, stored at the end of phase 8)
+        const int h_next = head_end ? h + 1 : h, it_next = head_end ? it_start : it + 1;
         float next_lse2 = 0.f, next_D = 0.f;
-        if (it + 1 < T_r) {
-            load_q(it + 1, buf ^ 1);
-            if (tid < B_r) row_stats(i0 + B_r + tid, next_lse2, next_D);
+        if (step + 1 < n_steps) {
+            load_q(h_next, it_next, buf ^ 1);
+            if (tid < B_r) row_stats(h_next, it_next * B_r + tid, next_lse2, next_D);
         }
         cp_async_commit();
-        if (want_dkappa && tid < KW) dkappa_run = (tid < B_c - 1 && it > it_start) ? shift_s[tid] : 0.f;
+        if (want_dkappa && tid < KW) dkappa_run = (tid < B_c - 1 && !head_start) ? shift_s[tid] : 0.f;
+        if (head_start) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int j = j0 + k_loc0 + 8 * hh;
+                u_reg[hh] = (a.u && j < L_k) ? GOAT_LOG2E * a.u[(size_t)h * L_k + j] : 0.f;
+            }
+        }
 
         const uint32_t Q_base = smem_u32(Q_s + buf * B_r * D), dO_base = smem_u32(dO_s + buf * B_r * D);
         // phase 3: S^T = K_j Q_i^T and dP^T = V_j dO_i^T (16 keys x B_r queries per warp)
@@ -500,14 +535,14 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
         const float* kap = kappa_s + buf * KW_PAD;
         const float* lse_t = lse_s + buf * B_r;
         const float* D_t = Di_s + buf * B_r;
-        const bool need_mask = (j0 + B_c > L) || (a.causal && i0 < j0 + B_c - 1);
+        const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - i0 > a.shift);
 #pragma unroll
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int k_loc = k_loc0 + 8 * (e >> 1), q_loc = 8 * n + 2 * t + (e & 1);
                 float z2 = goat_logit_log2(S[n][e], scale_log2, kap[q_loc - k_loc + B_c - 1], u_reg[e >> 1]);
-                if (need_mask) z2 = goat_mask(z2, goat_visible(i0 + q_loc, j0 + k_loc, L, a.causal));
+                if (need_mask) z2 = goat_mask(z2, goat_visible(i0 + q_loc, j0 + k_loc, n_keys, a.causal, a.shift));
                 const float p = exp2f(z2 - lse_t[q_loc]);
                 S[n][e] = p;
                 dP[n][e] = p * (dP[n][e] - D_t[q_loc]);  // dP now holds dS^T (fp32)
@@ -576,7 +611,7 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
             for (int hh = 0; hh < 2; ++hh) {
                 const int i = i0 + qr0 + g + 8 * hh;
                 if (i < L) {
-                    float* dst = a.dq_accum + off + (size_t)i * D + dc0 + 2 * t;
+                    float* dst = a.dq_accum + (bh * L + i) * D + dc0 + 2 * t;
 #pragma unroll
                     for (int n = 0; n < NT_Q; ++n) atomic_add_f32x2(dst + 8 * n, dQ_acc[n][2 * hh], dQ_acc[n][2 * hh + 1]);
                 }
@@ -584,15 +619,16 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
         }
 
         // phase 8: lse and D of the next tile into the other buffer (its readers finished before phase 2)
-        if (it + 1 < T_r && tid < B_r) {
+        if (step + 1 < n_steps && tid < B_r) {
             lse_s[(buf ^ 1) * B_r + tid] = next_lse2;
             Di_s[(buf ^ 1) * B_r + tid] = next_D;
         }
 
         // phase 9: dkappa. Thread x sums tile-local diagonal x = (i - i0) - (j - j0) + B_c - 1 of the fp32 dS
         // from the per-warp sums (warp w has it as y = x - (B_c - 16) + 16 w; at most B_r / 16 + 1 warps), in
-        // warp order. Diagonals x < B_r get no more terms from later query tiles (those have larger i):
-        // they are final and added out once; the others move down by B_r for the next tile via shift_s.
+        // warp order. Diagonals x < B_r get no more terms from later query tiles (those have larger i), nor does
+        // any diagonal at the head's last tile: they are final and added out once; the others move down by B_r
+        // for the next tile via shift_s.
         if (want_dkappa && tid < KW) {
             const int x = tid;
             float s = 0.f;
@@ -602,41 +638,32 @@ v3_backward_kernel(Bf16Args a, bool dq_atomic, bool deterministic) {
                 if (y >= 0 && y <= B_r + 14) s += diag_s[w * DIAG_W + y];
             }
             const float total = dkappa_run + s;
-            if (x < B_r) {
+            if (x < B_r || head_end) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
-                if (delta >= -(L - 1) && delta <= L - 1 - j0) {
+                if (delta >= -(L_k - 1) && delta <= L - 1 - j0) {
                     if (deterministic)
-                        a.dkappa_part[((size_t)bh * goat_cdiv(L, B_c) + jt) * (L + B_c - 1) + delta + j0 + B_c - 1] =
-                            total;
+                        a.dkappa_part[(bh * T_c + jt) * (L + B_c - 1) + delta + j0 + B_c - 1] = total;
                     else
-                        atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, total);
+                        atomicAdd(a.dkappa + (size_t)h * n_delta + delta + L_k - 1, total);
                 }
             } else {
                 shift_s[x - B_r] = total;
             }
         }
-    }
-
-    // phase 10: the diagonals still open after the last query tile (they now start at i0 = T_r B_r)
-    if (want_dkappa) {
-        __syncthreads();
-        if (tid < B_c - 1) {
-            const float total = shift_s[tid];
-            const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
-            if (delta >= -(L - 1) && delta <= L - 1 - j0) {
-                if (deterministic)
-                    a.dkappa_part[((size_t)bh * goat_cdiv(L, B_c) + jt) * (L + B_c - 1) + delta + j0 + B_c - 1] =
-                        total;
-                else
-                    atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, total);
-            }
+        // phase 10: at the head's end, its du; then the next (head, tile)
+        if (head_end) {
+            bwd_store_du(a, du_acc, b, h, j0 + k_loc0, t, deterministic);
+            du_acc[0] = du_acc[1] = 0.f;
         }
+        h = h_next;
+        it = it_next;
     }
+    if (n_steps == 0 && deterministic)  // no query sees these keys: du_part still gets its zeros
+        for (int h = hk * a.group; h < (hk + 1) * a.group; ++h) bwd_store_du(a, du_acc, b, h, j0 + k_loc0, t, deterministic);
 
-    // phase 11: dK_j = scale dS^T Q, dV_j (bf16), du (column sums of this (b, h), per b or atomically)
+    // phase 11: dK_j = scale dS^T Q, dV_j (bf16), summed over the group's query heads
     bwd_store_keys<D>(a, reinterpret_cast<const float (&)[D / 2]>(dK_acc), reinterpret_cast<const float (&)[D / 2]>(dV_acc),
-                         du_acc, off, bh, j0 + k_loc0, t, deterministic);
-    (void)b;
+                      a.dk + GoatShape::at(a.sdk, b, hk, 0), a.dv + GoatShape::at(a.sdv, b, hk, 0), j0 + k_loc0, t);
 }
 
 // dQ without atomics (deterministic mode): one block per (query tile, b*h), each warp owns 16 query rows and
@@ -670,16 +697,16 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
+    if (goat_grid_row() >= a.B * a.H) return;
     const V3QueryTile<D, B_r, B_c> qt(a);
     const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
-    const size_t off = qt.off;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int r_loc0 = 16 * warp + g;
     auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i, dO_i -> registers; lse, D of this thread's two rows
-    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + off, i0, L);
-    load_tile_swz<D, B_r, NTHREADS>(dO_s, a.dout + off, i0, L);
+    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + GoatShape::at(a.sq, qt.b, qt.h, 0), i0, L, a.sq.row);
+    load_tile_swz<D, B_r, NTHREADS>(dO_s, a.dout + GoatShape::at(a.sdo, qt.b, qt.h, 0), i0, L, a.sdo.row);
     load_kv(0, 0);
     cp_async_commit();
     float lse2[2], Di[2];
@@ -725,7 +752,8 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
             }
         // phase 4: the GOAT step as in the forward, P = exp2(z2 - lse2), dS = P (dP - D)
         float mx[2] = {-INFINITY, -INFINITY};  // (unused here)
-        v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, L, a.causal);
+        v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, qt.n_keys,
+                            a.causal, a.shift);
 #pragma unroll
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
@@ -737,52 +765,59 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
         __syncthreads();
     }
     // phase 7: dq = scale dQ_i (bf16)
-    bf16* dq_bh = a.dq + off;
+    bf16* dq_bh = a.dq + GoatShape::at(a.sdq, qt.b, qt.h, 0);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int i = i0 + r_loc0 + 8 * hh;
         if (i < L)
 #pragma unroll
             for (int n = 0; n < NT_O; ++n)
-                *reinterpret_cast<__nv_bfloat162*>(dq_bh + (size_t)i * D + 8 * n + 2 * t) =
+                *reinterpret_cast<__nv_bfloat162*>(dq_bh + i * a.sdq.row + 8 * n + 2 * t) =
                     __floats2bfloat162_rn(a.scale * dQ_acc[n][2 * hh], a.scale * dQ_acc[n][2 * hh + 1]);
     }
 }
 
-// dq = scale * dq_accum (fp32 -> bf16), four elements per thread (16-byte load, 8-byte store). n4 = B*H*L*d / 4.
+// dq = scale * dq_accum (fp32 [B*H*L][d] -> bf16 at dq's strides), four elements per thread (16-byte load,
+// 8-byte store). n4 = B*H*L*d / 4.
 __global__ void dq_convert_kernel(Bf16Args a, size_t n4) {
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= n4) return;
     const float4 s = reinterpret_cast<const float4*>(a.dq_accum)[x];
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq) + 2 * x;
+    const size_t row = 4 * x / a.d;
+    const int c = (int)(4 * x % a.d), i = (int)(row % a.L), bh = (int)(row / a.L);
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq + GoatShape::at(a.sdq, bh / a.H, bh % a.H, i) + c);
     dst[0] = __floats2bfloat162_rn(a.scale * s.x, a.scale * s.y);
     dst[1] = __floats2bfloat162_rn(a.scale * s.z, a.scale * s.w);
 }
 
-// Deterministic mode: dkappa[h][delta + L - 1] = sum over b, then key tiles jt (fixed order) of the per-block
-// diagonal sums. Block (b, h, jt) wrote exactly the deltas it_start(jt) B_r - j0 - (B_c - 1) .. L - 1 - j0;
-// outside that range it has no terms. Grid over H * (2L - 1).
+// Deterministic mode: dkappa[h][delta + L_k - 1] = sum over b, then key tiles jt (fixed order) of the per-block
+// diagonal sums. Block (b, kv head, jt) wrote, for each query head h of its group, exactly the deltas
+// first(jt) B_r - j0 - (B_c - 1) .. L - 1 - j0 (first = bwd_first_query_tile), or nothing when no query tile
+// sees its keys (first = T_r, or j0 past the batch's keys). Grid over H * (L + L_k - 1).
 __global__ void v3_dkappa_reduce_kernel(Bf16Args a, int B_r, int B_c) {
-    const int L = a.L, T_c = goat_cdiv(L, B_c);
+    const int L = a.L, T_r = goat_cdiv(L, B_r), T_c = goat_cdiv(a.L_k, B_c), n_delta = a.n_delta();
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= (size_t)a.H * (2 * L - 1)) return;
-    const int h = (int)(x / (2 * L - 1)), delta = (int)(x % (2 * L - 1)) - (L - 1);
+    if (x >= (size_t)a.H * n_delta) return;
+    const int h = (int)(x / n_delta), delta = (int)(x % n_delta) - (a.L_k - 1);
     float s = 0.f;
-    for (int b = 0; b < a.B; ++b)
+    for (int b = 0; b < a.B; ++b) {
+        const int n_keys = a.keys(b);
         for (int jt = 0; jt < T_c; ++jt) {
-            const int j0 = jt * B_c, it_start = a.causal ? j0 / B_r : 0;
-            if (delta < it_start * B_r - j0 - (B_c - 1) || delta > L - 1 - j0) continue;
+            const int j0 = jt * B_c, first = bwd_first_query_tile(a, j0, B_r);
+            if (j0 >= n_keys || first >= T_r) continue;
+            if (delta < first * B_r - j0 - (B_c - 1) || delta > L - 1 - j0) continue;
             s += a.dkappa_part[(((size_t)b * a.H + h) * T_c + jt) * (L + B_c - 1) + delta + j0 + B_c - 1];
         }
+    }
     a.dkappa[x] = s;
 }
 
 // Deterministic mode: du[h][j] = sum over b (in order) of du_part[b][h][j].
 __global__ void v3_du_reduce_kernel(Bf16Args a) {
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= (size_t)a.H * a.L) return;
+    if (x >= (size_t)a.H * a.L_k) return;
     float s = 0.f;
-    for (int b = 0; b < a.B; ++b) s += a.du_part[(size_t)b * a.H * a.L + x];
+    for (int b = 0; b < a.B; ++b) s += a.du_part[(size_t)b * a.H * a.L_k + x];
     a.du[x] = s;
 }
 
@@ -790,11 +825,12 @@ __global__ void v3_du_reduce_kernel(Bf16Args a) {
 // v3 launchers (goat.cu's dispatcher calls these once goat_check has passed; v4-v6 reuse the backward flow)
 
 // Workspace layout of every bf16 backward (each slice 256-byte aligned): D_vec [B*H*L]; then dq_accum [B*H*L*d]
-// (atomic mode) or dkappa_part [B*H*T_c*(L + B_c - 1)] and du_part [B*H*L] (deterministic mode). dkappa_part grows
-// as B H L^2 / B_c floats: the price of a fixed-order dkappa without atomics. Sized as if dkappa and du were both
-// requested, so the size does not depend on which gradients a caller asks for.
+// (atomic mode) or dkappa_part [B*H*T_c*(L + B_c - 1)] (T_c = ceil(L_k / B_c)) and du_part [B*H*L_k]
+// (deterministic mode). dkappa_part grows as B H L L_k / B_c floats: the price of a fixed-order dkappa without
+// atomics. Sized as if dkappa and du were both requested, so the size does not depend on which gradients a
+// caller asks for.
 static size_t bf16_workspace_layout(const GoatParams& p, size_t* off_dq, size_t* off_dkp, size_t* off_dup) {
-    const size_t rows = (size_t)p.B * p.H * p.L;
+    const size_t rows = (size_t)p.B * p.H * p.L, L_k = p.L_k ? p.L_k : p.L;
     const int B_c = (p.d == 64) ? V3Tiles<64>::BWD_B_c : V3Tiles<128>::BWD_B_c;
     size_t x = align256(rows * 4);
     *off_dq = *off_dkp = *off_dup = 0;
@@ -803,9 +839,9 @@ static size_t bf16_workspace_layout(const GoatParams& p, size_t* off_dq, size_t*
         x += align256(rows * p.d * 4);
     } else {
         *off_dkp = x;
-        x += align256((size_t)p.B * p.H * goat_cdiv(p.L, B_c) * (p.L + B_c - 1) * 4);
+        x += align256((size_t)p.B * p.H * ((L_k + B_c - 1) / B_c) * (p.L + B_c - 1) * 4);
         *off_dup = x;
-        x += align256(rows * 4);
+        x += align256((size_t)p.B * p.H * L_k * 4);
     }
     return x;
 }
@@ -821,7 +857,7 @@ static GoatStatus v3_forward_d(const GoatParams& p, cudaStream_t stream) {
     using T = V3Fwd<D, B_r, B_c, MB>;
     auto kernel = v3_forward_kernel<D, B_r, B_c, MB>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-    const dim3 grid(goat_cdiv(p.L, B_r), p.B * p.H);
+    const dim3 grid = goat_grid(goat_cdiv(p.L, B_r), (long long)p.B * p.H);
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(bf16_args(p))));
     return GoatStatus();
 }
@@ -872,7 +908,7 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
     {
         auto kernel = p.dkappa ? v3_backward_kernel<D, B_r, B_c, KVR, true> : v3_backward_kernel<D, B_r, B_c, KVR, false>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-        const dim3 grid(goat_cdiv(p.L, B_c), p.B * p.H);
+        const dim3 grid = goat_grid(goat_cdiv(a.L_k, B_c), (long long)p.B * a.H_kv);
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, !det, det)));
     }
     if (!det) {
@@ -883,14 +919,14 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
         using TQ = V3Dq<D, QB_r, QB_c>;
         auto kernel = v3_dq_kernel<D, QB_r, QB_c>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TQ::SMEM));
-        const dim3 grid(goat_cdiv(p.L, QB_r), p.B * p.H);
+        const dim3 grid = goat_grid(goat_cdiv(p.L, QB_r), (long long)p.B * p.H);
         GOAT_LAUNCH_CHECK((kernel<<<grid, TQ::NTHREADS, TQ::SMEM, stream>>>(a)));
         if (p.dkappa) {
-            const size_t n = (size_t)p.H * (2 * p.L - 1);
+            const size_t n = (size_t)p.H * a.n_delta();
             GOAT_LAUNCH_CHECK((v3_dkappa_reduce_kernel<<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(a, B_r, B_c)));
         }
         if (p.du) {
-            const size_t n = (size_t)p.H * p.L;
+            const size_t n = (size_t)p.H * a.L_k;
             GOAT_LAUNCH_CHECK((v3_du_reduce_kernel<<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(a)));
         }
     }

@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS) v4_forward_kernel(Bf16A
     fence_regs(O);
 
     // phase 8: o = O / l (bf16), lse = m + ln l
-    fwd_store_rows<D>(a.o + off, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
+    fwd_store_rows<D>(a.o + off, D, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
 #else
     (void)a;  // not built for sm_90a: sm90a_supports() keeps the launcher from getting here
 #endif

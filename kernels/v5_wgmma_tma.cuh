@@ -287,7 +287,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         fence_regs(O);
     }
 
-    fwd_store_rows<D>(a.o + off, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
+    fwd_store_rows<D>(a.o + off, D, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
 #else
     (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
 #endif

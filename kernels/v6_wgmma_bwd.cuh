@@ -385,7 +385,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     }
 
     // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
-    bwd_store_keys<D>(a, dK_acc, dV_acc, du_acc, off, bh, j0 + k_loc0, t, false);
+    bwd_store_keys<D>(a, dK_acc, dV_acc, a.dk + off, a.dv + off, j0 + k_loc0, t);
+    bwd_store_du(a, du_acc, bh / a.H, h, j0 + k_loc0, t, false);
     if (lane == 0) bulk_wait_all();  // dQ's reductions done before shared memory goes
 #else
     (void)a; (void)tm_dq;
