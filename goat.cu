@@ -48,7 +48,8 @@ static const char* goat_general_feature(const GoatParams& p);
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
     if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
-    return sm90a_supports(p) && !goat_general_feature(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
+    if (!sm90a_supports(p)) return GOAT_V3_MMA_BF16;
+    return goat_general_feature(p) ? GOAT_V5_WGMMA_TMA_BF16 : GOAT_V6_WGMMA_BWD_BF16;
 }
 
 const char* goat_version_name(int version) {
@@ -120,8 +121,8 @@ static GoatStatus sm90a_missing(int version) {
                           "build has none", goat_version_name(version));
 }
 
-// The first general field of goat.h that a call uses (a square, packed call: nullptr). v4-v6 take none of them
-// yet (v1-v3 take all), nor more than 65535 (batch, head) pairs or 2^31 elements per tensor.
+// The first general field of goat.h that a call uses (a square, packed call: nullptr). v4 and v6 take none of
+// them yet, nor more than 65535 (batch, head) pairs or 2^31 elements per tensor; v1-v3 and v5 take all.
 static const char* goat_general_feature(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
     if (L_k != p.L) return "L_k != L";
@@ -163,6 +164,8 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
     // the fp32 kernels index tensors in 64 bits; lengths, grids and table indices (H*(L+L_k-1), H*L_k) are int
     if (p.L > 2147483647 - 256 || L_k > 2147483647 - 256)
         return goat_status(1, "L and L_k must be below 2^31 - 256 (got %d, %d)", p.L, L_k);
+    if ((long long)p.L + L_k > 2147483647LL - 512)
+        return goat_status(1, "L + L_k = %lld must be below 2^31 - 512", (long long)p.L + L_k);
     if ((long long)p.H * ((long long)p.L + L_k - 1) > 2147483647LL)
         return goat_status(1, "H*(L+L_k-1) = %lld overflows int", (long long)p.H * ((long long)p.L + L_k - 1));
     if ((long long)p.B * p.H * (((long long)p.L + 31) / 32) > 2147483647LL)
@@ -195,9 +198,9 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         if (p.dtype != GOAT_BF16 || (p.d != 64 && p.d != 128))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
-        if (version >= GOAT_V4_WGMMA_BF16)
+        if (version == GOAT_V4_WGMMA_BF16 || version == GOAT_V6_WGMMA_BWD_BF16)
             if (const char* feature = goat_general_feature(p))
-                return goat_status(2, "%s does not take %s yet (v3, and v1 and v2 in fp32, do)",
+                return goat_status(2, "%s does not take %s yet (v3 and v5, and v1 and v2 in fp32, do)",
                                    goat_version_name(version), feature);
         // the bf16 kernels move 16 bytes at a time (cp.async, TMA, vector loads and stores): every row of every
         // tensor starts 16-byte aligned

@@ -74,6 +74,14 @@ struct GoatShape {
         return (size_t)((long long)b * s.batch + (long long)h * s.head + (long long)r * s.row);
     }
     __host__ __device__ int n_delta() const { return L + L_k - 1; }
+    // row r of the [B][heads][rows][d] tensor with strides s, counted through all (b, h) (the packed index
+    // row * d when s is packed: the divisions only for other layouts)
+    __host__ __device__ static size_t at_row(const GoatStrides& s, size_t row, int heads, int rows, int d) {
+        if (s.row == d && s.head == (long long)rows * d && s.batch == (long long)heads * rows * d) return row * d;
+        const int r = (int)(row % rows);
+        const size_t bh = row / rows;
+        return at(s, (int)(bh / heads), (int)(bh % heads), r);
+    }
     // keys of batch b: L_k, or len_k[b] clamped to 0..L_k
     __device__ int keys(int b) const {
         if (!len_k) return L_k;

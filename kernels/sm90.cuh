@@ -207,22 +207,24 @@ static __device__ __forceinline__ float exp2_approx(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-// One TMA copy of box (c0 = column, c1 = row, c2 = b*h) of tensor map tm into shared memory at dst, counted
-// in on barrier bar.
-static __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2,
-                                                   uint32_t bar) {
+// One TMA copy of box (c0 = column, c1 = row, c2 = head, c3 = batch) of tensor map tm into shared memory at dst,
+// counted in on barrier bar.
+static __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2,
+                                                   int c3, uint32_t bar) {
     asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
-        "[%5];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
-// box (c0 = column, c1 = row, c2 = b*h) of the fp32 tensor tm += the 128-byte-swizzled box at src, on the copy
-// engine (one bulk tensor reduction, committed as one bulk group)
-static __device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* tm, int c0, int c1, int c2, uint32_t src) {
-    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+// box (c0 = column, c1 = row, c2 = head, c3 = batch) of the fp32 tensor tm += the 128-byte-swizzled box at src,
+// on the copy engine (one bulk tensor reduction, committed as one bulk group)
+static __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* tm, int c0, int c1, int c2, int c3,
+                                                         uint32_t src) {
+    asm volatile("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], "
+                 "[%5];\n"
                  "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(tm)),
-                 "r"(c0), "r"(c1), "r"(c2), "r"(src)
+                 "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src)
                  : "memory");
 }
 // this thread's bulk reductions have read their shared-memory source (it may be written again) / completed
@@ -231,7 +233,7 @@ static __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.
 #endif  // GOAT_SM90A
 
 // ----------------------------------------------------------------------------------------------------------
-// tensor maps (the TMA's view of a [B*H][L][d] tensor), encoded on the host per call
+// tensor maps (the TMA's view of a [B][heads][rows][d] tensor), encoded on the host per call
 
 // cuTensorMapEncodeTiled through the runtime (the driver library is loaded by the runtime anyway).
 typedef CUresult (*TensorMapEncodeFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -255,18 +257,20 @@ static TensorMapEncodeFn tensor_map_encode_fn() {
     return fn;
 }
 
-// x as [B*H][L][d] of bf16 (or fp32), boxes of cols columns (128 bytes) x rows rows x 1, 128-byte swizzle;
-// loads fill zeros outside, stores and reductions skip what lies outside.
-static GoatStatus make_tensor_map(CUtensorMap* tm, const void* x, const GoatParams& p,
-                                CUtensorMapDataType type, int cols, int rows) {
+// x as [B][heads][n_rows][d] of bf16 (or fp32) at strides st (elements; the head dimension contiguous), boxes of
+// cols columns (128 bytes) x rows rows x 1 x 1, 128-byte swizzle; loads fill zeros outside (rows past n_rows of
+// a head read zeros, not the next head), stores and reductions skip what lies outside. TMA needs the strides in
+// multiples of 16 bytes (goat_check) and the base 16-byte aligned.
+static GoatStatus make_tensor_map(CUtensorMap* tm, const void* x, CUtensorMapDataType type, int cols, int rows,
+                                  int d, int n_rows, int heads, int B, const GoatStrides& st) {
     TensorMapEncodeFn enc = tensor_map_encode_fn();
     if (!enc) return goat_status(3, "cuTensorMapEncodeTiled is not available from the CUDA driver");
     const cuuint64_t es = type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2;
-    const cuuint64_t dims[3] = {(cuuint64_t)p.d, (cuuint64_t)p.L, (cuuint64_t)p.B * p.H};
-    const cuuint64_t strides[2] = {(cuuint64_t)p.d * es, (cuuint64_t)p.L * p.d * es};  // bytes, dims 1 and 2
-    const cuuint32_t box[3] = {(cuuint32_t)cols, (cuuint32_t)rows, 1};
-    const cuuint32_t estride[3] = {1, 1, 1};
-    CUresult r = enc(tm, type, 3, const_cast<void*>(x), dims, strides, box, estride,
+    const cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)n_rows, (cuuint64_t)heads, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)st.row * es, (cuuint64_t)st.head * es, (cuuint64_t)st.batch * es};
+    const cuuint32_t box[4] = {(cuuint32_t)cols, (cuuint32_t)rows, 1, 1};
+    const cuuint32_t estride[4] = {1, 1, 1, 1};
+    CUresult r = enc(tm, type, 4, const_cast<void*>(x), dims, strides, box, estride,
                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) return goat_status(3, "cuTensorMapEncodeTiled failed (CUresult %d)", (int)r);

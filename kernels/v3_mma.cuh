@@ -7,6 +7,10 @@
 // score fragments in registers. Backward: one block per key tile looping over query tiles; du and dkappa from
 // the fp32 dS^T fragments (du_add_row_sums, dkappa_warp_diagonal_sums); dQ by fp32 atomics, or without any
 // float atomic in the deterministic mode (a per-query-tile dQ kernel; du, dkappa partials summed in fixed order).
+// Every general shape of goat.h: rows are found through each tensor's strides, a query tile reads kv head
+// h / group, the mask is the general rule (goat_visible with the sequence's keys and the causal shift), and the
+// backward's block of keys visits the query tiles of every query head of its group, so dK, dV sum the group in
+// registers while du and dkappa are flushed per query head.
 //
 // Reading order (names from the FlashAttention papers: B_r, B_c, m, l, Q_i, K_j):
 //   tiles            the tile sizes per head dimension
@@ -292,9 +296,8 @@ __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     const bool valid = row < n_rows;  // no early return: every lane takes part in the shuffles
     float s = 0.f;
     if (valid) {
-        const int i = (int)(row % a.L), bh = (int)(row / a.L), b = bh / a.H, h = bh % a.H;
-        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + GoatShape::at(a.sdo, b, h, i) + 8 * c);
-        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + GoatShape::at(a.so, b, h, i) + 8 * c);
+        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + GoatShape::at_row(a.sdo, row, a.H, a.L, D) + 8 * c);
+        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + GoatShape::at_row(a.so, row, a.H, a.L, D) + 8 * c);
         const __nv_bfloat162* dp = reinterpret_cast<const __nv_bfloat162*>(&d8);
         const __nv_bfloat162* op = reinterpret_cast<const __nv_bfloat162*>(&o8);
 #pragma unroll
@@ -783,9 +786,9 @@ __global__ void dq_convert_kernel(Bf16Args a, size_t n4) {
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= n4) return;
     const float4 s = reinterpret_cast<const float4*>(a.dq_accum)[x];
-    const size_t row = 4 * x / a.d;
-    const int c = (int)(4 * x % a.d), i = (int)(row % a.L), bh = (int)(row / a.L);
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq + GoatShape::at(a.sdq, bh / a.H, bh % a.H, i) + c);
+    const size_t row = (4 * x) >> (a.d == 64 ? 6 : 7);  // d is 64 or 128
+    const int c = (int)((4 * x) & (a.d - 1));
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq + GoatShape::at_row(a.sdq, row, a.H, a.L, a.d) + c);
     dst[0] = __floats2bfloat162_rn(a.scale * s.x, a.scale * s.y);
     dst[1] = __floats2bfloat162_rn(a.scale * s.z, a.scale * s.w);
 }

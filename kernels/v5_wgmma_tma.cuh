@@ -14,8 +14,12 @@
 //     while the second product runs. The GOAT step (goat_logit) has two copies, with and without the mask, the
 //     masked one a single compare per score; with one consumer warpgroup a last tile with at most B_c / 2 keys
 //     left runs at half width.
-// The tensor maps (the TMA's view of q, k, v as [B*H][L][d], 64 x rows boxes, zero fill past L) are encoded on
-// the host per call (kernels/sm90.cuh).
+//   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
+//     strides, so a [B][L][H][d] layout or a fused-QKV view loads as a packed one does and a key tile reads kv
+//     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and a
+//     block whose rows see no key writes o = 0, lse = -inf without loading anything.
+// The tensor maps (64 x rows boxes, zero fill past a head's rows) are encoded on the host per call
+// (kernels/sm90.cuh).
 #pragma once
 
 #include "v4_wgmma.cuh"
@@ -89,13 +93,25 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     auto bar_vfull = [&](int s) { return bar_q + 8u * (1 + 2 * KS + s); };
     auto bar_vempty = [&](int s) { return bar_q + 8u * (1 + 2 * KS + VS + s); };
 
-    const int L = a.L, T_r = goat_cdiv(L, B_r);
+    const int L = a.L, L_k = a.L_k, T_r = goat_cdiv(L, B_r);
     const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
-    const int bh = blockIdx.y, h = bh % a.H;
-    const int i0 = it * B_r;
-    const int j_end = a.causal ? min(L, i0 + B_r) : L;
-    const int n_kt = goat_cdiv(j_end, B_c);
+    const int bh = goat_grid_row(), b = bh / a.H, h = bh % a.H, hk = h / a.group;
+    if (bh >= a.B * a.H) return;
+    const int i0 = it * B_r, n_keys = a.keys(b);
+    // keys the block visits: the sequence's, and under a causal mask those up to its last row's position
+    long long j_end = n_keys;
+    if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + a.shift);
+    const int n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    if (n_kt == 0) {  // no row sees a key: o = 0, lse = -inf (nothing loaded, no barrier used)
+        if (wg == 0) return;
+        const float O[D / 2] = {};
+        float l[2] = {0.f, 0.f};
+        const float m[2] = {-INFINITY, -INFINITY};
+        fwd_store_rows<D>(a.o + GoatShape::at(a.so, b, h, 0), a.so.row, a.lse + (size_t)bh * L, O, l, m, 1.f,
+                          i0 + 64 * (wg - 1) + 16 * warp + lane / 4, L, lane % 4);
+        return;
+    }
 
     if (threadIdx.x == 0) {
         mbar_init(bar_q, 1);
@@ -117,25 +133,26 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         // holds back the K tile the consumers need first
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::REG_PRODUCER));
         if (warp != 0) return;
-        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-        const float* u_h = a.u ? a.u + (size_t)h * L : nullptr;
+        const int n_delta = a.n_delta();
+        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * n_delta : nullptr;
+        const float* u_h = a.u ? a.u + (size_t)h * L_k : nullptr;
         if (lane == 0) {
             mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
 #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, bh, bar_q);
+            for (int cb = 0; cb < D / 64; ++cb) tma_load_4d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, h, b, bar_q);
         }
         auto load_k = [&](int jt) {  // K_j by TMA and its prior slices by cp.async, all counted on K full
             const int s = jt % KS, j0 = jt * B_c;
             if (jt >= KS) mbar_wait(bar_kempty(s), ((jt / KS) - 1) & 1);
             const uint32_t kap_s = smem_u32(kappa_s + s * KW_PAD), uu_s = smem_u32(u_s + s * B_c);
-            const int ks = kappa_window_start(i0, j0, B_c, L);
+            const int ks = kappa_window_start(i0, j0, B_c, L_k);
             for (int e = lane; e < KW; e += 32) {
                 const int idx = ks + e;
-                const bool valid = kappa_h && idx >= 0 && idx < 2 * L - 1;
+                const bool valid = kappa_h && idx >= 0 && idx < n_delta;
                 cp_async_4(kap_s + 4 * e, valid ? (const void*)(kappa_h + idx) : (const void*)a.k, valid);
             }
             for (int e = lane; e < B_c; e += 32) {
-                const bool valid = u_h && j0 + e < L;
+                const bool valid = u_h && j0 + e < L_k;
                 cp_async_4(uu_s + 4 * e, valid ? (const void*)(u_h + j0 + e) : (const void*)a.k, valid);
             }
             cp_async_mbar_arrive(bar_kfull(s));
@@ -143,7 +160,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 mbar_arrive_tx(bar_kfull(s), T::TILE_KV);
 #pragma unroll
                 for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_3d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, bh, bar_kfull(s));
+                    tma_load_4d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, hk, b, bar_kfull(s));
             }
         };
         auto load_v = [&](int jt) {
@@ -153,7 +170,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 mbar_arrive_tx(bar_vfull(s), T::TILE_KV);
 #pragma unroll
                 for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_3d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, bh, bar_vfull(s));
+                    tma_load_4d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, hk, b, bar_vfull(s));
             }
             __syncwarp();
         };
@@ -169,7 +186,6 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
     // (c is a constant with one consumer warpgroup: branches on it are then uniform for ptxas, see HALF_OK)
     const int c = NWG == 1 ? 0 : wg - 1, g = lane / 4, t = lane % 4;
-    const size_t off = (size_t)bh * L * D;
     const uint64_t dq0 = wgmma_desc(Q_s + c * 64 * 128, 16, 1024), dk0 = wgmma_desc(K_s, 16, 1024),
                    dv0 = wgmma_desc(V_s, B_c * 128, 1024);
     auto desc_q = [&](int kk) { return wgmma_desc_plus(dq0, (kk / 4) * B_r * 128 + (kk % 4) * 32); };
@@ -186,8 +202,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     const int r_loc0 = 64 * c + 16 * warp + g;
     mbar_wait(bar_q, 0);
 
-    // Keys this warpgroup's rows can see: causal, those up to its last row; otherwise all L.
-    const int j_end_c = a.causal ? min(L, i0 + 64 * c + 64) : L;
+    // Keys this warpgroup's rows can see: the sequence's, and causal, those up to its last row's position.
+    const int j_end_c = a.causal ? (int)min((long long)n_keys, (long long)(i0 + 64 * c + 64) + a.shift) : n_keys;
     bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
     // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
     // ptxas takes for divergent and answers by serialising every wgmma (C7520).
@@ -233,8 +249,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 int lim[2];
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    lim[hh] = L - j0 - 1;
-                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0);
+                    lim[hh] = n_keys - j0 - 1;
+                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0 + a.shift);
                     lim[hh] -= 2 * t;  // compared below with c_loc - 2 t, a constant
                 }
 #pragma unroll
@@ -250,7 +266,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                     }
                 }
             };
-            const bool need_mask = (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
+            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + 64 * c) > a.shift);
             if (HALF || need_mask) scores(std::true_type());  // (a half tile is always a masked one)
             else scores(std::false_type());
             // K_j and its prior slices are no longer read by this warp
@@ -287,7 +303,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         fence_regs(O);
     }
 
-    fwd_store_rows<D>(a.o + off, D, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
+    fwd_store_rows<D>(a.o + GoatShape::at(a.so, b, h, 0), a.so.row, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0,
+                      L, t);
 #else
     (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
 #endif
@@ -300,15 +317,17 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
 template <int D, class C>
 static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     using T = V5Fwd<D, C::NWG, C::B_c, C::KS, C::VS>;
+    const Bf16Args a = bf16_args(p);
+    constexpr CUtensorMapDataType BF = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
     CUtensorMap tq, tk, tv;
-    GoatStatus st = make_tensor_map(&tq, p.q, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, T::B_r);
-    if (st.ok()) st = make_tensor_map(&tk, p.k, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
-    if (st.ok()) st = make_tensor_map(&tv, p.v, p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 64, C::B_c);
+    GoatStatus st = make_tensor_map(&tq, p.q, BF, 64, T::B_r, D, a.L, a.H, a.B, a.sq);
+    if (st.ok()) st = make_tensor_map(&tk, p.k, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sk);
+    if (st.ok()) st = make_tensor_map(&tv, p.v, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sv);
     if (!st.ok()) return st;
     auto kernel = v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-    const dim3 grid(goat_cdiv(p.L, T::B_r), p.B * p.H);
-    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(bf16_args(p), tq, tk, tv)));
+    const dim3 grid = goat_grid(goat_cdiv(p.L, T::B_r), (long long)p.B * p.H);
+    GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tq, tk, tv)));
     return GoatStatus();
 }
 

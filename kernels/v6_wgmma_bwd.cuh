@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         if (lane == 0 && i0q + dq_row0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
 #pragma unroll
             for (int b = 0; b < DN / 32; ++b)
-                tma_reduce_add_3d(&tm_dq, dq_col0 + 32 * b, i0q + dq_row0 + 16 * wwarp, bh, dq_w + b * T::DQ_BOX);
+                tma_reduce_add_4d(&tm_dq, dq_col0 + 32 * b, i0q + dq_row0 + 16 * wwarp, h, bh / a.H, dq_w + b * T::DQ_BOX);
     };
     cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
     fence_proxy_async();
@@ -406,8 +406,9 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
     CUtensorMap tm_dq;
     size_t off_dq, off_dkp, off_dup;
     bf16_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
-    GoatStatus st = make_tensor_map(&tm_dq, static_cast<unsigned char*>(workspace) + off_dq, p,
-                                    CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16);
+    GoatStatus st = make_tensor_map(&tm_dq, static_cast<unsigned char*>(workspace) + off_dq,
+                                    CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16, D, p.L, p.H, p.B,
+                                    goat_resolve_strides(GoatStrides(), p.H, p.L, D));
     if (!st.ok()) return st;
     Bf16Args a;
     st = bf16_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)

@@ -11,6 +11,8 @@
 #include "tests/gpu_problem.h"
 #include "tests/test_util.h"
 
+#include <cuda_bf16.h>
+
 #include <functional>
 
 namespace {
@@ -357,7 +359,9 @@ TEST_CASE("general small: bad general arguments are refused with a code and the 
         {"negative stride", [](GoatParams& x) { x.k_stride.row = -64; }, 1, "k_stride"},
         {"v6 with L_k != L", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 6; x.L_k = 16; }, 2, "L_k"},
         {"v6 with GQA", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 6; x.H_kv = 2; }, 2, "H_kv"},
-        {"v5 with positions", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 5; x.q_pos0 = 5; }, 2, "q_pos0"},
+        {"v6 with positions", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 6; x.q_pos0 = 5; }, 2, "q_pos0"},
+        {"v6 with padded keys", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 6; x.len_k = (const int*)x.lse; }, 2,
+         "len_k"},
         {"v4 with strides", [](GoatParams& x) { x.dtype = GOAT_BF16; x.version = 4; x.q_stride = {8 * 4 * 64, 64, 4 * 64}; },
          2, "strides"},
         {"bf16 row stride not 16 bytes", [](GoatParams& x) { x.dtype = GOAT_BF16; x.k_stride = {4 * 8 * 68, 68, 4 * 68}; },
@@ -374,4 +378,114 @@ TEST_CASE("general small: bad general arguments are refused with a code and the 
         CHECK(std::strstr(st.message, b.needle) != nullptr);
     }
     expect_untouched("lse", lse);
+}
+
+// A tensor of 2^31 elements (4 GiB of bf16 q; dq's fp32 accumulator is 8 GiB), with GQA and B*H beyond 65535:
+// filled on the device from a hash of the element index, run by AUTO, and checked at sampled kv heads (their
+// whole group of query heads, both sequences) by the twin rule on that sub-problem, whose dkappa and du (summed
+// over the two sequences) are the whole problem's rows for those heads.
+__global__ void fill_hash_bf16(__nv_bfloat16* x, size_t n, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;  // splitmix64's finaliser
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        x[i] = __float2bfloat16((float)((double)(z >> 11) * 0x1.0p-53 * 4.0 - 2.0));  // uniform in [-2, 2)
+    }
+}
+
+TEST_CASE("bf16 general auto B=2 H=131072 H_kv=32768 L=64 d=128 causal: q of 2^31 elements; sampled kv heads") {
+    const int B = 2, H = 131072, H_kv = 32768, L = 64, d = 128, G = H / H_kv, nd = 2 * L - 1;
+    const size_t nq = (size_t)B * H * L * d, nkv = (size_t)B * H_kv * L * d, head = (size_t)L * d;
+    REQUIRE(nq == (size_t)1 << 31);
+    const uint64_t seed = next_seed();
+    std::printf("  case seed %llu\n", (unsigned long long)seed);
+    Rng rng(seed);
+    std::vector<float> kappa((size_t)H * nd), u((size_t)H * L);
+    for (float& x : kappa) x = (float)(0.5 * rng.normal());
+    for (float& x : u) x = (float)(0.5 * rng.normal());
+    DeviceBuffer q(nq * 2), dout(nq * 2), o(nq * 2), dq(nq * 2), k(nkv * 2), v(nkv * 2), dk(nkv * 2), dv(nkv * 2),
+        lse((size_t)B * H * L * 4), d_kappa(kappa.size() * 4), d_u(u.size() * 4), dkappa(kappa.size() * 4),
+        du(u.size() * 4);
+    int salt = 0;
+    for (DeviceBuffer* x : {&q, &dout, &k, &v}) {
+        fill_hash_bf16<<<4096, 256>>>((__nv_bfloat16*)x->ptr(), x == &q || x == &dout ? nq : nkv, seed * 16 + salt++);
+        CUDA_REQUIRE(cudaGetLastError());
+    }
+    d_kappa.upload(kappa, GOAT_F32);
+    d_u.upload(u, GOAT_F32);
+    GoatParams p;
+    p.B = B; p.H = H; p.H_kv = H_kv; p.L = L; p.d = d; p.scale = 1.0f / std::sqrt((float)d); p.causal = true;
+    p.dtype = GOAT_BF16;
+    p.q = q.ptr(); p.k = k.ptr(); p.v = v.ptr(); p.kappa = d_kappa.f32(); p.u = d_u.f32();
+    p.o = o.ptr(); p.lse = lse.f32(); p.dout = dout.ptr(); p.dq = dq.ptr(); p.dk = dk.ptr(); p.dv = dv.ptr();
+    p.dkappa = dkappa.f32(); p.du = du.f32();
+    std::printf("    %s\n", goat_version_name(goat_resolve_version(p)));
+    GoatStatus st = goat_forward(p, 0);
+    INFO("forward: ", st.message);
+    REQUIRE(st.ok());
+    st = goat_backward(p, 0);
+    INFO("backward: ", st.message);
+    REQUIRE(st.ok());
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+
+    // rows [first, first + n) of a device tensor of bf16 (or fp32) as floats
+    auto rows = [](const DeviceBuffer& x, size_t first, size_t n, bool bf16) {
+        std::vector<float> out(n);
+        if (bf16) {
+            std::vector<uint16_t> h(n);
+            CUDA_REQUIRE(cudaMemcpy(h.data(), (const char*)x.ptr() + first * 2, n * 2, cudaMemcpyDeviceToHost));
+            for (size_t e = 0; e < n; ++e) out[e] = from_bf16_bits(h[e]);
+        } else {
+            CUDA_REQUIRE(cudaMemcpy(out.data(), (const char*)x.ptr() + first * 4, n * 4, cudaMemcpyDeviceToHost));
+        }
+        return out;
+    };
+    for (int hk : {0, 12345, H_kv - 1}) {
+        CAPTURE(hk);
+        // the sub-problem: both sequences, query heads G hk .. G hk + G - 1, kv head hk
+        std::vector<double> sq, sdo, sk, sv, skap, su;
+        Results got;
+        for (int b = 0; b < B; ++b) {
+            for (int h = G * hk; h < G * hk + G; ++h) {
+                const size_t at = ((size_t)b * H + h) * head;
+                for (auto* pr : {&sq, &sdo}) {
+                    const std::vector<float> x = rows(pr == &sq ? q : dout, at, head, true);
+                    pr->insert(pr->end(), x.begin(), x.end());
+                }
+                for (auto [dst, src] : {std::pair{&got.o, &o}, std::pair{&got.dq, &dq}}) {
+                    const std::vector<float> x = rows(*src, at, head, true);
+                    dst->insert(dst->end(), x.begin(), x.end());
+                }
+                const std::vector<float> l = rows(lse, ((size_t)b * H + h) * L, L, false);
+                got.lse.insert(got.lse.end(), l.begin(), l.end());
+            }
+            const size_t at = ((size_t)b * H_kv + hk) * head;
+            for (auto [dst, src] : {std::pair{&sk, &k}, std::pair{&sv, &v}}) {
+                const std::vector<float> x = rows(*src, at, head, true);
+                dst->insert(dst->end(), x.begin(), x.end());
+            }
+            for (auto [dst, src] : {std::pair{&got.dk, &dk}, std::pair{&got.dv, &dv}}) {
+                const std::vector<float> x = rows(*src, at, head, true);
+                dst->insert(dst->end(), x.begin(), x.end());
+            }
+        }
+        skap.assign(kappa.begin() + (size_t)G * hk * nd, kappa.begin() + (size_t)G * (hk + 1) * nd);
+        su.assign(u.begin() + (size_t)G * hk * L, u.begin() + (size_t)G * (hk + 1) * L);
+        got.dkappa = rows(dkappa, (size_t)G * hk * nd, (size_t)G * nd, false);
+        got.du = rows(du, (size_t)G * hk * L, (size_t)G * L, false);
+
+        GoatDims dims{B, G, L, d, true, p.scale};
+        dims.H_kv = 1;
+        std::vector<double> o_ref(sq.size()), lse_ref((size_t)B * G * L), dq_ref(sq.size()), dk_ref(sk.size()),
+            dv_ref(sv.size()), dkappa_ref(skap.size()), du_ref(su.size());
+        goat_forward_cpu(dims, sq.data(), sk.data(), sv.data(), skap.data(), su.data(), o_ref.data(), lse_ref.data());
+        goat_backward_cpu(dims, sq.data(), sk.data(), sv.data(), skap.data(), su.data(), o_ref.data(), lse_ref.data(),
+                          sdo.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), dkappa_ref.data(), du_ref.data());
+        auto flt = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+        const Results ref = {flt(o_ref), flt(lse_ref), flt(dq_ref), flt(dk_ref), flt(dv_ref), flt(dkappa_ref), flt(du_ref)};
+        Results tw;
+        twin_general(dims, sq, sk, sv, skap, su, sdo, tw);
+        expect_within_twin("sampled", got, tw, ref);
+    }
 }
