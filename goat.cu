@@ -43,13 +43,10 @@
 // ----------------------------------------------------------------------------------------------------------
 // versions
 
-static const char* goat_general_feature(const GoatParams& p);
-
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
     if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
-    if (!sm90a_supports(p)) return GOAT_V3_MMA_BF16;
-    return goat_general_feature(p) ? GOAT_V5_WGMMA_TMA_BF16 : GOAT_V6_WGMMA_BWD_BF16;
+    return sm90a_supports(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
 }
 
 const char* goat_version_name(int version) {
@@ -121,26 +118,6 @@ static GoatStatus sm90a_missing(int version) {
                           "build has none", goat_version_name(version));
 }
 
-// The first general field of goat.h that a call uses (a square, packed call: nullptr). v4 and v6 take none of
-// them yet, nor more than 65535 (batch, head) pairs or 2^31 elements per tensor; v1-v3 and v5 take all.
-static const char* goat_general_feature(const GoatParams& p) {
-    const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
-    if (L_k != p.L) return "L_k != L";
-    if (H_kv != p.H) return "H_kv != H (grouped-query attention)";
-    if (p.q_pos0 != p.k_pos0) return "q_pos0 != k_pos0";
-    if (p.len_k) return "len_k (padded keys)";
-    if ((long long)p.B * p.H > 65535) return "B*H > 65535";
-    if ((long long)p.B * p.H * p.L * p.d > 2147483647LL || (long long)p.B * H_kv * L_k * p.d > 2147483647LL)
-        return "tensors of 2^31 elements or more";
-    const GoatStrides* q_like[] = {&p.q_stride, &p.o_stride, &p.dout_stride, &p.dq_stride};
-    const GoatStrides* kv_like[] = {&p.k_stride, &p.v_stride, &p.dk_stride, &p.dv_stride};
-    for (const GoatStrides* st : q_like)
-        if (!goat_strides_packed(*st, p.H, p.L, p.d)) return "strides other than packed [B][H][L][d]";
-    for (const GoatStrides* st : kv_like)
-        if (!goat_strides_packed(*st, H_kv, L_k, p.d)) return "strides other than packed [B][H][L][d]";
-    return nullptr;
-}
-
 // Argument checks shared by forward and backward; code 1 = bad argument, 2 = unsupported combination.
 static GoatStatus goat_check(const GoatParams& p, bool backward) {
     if (p.B <= 0) return goat_status(1, "B must be > 0 (got %d)", p.B);
@@ -198,9 +175,9 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         if (p.dtype != GOAT_BF16 || (p.d != 64 && p.d != 128))
             return goat_status(2, "%s needs dtype bf16 and d in {64, 128} (got %s, d = %d)",
                                goat_version_name(version), dtype_name(p.dtype), p.d);
-        if (version == GOAT_V4_WGMMA_BF16 || version == GOAT_V6_WGMMA_BWD_BF16)
+        if (version == GOAT_V4_WGMMA_BF16)
             if (const char* feature = goat_general_feature(p))
-                return goat_status(2, "%s does not take %s yet (v3 and v5, and v1 and v2 in fp32, do)",
+                return goat_status(2, "%s does not take %s (v3, v5 and v6, and v1 and v2 in fp32, do)",
                                    goat_version_name(version), feature);
         // the bf16 kernels move 16 bytes at a time (cp.async, TMA, vector loads and stores): every row of every
         // tensor starts 16-byte aligned

@@ -23,9 +23,8 @@
 //              L_k - L. A row with nothing visible (e.g. len_k[b] = 0) gets o = 0, lse = -inf, zero gradients.
 //   backward   dk, dv sum over the query heads of each kv head; dkappa, du sum over the batch.
 // Square self-attention (every new field zero): L_k = L, H_kv = H, positions 0.., kappa [H][2L-1] at i - j + L - 1.
-// Which versions take the general fields: v1, v2 (fp32), v3 and v5 (bf16) take all of them; v4 and v6 take
-// square, packed calls only for now and refuse the rest with code 2 naming the field. On a Hopper GPU AUTO picks
-// v6 for a square, packed bf16 call and v5 (its wgmma forward, v3's backward) for any other.
+// Which versions take the general fields: all but v4 (the first wgmma kernel, kept for reading: it takes square,
+// packed calls and refuses the rest with code 2 naming the field; AUTO never picks it).
 // Strides (bf16): multiples of 8 elements (16 bytes), else code 1 naming the tensor.
 #pragma once
 
@@ -41,8 +40,8 @@ enum GoatVersion {
     GOAT_V2_TILED = 2,     // fp32, tiled online softmax in shared memory
     GOAT_V3_MMA_BF16 = 3,  // bf16 tensor cores (mma.sync m16n8k16), FlashAttention-2 style
     GOAT_V4_WGMMA_BF16 = 4,  // bf16, Hopper wgmma forward (needs a CC 9.0 GPU and an sm_90a build); v3 backward
-    GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup; v3 backward (AUTO: general calls)
-    GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (AUTO's bf16 choice on CC 9.0, square calls)
+    GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup; v3 backward
+    GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (what AUTO picks for bf16 on CC 9.0)
 };
 
 // Strides of one [batch][head][row][d] tensor, in elements; the head dimension is contiguous. All three zero:

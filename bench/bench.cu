@@ -10,6 +10,21 @@
 // Inputs are rotated over N_ROTATE buffer sets so that L2 (60 MB) never holds the next call's inputs.
 // Before timing, each version runs a small shape (B=1, H=2, L=200) against the CPU reference and is skipped
 // when it disagrees. Flags: --quick (d = 64, L = 4096 only), --versions 36 (time only v3 and v6).
+//
+// --general: instead of that table, GOAT_AUTO (bf16) on the general shapes, d in {64, 128}, the same columns plus
+// the version AUTO picks for each shape (peers.py --general times PyTorch's SDPA on the same rows):
+//   gqa-blhd  causal, H = 32, H_kv in {8, 4}, L = L_k in {1024, 4096, 16384}, B*L = 32768; q, o, dout, dq laid
+//             out [B][L][H][d] and k, v, dk, dv [B][L_k][H_kv][d] through the strides (what a model's
+//             projections give without a transpose)
+//   cross     non-causal, packed, H = H_kv = 16, L = 1024 queries, L_k in {4096, 16384, 32768}, B = 4
+//   prefill   causal, packed, H = H_kv = 16, L = 2048 new queries after 30720 cached keys (L_k = 32768,
+//             q_pos0 = 30720, k_pos0 = 0), B = 2
+// FLOPs: 4 B H L L_k d forward, halved for gqa-blhd (the square convention above); prefill counts exactly the
+// visible (query, key) pairs, L (L_k - L) + L (L + 1) / 2 per batch and head; forward+backward 3.5x.
+// Each (d, kind) first runs a small instance of its kind (same causality, positions and layout) against the CPU
+// reference with the version AUTO picks for the timed shapes; a kind that disagrees is listed as not timed.
+// Buffers are allocated per shape and freed after; inputs rotate as above. --quick: the first shape of each kind,
+// d = 64.
 #include "goat.h"
 #include "reference.h"
 
@@ -282,6 +297,321 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// general shapes (--general): GOAT_AUTO, bf16, on grouped-query, cross-attention and chunked-prefill shapes
+
+enum class Kind { gqa_blhd, cross, prefill };
+static const char* kind_name(Kind k) {
+    return k == Kind::gqa_blhd ? "gqa-blhd" : k == Kind::cross ? "cross" : "prefill";
+}
+
+struct GeneralShape {
+    Kind kind;
+    int d, H, H_kv, L, L_k, B;
+};
+
+// Strides of a [B][rows][heads][d] tensor seen as [B][heads][rows][d].
+static GoatStrides blhd_strides(int heads, int rows, int d) {
+    GoatStrides s;
+    s.head = d;
+    s.row = (long long)heads * d;
+    s.batch = s.row * rows;
+    return s;
+}
+
+// Everything but the pointers: causality, positions and layout follow from the kind.
+static GoatParams general_params(const GeneralShape& s, int version) {
+    GoatParams p;
+    p.B = s.B; p.H = s.H; p.L = s.L; p.d = s.d; p.scale = 1.0f / std::sqrt((float)s.d);
+    p.dtype = GOAT_BF16; p.version = version;
+    p.L_k = s.L_k; p.H_kv = s.H_kv;
+    p.causal = s.kind != Kind::cross;
+    if (s.kind == Kind::prefill) p.q_pos0 = s.L_k - s.L;   // the queries are the last L positions; k_pos0 = 0
+    if (s.kind == Kind::gqa_blhd) {
+        p.q_stride = p.o_stride = p.dout_stride = p.dq_stride = blhd_strides(s.H, s.L, s.d);
+        p.k_stride = p.v_stride = p.dk_stride = p.dv_stride = blhd_strides(s.H_kv, s.L_k, s.d);
+    }
+    return p;
+}
+
+static double general_fwd_flops(const GeneralShape& s) {
+    const double bhd4 = 4.0 * s.B * s.H * s.d;
+    switch (s.kind) {
+        case Kind::gqa_blhd: return bhd4 * s.L * (double)s.L_k / 2;   // causal, L = L_k: the square convention
+        case Kind::cross: return bhd4 * s.L * (double)s.L_k;
+        case Kind::prefill:   // every query sees the cache and the new keys up to itself
+            return bhd4 * ((double)s.L * (s.L_k - s.L) + (double)s.L * (s.L + 1) / 2);
+    }
+    return 0;
+}
+
+// The timed shapes of one kind, in table order (quick: the first only).
+static std::vector<GeneralShape> general_shapes(Kind kind, int d, bool quick) {
+    std::vector<GeneralShape> v;
+    if (kind == Kind::gqa_blhd)
+        for (int H_kv : {8, 4})
+            for (int L : {1024, 4096, 16384}) v.push_back({kind, d, 32, H_kv, L, L, 32768 / L});
+    if (kind == Kind::cross)
+        for (int L_k : {4096, 16384, 32768}) v.push_back({kind, d, 16, 16, 1024, L_k, 4});
+    if (kind == Kind::prefill) v.push_back({kind, d, 16, 16, 2048, 32768, 2});
+    if (quick) v.resize(1);
+    return v;
+}
+
+// The small instance of a kind that validation runs (B = 2, so the batch stride is exercised).
+static GeneralShape general_small(Kind kind, int d) {
+    if (kind == Kind::gqa_blhd) return {kind, d, 4, 2, 100, 100, 2};
+    return {kind, d, 4, 4, 100, 300, 2};
+}
+
+// Element offset of row (b, h, r) of a [B][heads][rows][d] tensor with strides s (all zero: packed).
+static size_t strided_offset(const GoatStrides& s, int heads, int rows, int d, int b, int h, int r) {
+    if (s.batch == 0 && s.head == 0 && s.row == 0) return (((size_t)b * heads + h) * rows + r) * d;
+    return (size_t)(b * s.batch + h * s.head + r * s.row);
+}
+
+// A packed [B][heads][rows][d] host tensor into the layout of s (to_layout), or back. The layouts here are
+// permutations of the same B*heads*rows*d elements, so both sides have that size.
+static std::vector<float> relayout(const std::vector<float>& x, const GoatStrides& s, int B, int heads, int rows,
+                                   int d, bool to_layout) {
+    std::vector<float> y(x.size());
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int r = 0; r < rows; ++r) {
+                const size_t packed = (((size_t)b * heads + h) * rows + r) * d;
+                const size_t laid = strided_offset(s, heads, rows, d, b, h, r);
+                for (int c = 0; c < d; ++c) {
+                    if (to_layout) y[laid + c] = x[packed + c];
+                    else y[packed + c] = x[laid + c];
+                }
+            }
+    return y;
+}
+
+// Validation of one version on a small general shape against goat_forward_cpu / goat_backward_cpu, the
+// device tensors in the shape's layout. Returns true when every output matches.
+static bool validate_general(const GeneralShape& s, int version) {
+    GoatParams p = general_params(s, version);
+    GoatDims dims = {s.B, s.H, s.L, s.d, p.causal, p.scale};
+    dims.L_k = s.L_k; dims.H_kv = s.H_kv; dims.q_pos0 = p.q_pos0; dims.k_pos0 = p.k_pos0;
+    Rng rng(4321 + 17 * (int)s.kind + s.d);
+    const size_t nq = (size_t)s.B * s.H * s.L * s.d, nkv = (size_t)s.B * s.H_kv * s.L_k * s.d;
+    const size_t n_kappa = (size_t)s.H * (s.L + s.L_k - 1), n_u = (size_t)s.H * s.L_k, n_lse = (size_t)s.B * s.H * s.L;
+    // bf16-rounded inputs, so the reference sees what the kernel sees
+    auto q = random_vector(rng, nq, 1, true), k = random_vector(rng, nkv, 1, true), v = random_vector(rng, nkv, 1, true);
+    auto dout = random_vector(rng, nq, 1, true);
+    auto kappa = random_vector(rng, n_kappa, 0.5, false), u = random_vector(rng, n_u, 0.5, false);
+    std::vector<float> o(nq), lse(n_lse), dq(nq), dk(nkv), dv(nkv), dkappa(n_kappa), du(n_u);
+    goat_forward_cpu(dims, q.data(), k.data(), v.data(), kappa.data(), u.data(), o.data(), lse.data());
+    goat_backward_cpu(dims, q.data(), k.data(), v.data(), kappa.data(), u.data(), o.data(), lse.data(),
+                      dout.data(), dq.data(), dk.data(), dv.data(), dkappa.data(), du.data());
+
+    auto to_q = [&](const std::vector<float>& x) { return relayout(x, p.q_stride, s.B, s.H, s.L, s.d, true); };
+    auto to_kv = [&](const std::vector<float>& x) { return relayout(x, p.k_stride, s.B, s.H_kv, s.L_k, s.d, true); };
+    p.q = upload(to_q(q), GOAT_BF16); p.k = upload(to_kv(k), GOAT_BF16); p.v = upload(to_kv(v), GOAT_BF16);
+    p.dout = upload(to_q(dout), GOAT_BF16);
+    p.kappa = (const float*)upload(kappa, GOAT_F32); p.u = (const float*)upload(u, GOAT_F32);
+    p.o = device_zeros(nq * 2); p.lse = (float*)device_zeros(n_lse * 4);
+    p.dq = device_zeros(nq * 2); p.dk = device_zeros(nkv * 2); p.dv = device_zeros(nkv * 2);
+    p.dkappa = (float*)device_zeros(n_kappa * 4); p.du = (float*)device_zeros(n_u * 4);
+
+    char what[160];
+    std::snprintf(what, sizeof what, "  %-8s d=%-3d %s validation (B=%d H=%d H_kv=%d L=%d L_k=%d)", kind_name(s.kind),
+                  s.d, goat_version_name(version), s.B, s.H, s.H_kv, s.L, s.L_k);
+    bool ok = false;
+    GoatStatus st = goat_forward(p, 0);
+    if (st.ok()) st = goat_backward(p, 0);   // from the kernel's own o and lse
+    if (!st.ok()) {
+        std::printf("%s: not run (%s)\n", what, st.message);
+    } else {
+        CUDA_CHECK(cudaDeviceSynchronize());
+        auto from_q = [&](const void* t) {
+            return relayout(download(t, nq, GOAT_BF16), p.q_stride, s.B, s.H, s.L, s.d, false);
+        };
+        auto from_kv = [&](const void* t) {
+            return relayout(download(t, nkv, GOAT_BF16), p.k_stride, s.B, s.H_kv, s.L_k, s.d, false);
+        };
+        struct { const char* name; std::vector<float> got, want; } outs[] = {
+            {"o", from_q(p.o), o},
+            {"lse", download(p.lse, n_lse, GOAT_F32), lse},
+            {"dq", from_q(p.dq), dq},
+            {"dk", from_kv(p.dk), dk},
+            {"dv", from_kv(p.dv), dv},
+            {"dkappa", download(p.dkappa, n_kappa, GOAT_F32), dkappa},
+            {"du", download(p.du, n_u, GOAT_F32), du},
+        };
+        ok = true;
+        double worst = 0;
+        const char* worst_name = "";
+        for (auto& t : outs) {
+            double e = rel_error(t.got, t.want);
+            if (!(e <= worst)) { worst = e; worst_name = t.name; }
+            ok = ok && e <= VALIDATE_TOL_BF16;
+        }
+        std::printf("%s: %s (worst %s, %.2e of max |ref|, tolerance %.0e)\n", what, ok ? "ok" : "FAILED",
+                    worst_name, worst, VALIDATE_TOL_BF16);
+    }
+    for (const void* ptr : {p.q, p.k, p.v, p.dout, (const void*)p.kappa, (const void*)p.u, (const void*)p.o,
+                            (const void*)p.lse, (const void*)p.dq, (const void*)p.dk, (const void*)p.dv,
+                            (const void*)p.dkappa, (const void*)p.du})
+        CUDA_CHECK(cudaFree((void*)ptr));
+    return ok;
+}
+
+// Uniform values of variance 1 from a hash of the index: the timed inputs are filled on the device (the large
+// shapes hold hundreds of millions of elements; speed does not depend on the values).
+__global__ void fill_random_bf16(__nv_bfloat16* x, size_t n, unsigned long long seed) {
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;   // splitmix64's finaliser
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float unit = (float)(z >> 40) * (1.0f / 16777216.0f);   // [0, 1)
+        x[i] = __float2bfloat16(3.4641016f * (unit - 0.5f));            // sqrt(12) (unit - 1/2): variance 1
+    }
+}
+static void* device_random_bf16(size_t n, unsigned long long seed) {
+    void* d = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, n * 2));
+    fill_random_bf16<<<1024, 256>>>((__nv_bfloat16*)d, n, seed);
+    CUDA_CHECK(cudaGetLastError());
+    return d;
+}
+
+struct GeneralRow {
+    GeneralShape s;
+    int version;
+    std::string not_timed;   // empty: timed; else why not
+    float fwd_ms = 0, fwd_noprior_ms = 0, fwdbwd_ms = 0, fwdbwd_noprior_ms = 0;
+    double fwd_tflops = 0, fwdbwd_tflops = 0;
+};
+
+static GeneralRow time_general(const GeneralShape& s) {
+    GoatParams p = general_params(s, GOAT_AUTO);
+    GeneralRow row;
+    row.s = s;
+    row.version = goat_resolve_version(p);
+    const size_t nq = (size_t)s.B * s.H * s.L * s.d, nkv = (size_t)s.B * s.H_kv * s.L_k * s.d;
+    const size_t n_kappa = (size_t)s.H * (s.L + s.L_k - 1), n_u = (size_t)s.H * s.L_k;
+    Buffers buf;
+    for (int r = 0; r < N_ROTATE; ++r) {
+        const unsigned long long seed = 1000ull * r;
+        buf.q[r] = device_random_bf16(nq, seed + 1); buf.k[r] = device_random_bf16(nkv, seed + 2);
+        buf.v[r] = device_random_bf16(nkv, seed + 3); buf.dout[r] = device_random_bf16(nq, seed + 4);
+    }
+    Rng rng(42);
+    buf.kappa = (float*)upload(random_vector(rng, n_kappa, 0.5, false), GOAT_F32);
+    buf.u = (float*)upload(random_vector(rng, n_u, 0.5, false), GOAT_F32);
+    buf.lse = (float*)device_zeros((size_t)s.B * s.H * s.L * 4);
+    buf.dkappa = (float*)device_zeros(n_kappa * 4);
+    buf.du = (float*)device_zeros(n_u * 4);
+    buf.o = device_zeros(nq * 2); buf.dq = device_zeros(nq * 2);
+    buf.dk = device_zeros(nkv * 2); buf.dv = device_zeros(nkv * 2);
+    p.lse = buf.lse; p.o = buf.o; p.dq = buf.dq; p.dk = buf.dk; p.dv = buf.dv;
+    p.dkappa = buf.dkappa; p.du = buf.du;
+    GoatParams bare = p;
+    bare.dkappa = bare.du = nullptr;
+    p.workspace_bytes = std::max(goat_backward_workspace_size(p), goat_backward_workspace_size(bare));
+    buf.workspace = device_zeros(p.workspace_bytes);
+    p.workspace = buf.workspace;
+
+    auto with_inputs = [&](int rep, bool prior) {
+        GoatParams q = p;
+        int r = rep % N_ROTATE;
+        q.q = buf.q[r]; q.k = buf.k[r]; q.v = buf.v[r]; q.dout = buf.dout[r];
+        q.kappa = prior ? buf.kappa : nullptr;     // prior off: no tables and no prior gradients
+        q.u = prior ? buf.u : nullptr;
+        q.dkappa = prior ? buf.dkappa : nullptr;
+        q.du = prior ? buf.du : nullptr;
+        return q;
+    };
+    // one untimed call first: a shape the version refuses is reported, not fatal
+    GoatStatus st = goat_forward(with_inputs(0, true), 0);
+    if (st.ok()) st = goat_backward(with_inputs(0, true), 0);
+    if (!st.ok()) row.not_timed = std::string("refused: ") + st.message;
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    if (row.not_timed.empty()) {
+        row.fwd_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, true), 0)); }, REPEATS, WARMUP);
+        row.fwd_noprior_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, false), 0)); }, REPEATS, WARMUP);
+        row.fwdbwd_ms = median_ms([&](int rep) {
+            GoatParams q = with_inputs(rep, true);
+            check(goat_forward(q, 0));
+            check(goat_backward(q, 0));
+        }, REPEATS, WARMUP);
+        row.fwdbwd_noprior_ms = median_ms([&](int rep) {
+            GoatParams q = with_inputs(rep, false);
+            check(goat_forward(q, 0));
+            check(goat_backward(q, 0));
+        }, REPEATS, WARMUP);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const double fwd_flops = general_fwd_flops(s);
+        row.fwd_tflops = fwd_flops / (row.fwd_ms * 1e-3) / 1e12;
+        row.fwdbwd_tflops = 3.5 * fwd_flops / (row.fwdbwd_ms * 1e-3) / 1e12;
+        std::printf("  %-8s d=%-3d H=%-2d H_kv=%-2d L=%-5d L_k=%-5d B=%-2d %s  fwd %9.3f ms  fwd+bwd %9.3f ms\n",
+                    kind_name(s.kind), s.d, s.H, s.H_kv, s.L, s.L_k, s.B, goat_version_name(row.version), row.fwd_ms,
+                    row.fwdbwd_ms);
+    } else {
+        std::printf("  %-8s d=%-3d H=%-2d H_kv=%-2d L=%-5d L_k=%-5d B=%-2d %s  not timed (%s)\n", kind_name(s.kind), s.d,
+                    s.H, s.H_kv, s.L, s.L_k, s.B, goat_version_name(row.version), row.not_timed.c_str());
+    }
+
+    for (int r = 0; r < N_ROTATE; ++r)
+        for (void* t : {buf.q[r], buf.k[r], buf.v[r], buf.dout[r]}) CUDA_CHECK(cudaFree(t));
+    for (void* t : {(void*)buf.kappa, (void*)buf.u, (void*)buf.lse, (void*)buf.dkappa, (void*)buf.du, buf.o,
+                    buf.dq, buf.dk, buf.dv, buf.workspace})
+        CUDA_CHECK(cudaFree(t));
+    return row;
+}
+
+// The whole --general run: validate per (d, kind, version picked), time, print the table.
+static void run_general(bool quick) {
+    const std::vector<int> ds = quick ? std::vector<int>{64} : std::vector<int>{64, 128};
+    std::vector<GeneralRow> rows;
+    for (int d : ds) {
+        for (Kind kind : {Kind::gqa_blhd, Kind::cross, Kind::prefill}) {
+            std::vector<std::pair<int, bool>> validated;   // (version, ok): AUTO may pick per shape
+            for (const GeneralShape& s : general_shapes(kind, d, quick)) {
+                const int version = goat_resolve_version(general_params(s, GOAT_AUTO));
+                auto it = std::find_if(validated.begin(), validated.end(),
+                                       [&](const std::pair<int, bool>& e) { return e.first == version; });
+                if (it == validated.end()) {
+                    validated.push_back({version, validate_general(general_small(kind, d), version)});
+                    it = validated.end() - 1;
+                }
+                if (it->second) {
+                    rows.push_back(time_general(s));
+                } else {   // never time a version that is wrong
+                    GeneralRow row;
+                    row.s = s;
+                    row.version = version;
+                    row.not_timed = "validation failed";
+                    rows.push_back(row);
+                }
+            }
+        }
+    }
+
+    // rows: the kind's name first, then integers, "vN", then the numbers (peers.py --general parses them)
+    std::printf("\ngeneral shapes (bf16, GOAT_AUTO)\n");
+    std::printf("%-8s %4s %4s %4s %6s %6s %3s %-7s %10s %10s %12s %12s %11s %11s\n", "kind", "d", "H", "H_kv", "L",
+                "L_k", "B", "version", "fwd ms", "fwd TF/s", "fwd+bwd ms", "fwd+bwd TF/s", "prior fwd", "prior f+b");
+    for (const GeneralRow& r : rows) {
+        std::printf("%-8s %4d %4d %4d %6d %6d %3d v%-6d", kind_name(r.s.kind), r.s.d, r.s.H, r.s.H_kv, r.s.L, r.s.L_k,
+                    r.s.B, r.version);
+        if (r.not_timed.empty())
+            std::printf(" %10.3f %10.2f %12.3f %12.2f %10.3fx %10.3fx\n", r.fwd_ms, r.fwd_tflops, r.fwdbwd_ms,
+                        r.fwdbwd_tflops, r.fwd_ms / r.fwd_noprior_ms, r.fwdbwd_ms / r.fwdbwd_noprior_ms);
+        else
+            std::printf(" not timed (%s)\n", r.not_timed.c_str());
+    }
+    std::printf("(gqa-blhd: causal, q/o [B][L][H][d], k/v [B][L_k][H_kv][d]; cross: non-causal, packed; prefill: causal, "
+                "packed, queries at positions L_k - L.., keys at 0..; TFLOP/s by 4*B*H*L*L_k*d forward, halved for "
+                "gqa-blhd, for prefill 4*B*H*d*(L*(L_k-L) + L*(L+1)/2); forward+backward 3.5x that; prior fwd, prior "
+                "f+b = time with kappa, u and their gradients / time with none of them)\n");
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // main
 
 static bool v4_runs_here() {
@@ -291,17 +621,24 @@ static bool v4_runs_here() {
 }
 
 int main(int argc, char** argv) {
-    bool quick = false;
+    bool quick = false, general = false, versions_given = false;
     std::string versions = "123456";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
+        else if (std::strcmp(argv[a], "--general") == 0) general = true;
         else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
-                 std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0])
+                 std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0]) {
             versions = argv[++a];
-        else {
-            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456]\n", argv[0]);
+            versions_given = true;
+        } else {
+            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456 | --general]\n",
+                         argv[0]);
             return 2;
         }
+    }
+    if (general && versions_given) {   // --general times what GOAT_AUTO picks, nothing else
+        std::fprintf(stderr, "%s: --general times GOAT_AUTO only; --versions does not apply\n", argv[0]);
+        return 2;
     }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -310,6 +647,12 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    if (general) {
+        std::printf("bench --general on %s (%d SMs), bf16, GOAT_AUTO, median of %d after %d warm-up\n", prop.name,
+                    prop.multiProcessorCount, REPEATS, WARMUP);
+        run_general(quick);
+        return 0;
+    }
     std::printf("bench on %s (%d SMs), H=16, B*L=32768, causal, median of %d after %d warm-up\n", prop.name,
                 prop.multiProcessorCount, REPEATS, WARMUP);
 

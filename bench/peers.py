@@ -19,7 +19,21 @@ TFLOP/s by the FlashAttention convention: 4*B*H*L^2*d forward, halved for causal
 The last two tables give the speed of our fastest version (the highest-numbered that ran: what GOAT_AUTO picks)
 over each peer's, forward and forward+backward (above 1: ours is faster).
 
+--general: instead, the general shapes of `bench --general` (grouped-query attention in a [B][L][H][d] layout,
+cross-attention, chunked prefill; the shapes are read from bench's table, so the two cannot drift), each timed
+without a prior on SDPA's flash, cuDNN and memory-efficient backends (a backend that refuses a shape is n/a):
+  gqa-blhd   q, dout as [B, L, H, d] and k, v as [B, L_k, H_kv, d], .transpose(1, 2) views (what a model
+             passes), enable_gqa=True, is_causal=True (L = L_k)
+  cross      packed [B, H, L, d] and [B, H_kv, L_k, d], non-causal
+  prefill    causal with the queries at the end of the keys (bottom-right). is_causal is top-left aligned, so:
+             flash gets attn_mask=causal_lower_right(L, L_k) (flash's own causal is bottom-right; it takes no
+             tensor mask), cuDNN and efficient a boolean attn_mask, key j visible from query i iff
+             j <= i + (L_k - L)
+TFLOP/s by bench --general's count (its legend), then the speed of ours (with the prior, as bench times it) over
+each peer's, forward and forward+backward, per shape (above 1: ours is faster).
+
 Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench | --bench-log FILE]
+       python3 bench/peers.py --general [--quick] [--bench ./build/bench | --bench-log FILE]
 """
 import argparse
 import re
@@ -186,16 +200,151 @@ def ours(bench, quick, log):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --general: bench --general's shapes against SDPA's backends
+
+GENERAL_HEADER = "general shapes (bf16, GOAT_AUTO)"
+# a row of bench --general: kind d H H_kv L L_k B vN, then the numbers or "not timed (why)"
+GENERAL_ROW = re.compile(r"(gqa-blhd|cross|prefill)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(v\d+)\s+(.*)$")
+GENERAL_TIMES = re.compile(r"([\d.]+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s+[\d.]+x\s+[\d.]+x\s*$")
+GENERAL_PATHS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def general_fwd_flops(kind, d, H, L, L_k, B):
+    """bench --general's count: 4*B*H*L*L_k*d, halved for gqa-blhd (causal, L = L_k); prefill (causal, queries
+    at the end of the keys) counts the visible pairs exactly."""
+    if kind == "gqa-blhd":
+        return 4.0 * B * H * L * L_k * d / 2
+    if kind == "prefill":
+        return 4.0 * B * H * d * (L * (L_k - L) + L * (L + 1) / 2)
+    return 4.0 * B * H * L * L_k * d
+
+
+def ours_general(bench, quick, log):
+    """bench --general's rows, in its order: [(shape, version, (fwd ms, fwd+bwd ms) or why not timed)], shape =
+    (kind, d, H, H_kv, L, L_k, B)."""
+    if log:
+        with open(log) as f:
+            out = f.read()
+    else:
+        cmd = [bench, "--general"] + (["--quick"] if quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    if GENERAL_HEADER not in out:
+        sys.exit(f"bench printed no '{GENERAL_HEADER}' table (was it run with --general?):\n" + out)
+    rows = []
+    for line in out.split(GENERAL_HEADER, 1)[1].splitlines():
+        m = GENERAL_ROW.match(line)
+        if not m:
+            continue
+        shape = (m.group(1),) + tuple(int(m.group(g)) for g in range(2, 8))
+        t = GENERAL_TIMES.match(m.group(9))
+        rows.append((shape, m.group(8), (float(t.group(1)), float(t.group(2))) if t else m.group(9).strip()))
+    if not rows:
+        sys.exit("bench printed no general rows:\n" + out)
+    return rows
+
+
+def run_general(name, shape, device):
+    """(fwd_ms, fwdbwd_ms) of one SDPA backend on one bench --general shape, no prior, or raises."""
+    kind, d, H, H_kv, L, L_k, B = shape
+    bf = dict(device=device, dtype=torch.bfloat16)
+    blhd = kind == "gqa-blhd"
+    # leaves in the layout a model holds; the views SDPA sees are taken inside fwd, as a model's forward does
+    q = torch.randn(*((B, L, H, d) if blhd else (B, H, L, d)), **bf).requires_grad_()
+    k, v = (torch.randn(*((B, L_k, H_kv, d) if blhd else (B, H_kv, L_k, d)), **bf).requires_grad_() for _ in range(2))
+    dout = torch.randn(*((B, L, H, d) if blhd else (B, H, L, d)), **bf)
+    if blhd:
+        dout = dout.transpose(1, 2)
+    kw = {"enable_gqa": True} if H_kv != H else {}
+    if kind == "gqa-blhd":
+        kw["is_causal"] = True  # L = L_k: top-left and bottom-right agree
+    elif kind == "prefill":
+        if name == "sdpa-flash":  # a CausalBias: SDPA runs it as flash's own (bottom-right) causal
+            from torch.nn.attention.bias import causal_lower_right
+            kw["attn_mask"] = causal_lower_right(L, L_k)
+        else:
+            kw["attn_mask"] = torch.ones(L, L_k, device=device, dtype=torch.bool).tril(L_k - L)
+    backend = SDPA_BACKENDS[name]
+
+    def fwd():
+        qv, kv, vv = (x.transpose(1, 2) for x in (q, k, v)) if blhd else (q, k, v)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qv, kv, vv, **kw)
+
+    with torch.no_grad():
+        fwd_ms = time_ms(fwd)
+    fwdbwd_ms = time_ms(lambda: fwd().backward(dout))
+    return fwd_ms, fwdbwd_ms
+
+
+def main_general(args, device):
+    print(f"peers --general on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, SDPA without a "
+          f"prior; ours: GOAT_AUTO with the prior")
+    rows = ours_general(args.bench, args.quick, args.bench_log)
+    peers = {}
+    for shape, _, _ in rows:
+        kind, d, H, H_kv, L, L_k, B = shape
+        f = general_fwd_flops(kind, d, H, L, L_k, B)
+        for p in GENERAL_PATHS:
+            try:
+                t = run_general(p, shape, device)
+                print(f"  {shape_label(shape)} {p}: {f / t[0] / 1e9:.0f} / {3.5 * f / t[1] / 1e9:.0f} TFLOP/s",
+                      flush=True)
+            except Exception as e:  # a backend that refuses a shape is reported, not hidden
+                t = short_error(e)
+                print(f"  {shape_label(shape)} {p}: n/a ({t})", flush=True)
+            peers[(shape, p)] = t
+            torch.cuda.empty_cache()
+
+    head = "| shape | ours | " + " | ".join(GENERAL_PATHS) + " |"
+    rule = "|---" * (len(GENERAL_PATHS) + 2) + "|"
+    print("\nTFLOP/s forward / forward+backward (ours: version AUTO picked, with the prior)")
+    print(head)
+    print(rule)
+    for shape, version, mine in rows:
+        kind, d, H, H_kv, L, L_k, B = shape
+        f = general_fwd_flops(kind, d, H, L, L_k, B)
+        cells = [f"{version}: " + (f"{f / mine[0] / 1e9:.0f} / {3.5 * f / mine[1] / 1e9:.0f}"
+                                   if isinstance(mine, tuple) else mine)]
+        for t in (peers[(shape, p)] for p in GENERAL_PATHS):
+            cells.append(f"{f / t[0] / 1e9:.0f} / {3.5 * f / t[1] / 1e9:.0f}" if isinstance(t, tuple) else f"n/a ({t})")
+        print(f"| {shape_label(shape)} | " + " | ".join(cells) + " |")
+    for which, idx in (("forward", 0), ("forward+backward", 1)):
+        print(f"\nours {which} speed / the peer's (above 1: ours faster)")
+        print("| shape | " + " | ".join(GENERAL_PATHS) + " |")
+        print("|---" * (len(GENERAL_PATHS) + 1) + "|")
+        for shape, _, mine in rows:
+            cells = []
+            for p in GENERAL_PATHS:
+                theirs = peers[(shape, p)]
+                ok = isinstance(mine, tuple) and isinstance(theirs, tuple)
+                cells.append(f"{theirs[idx] / mine[idx]:.2f}x" if ok else "n/a")
+            print(f"| {shape_label(shape)} | " + " | ".join(cells) + " |")
+    print("\n(prefill: sdpa-flash with attn_mask=causal_lower_right, sdpa-cudnn and sdpa-efficient with a boolean "
+          "bottom-right attn_mask; gqa-blhd: enable_gqa=True on [B, L, H, d] tensors' transposed views)")
+
+
+def shape_label(shape):
+    kind, d, H, H_kv, L, L_k, B = shape
+    return f"{kind} d={d} H={H} H_kv={H_kv} L={L} L_k={L_k} B={B}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="d = 64, L = 4096 only")
+    ap.add_argument("--quick", action="store_true", help="d = 64, L = 4096 only (--general: bench's --quick)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    ap.add_argument("--general", action="store_true", help="bench --general's shapes against SDPA's backends")
     ap.add_argument("--bench", default="./build/bench")
     ap.add_argument("--bench-log", default="", help="read our rows from this saved bench output instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("peers.py: no CUDA device")
     device = "cuda"
+    if args.general:
+        main_general(args, device)
+        return
     shapes = [(64, 4096)] if args.quick else [(d, L) for d in (64, 128) for L in (1024, 4096, 16384)]
     paths = ["sdpa-flash", "sdpa-cudnn", "packing", "bias"] + ([] if args.no_flex else ["flex"])
     print(f"peers on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, causal, H={H}, B*L={TOKENS}")

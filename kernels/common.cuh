@@ -118,6 +118,27 @@ static bool goat_strides_packed(const GoatStrides& s, int heads, int rows, int d
     return r.row == d && r.head == (long long)rows * d && r.batch == (long long)heads * rows * d;
 }
 
+// The first general field of goat.h that a call uses (a square, packed call: nullptr). v4 takes none of them,
+// nor more than 65535 (batch, head) pairs or 2^31 elements per tensor (it is kept as the first wgmma kernel to
+// read, and AUTO never picks it); every other version takes all.
+static const char* goat_general_feature(const GoatParams& p) {
+    const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H;
+    if (L_k != p.L) return "L_k != L";
+    if (H_kv != p.H) return "H_kv != H (grouped-query attention)";
+    if (p.q_pos0 != p.k_pos0) return "q_pos0 != k_pos0";
+    if (p.len_k) return "len_k (padded keys)";
+    if ((long long)p.B * p.H > 65535) return "B*H > 65535";
+    if ((long long)p.B * p.H * p.L * p.d > 2147483647LL || (long long)p.B * H_kv * L_k * p.d > 2147483647LL)
+        return "tensors of 2^31 elements or more";
+    const GoatStrides* q_like[] = {&p.q_stride, &p.o_stride, &p.dout_stride, &p.dq_stride};
+    const GoatStrides* kv_like[] = {&p.k_stride, &p.v_stride, &p.dk_stride, &p.dv_stride};
+    for (const GoatStrides* st : q_like)
+        if (!goat_strides_packed(*st, p.H, p.L, p.d)) return "strides other than packed [B][H][L][d]";
+    for (const GoatStrides* st : kv_like)
+        if (!goat_strides_packed(*st, H_kv, L_k, p.d)) return "strides other than packed [B][H][L][d]";
+    return nullptr;
+}
+
 // q_pos0 - k_pos0 clamped to [-L, L_k]: the same causal mask for every query i < L and key j < L_k (from L_k - 1
 // on every key is visible, below -(L - 1) none is), and it fits an int, as does j - i.
 static int goat_causal_shift(const GoatParams& p) {

@@ -159,16 +159,17 @@ static __device__ __forceinline__ uint32_t sw128_off(int r, int c) {
     return (uint32_t)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-// Block-wide: rows row0 .. row0 + R - 1 of x ([L][D] bf16) -> swizzled tile at shared address base; rows >= L
-// are zero-filled (they are masked or never written back).
+// Block-wide: rows row0 .. row0 + R - 1 of x (rows of D bf16, row_stride elements apart) -> swizzled tile at
+// shared address base; rows >= n_rows are zero-filled (they are masked or never written back).
 template <int D, int R, int NTHREADS>
-static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16* x, int row0, int L) {
+static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16* x, int row0, int n_rows,
+                                                       long long row_stride = D) {
     constexpr int CH = D / 8;
 #pragma unroll 4
     for (int c = threadIdx.x; c < R * CH; c += NTHREADS) {
         const int r = c / CH, cc = c % CH, row = row0 + r;
-        const bool valid = row < L;
-        cp_async_16(base + sw128_off<R>(r, cc), x + (size_t)(valid ? row : 0) * D + cc * 8, valid);
+        const bool valid = row < n_rows;
+        cp_async_16(base + sw128_off<R>(r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
     }
 }
 

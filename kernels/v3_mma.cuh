@@ -52,8 +52,10 @@ template <> struct V3Tiles<128> {
 
 // A block of the forward or of the dQ kernel: query tile it of (b, h) = goat_grid_row() (under a causal mask
 // the heaviest query tiles, those with the most key tiles, are scheduled first), and where its loads read:
-// query head h's rows, kv head h / group's keys, head h's prior tables.
-template <int D, int B_r, int B_c>
+// query head h's rows, kv head h / group's keys, head h's prior tables. GENERAL = false: a square, packed call
+// (goat_general_feature is null), whose shape is then taken as constants (its registers are counted: the
+// general form's made the d = 64 forward spill).
+template <int D, int B_r, int B_c, bool GENERAL>
 struct V3QueryTile {
     int L, L_k, it, i0, bh, b, h;
     int n_keys;                 // keys of this sequence (L_k, or len_k[b])
@@ -64,23 +66,35 @@ struct V3QueryTile {
     const float *kappa_h, *u_h; // this head's prior tables, or nullptr
     __device__ __forceinline__ explicit V3QueryTile(const Bf16Args& a) {
         L = a.L;
-        L_k = a.L_k;
+        L_k = GENERAL ? a.L_k : L;
         const int T_r = goat_cdiv(L, B_r);
         it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;
-        bh = goat_grid_row();
+        bh = GENERAL ? goat_grid_row() : (int)blockIdx.y;  // (a square call has B*H <= 65535)
         b = bh / a.H;
         h = bh % a.H;
         i0 = it * B_r;
-        n_keys = a.keys(b);
-        long long j_end = n_keys;
-        if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + a.shift);  // keys j <= i_last + shift
-        n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
-        k_bh = a.k + GoatShape::at(a.sk, b, h / a.group, 0);
-        v_bh = a.v + GoatShape::at(a.sv, b, h / a.group, 0);
-        k_row = a.sk.row;
-        v_row = a.sv.row;
+        if (GENERAL) {
+            n_keys = a.keys(b);
+            long long j_end = n_keys;
+            if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + a.shift);  // keys j <= i_last + shift
+            n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
+            k_bh = a.k + GoatShape::at(a.sk, b, h / a.group, 0);
+            v_bh = a.v + GoatShape::at(a.sv, b, h / a.group, 0);
+            k_row = a.sk.row;
+            v_row = a.sv.row;
+        } else {
+            n_keys = L;
+            n_kt = goat_cdiv(a.causal ? min(L, i0 + B_r) : L, B_c);
+            k_bh = a.k + (size_t)bh * L * D;
+            v_bh = a.v + (size_t)bh * L * D;
+            k_row = v_row = D;
+        }
         kappa_h = a.kappa ? a.kappa + (size_t)h * a.n_delta() : nullptr;
         u_h = a.u ? a.u + (size_t)h * L_k : nullptr;
+    }
+    // offset of row 0 of this block's (b, h) in a q-like tensor with strides st
+    __device__ __forceinline__ size_t row0(const GoatStrides& st) const {
+        return GENERAL ? GoatShape::at(st, b, h, 0) : (size_t)bh * L * D;
     }
     // Block-wide: K_j, V_j, the kappa window and the u slice of key tile jt into buffer buf of the
     // double-buffered shared-memory tiles (cp.async; the caller commits).
@@ -167,7 +181,7 @@ struct V3Fwd {
     static_assert(NTHREADS <= 1024, "too many warps");
 };
 
-template <int D, int B_r, int B_c, int MIN_BLOCKS>
+template <int D, int B_r, int B_c, int MIN_BLOCKS, bool GENERAL>
 __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(Bf16Args a) {
     using T = V3Fwd<D, B_r, B_c, MIN_BLOCKS>;
     constexpr int NTHREADS = T::NTHREADS, CH = D / 8, KW_PAD = T::KW_PAD;
@@ -180,14 +194,14 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
-    if (goat_grid_row() >= a.B * a.H) return;
-    const V3QueryTile<D, B_r, B_c> qt(a);
+    if (GENERAL && goat_grid_row() >= a.B * a.H) return;
+    const V3QueryTile<D, B_r, B_c, GENERAL> qt(a);
     const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i and the first key tile into shared memory, then Q_i into registers
-    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + GoatShape::at(a.sq, qt.b, qt.h, 0), i0, L, a.sq.row);
+    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + qt.row0(a.sq), i0, L, GENERAL ? a.sq.row : D);
     load_kv(0, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -228,7 +242,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
         // phase 4: the GOAT step, z2 = log2(e) (scale s + kappa(i - j) + u(j)), masked entries -inf; before the max
         float mx[2] = {-INFINITY, -INFINITY};
         v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, qt.n_keys,
-                            a.causal, a.shift);
+                            a.causal, GENERAL ? a.shift : 0);
 
         // phase 5: online softmax: new running max (4 threads share a row), rescale O and l, P = exp2(z2 - m)
 #pragma unroll
@@ -263,7 +277,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     }
 
     // phase 8: o = O_i / l (bf16), lse = m ln 2 + ln l
-    fwd_store_rows<D>(a.o + GoatShape::at(a.so, qt.b, qt.h, 0), a.so.row, a.lse + (size_t)bh * L,
+    fwd_store_rows<D>(a.o + qt.row0(a.so), GENERAL ? a.so.row : D, a.lse + (size_t)bh * L,
                       reinterpret_cast<const float (&)[D / 2]>(O_acc), l, m, GOAT_LN2, i0 + r_loc0, L, t);
 }
 
@@ -687,7 +701,7 @@ struct V3Dq {
     static_assert(B_r % 16 == 0 && B_c % 16 == 0 && (D == 64 || D == 128), "tile sizes");
 };
 
-template <int D, int B_r, int B_c>
+template <int D, int B_r, int B_c, bool GENERAL>
 __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
     using T = V3Dq<D, B_r, B_c>;
     constexpr int NTHREADS = T::NTHREADS, CH = D / 8, KW_PAD = T::KW_PAD;
@@ -700,16 +714,16 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
     float* kappa_s = reinterpret_cast<float*>(v3_smem + T::OFF_KAPPA);
     float* u_s = reinterpret_cast<float*>(v3_smem + T::OFF_U);
 
-    if (goat_grid_row() >= a.B * a.H) return;
-    const V3QueryTile<D, B_r, B_c> qt(a);
+    if (GENERAL && goat_grid_row() >= a.B * a.H) return;
+    const V3QueryTile<D, B_r, B_c, GENERAL> qt(a);
     const int L = qt.L, i0 = qt.i0, bh = qt.bh, n_kt = qt.n_kt;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int r_loc0 = 16 * warp + g;
     auto load_kv = [&](int jt, int buf) { qt.template load_key_tile<NTHREADS>(K_s, V_s, kappa_s, u_s, jt, buf); };
 
     // phase 1: Q_i, dO_i -> registers; lse, D of this thread's two rows
-    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + GoatShape::at(a.sq, qt.b, qt.h, 0), i0, L, a.sq.row);
-    load_tile_swz<D, B_r, NTHREADS>(dO_s, a.dout + GoatShape::at(a.sdo, qt.b, qt.h, 0), i0, L, a.sdo.row);
+    load_tile_swz<D, B_r, NTHREADS>(Q_s, a.q + qt.row0(a.sq), i0, L, GENERAL ? a.sq.row : D);
+    load_tile_swz<D, B_r, NTHREADS>(dO_s, a.dout + qt.row0(a.sdo), i0, L, GENERAL ? a.sdo.row : D);
     load_kv(0, 0);
     cp_async_commit();
     float lse2[2], Di[2];
@@ -756,7 +770,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
         // phase 4: the GOAT step as in the forward, P = exp2(z2 - lse2), dS = P (dP - D)
         float mx[2] = {-INFINITY, -INFINITY};  // (unused here)
         v3_tile_logits<B_c>(S, mx, kappa_s + buf * KW_PAD, u_s + buf * B_c, scale_log2, r_loc0, t, i0, j0, qt.n_keys,
-                            a.causal, a.shift);
+                            a.causal, GENERAL ? a.shift : 0);
 #pragma unroll
         for (int n = 0; n < NT_S; ++n)
 #pragma unroll
@@ -768,14 +782,14 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
         __syncthreads();
     }
     // phase 7: dq = scale dQ_i (bf16)
-    bf16* dq_bh = a.dq + GoatShape::at(a.sdq, qt.b, qt.h, 0);
+    bf16* dq_bh = a.dq + qt.row0(a.sdq);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int i = i0 + r_loc0 + 8 * hh;
         if (i < L)
 #pragma unroll
             for (int n = 0; n < NT_O; ++n)
-                *reinterpret_cast<__nv_bfloat162*>(dq_bh + i * a.sdq.row + 8 * n + 2 * t) =
+                *reinterpret_cast<__nv_bfloat162*>(dq_bh + i * (GENERAL ? a.sdq.row : D) + 8 * n + 2 * t) =
                     __floats2bfloat162_rn(a.scale * dQ_acc[n][2 * hh], a.scale * dQ_acc[n][2 * hh + 1]);
     }
 }
@@ -858,7 +872,7 @@ static GoatStatus v3_forward_d(const GoatParams& p, cudaStream_t stream) {
     using Tl = V3Tiles<D>;
     constexpr int B_r = Tl::FWD_B_r, B_c = Tl::FWD_B_c, MB = Tl::FWD_MIN_BLOCKS;
     using T = V3Fwd<D, B_r, B_c, MB>;
-    auto kernel = v3_forward_kernel<D, B_r, B_c, MB>;
+    auto kernel = goat_general_feature(p) ? v3_forward_kernel<D, B_r, B_c, MB, true> : v3_forward_kernel<D, B_r, B_c, MB, false>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     const dim3 grid = goat_grid(goat_cdiv(p.L, B_r), (long long)p.B * p.H);
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(bf16_args(p))));
@@ -920,7 +934,7 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
     } else {
         constexpr int QB_r = Tl::DQ_B_r, QB_c = Tl::DQ_B_c;
         using TQ = V3Dq<D, QB_r, QB_c>;
-        auto kernel = v3_dq_kernel<D, QB_r, QB_c>;
+        auto kernel = goat_general_feature(p) ? v3_dq_kernel<D, QB_r, QB_c, true> : v3_dq_kernel<D, QB_r, QB_c, false>;
         GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TQ::SMEM));
         const dim3 grid = goat_grid(goat_cdiv(p.L, QB_r), (long long)p.B * p.H);
         GOAT_LAUNCH_CHECK((kernel<<<grid, TQ::NTHREADS, TQ::SMEM, stream>>>(a)));

@@ -69,7 +69,10 @@ struct V6Bwd {
 // ----------------------------------------------------------------------------------------------------------
 // backward
 
-template <int D, int B_R, bool DKAPPA>
+// GENERAL = false: a square, packed call (goat_general_feature is null), whose shape the kernel then takes as
+// constants (one query head per kv head, every key, no position shift, rows of D elements): the general form's
+// bookkeeping measured several percent of the backward's time, so square calls do not carry it.
+template <int D, int B_R, bool DKAPPA, bool GENERAL>
 __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_dq) {
 #ifdef GOAT_SM90A
     using T = V6Bwd<D, B_R>;
@@ -95,41 +98,66 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     auto D_at = [&](int b, int q) -> float& { return ld_s[b * 2 * B_r + (ILV ? 2 * q + 1 : B_r + q)]; };
     float* shift_s = reinterpret_cast<float*>(smem + T::OFF_SHIFT);
 
-    const int L = a.L, T_r = goat_cdiv(L, B_r);
-    const int jt = blockIdx.x, bh = blockIdx.y, h = bh % a.H;
-    const int j0 = jt * B_c;
-    const size_t off = (size_t)bh * L * D;
-    const bf16* q_bh = a.q + off;
-    const bf16* do_bh = a.dout + off;
-    const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (2 * L - 1) : nullptr;
-    const float* lse_bh = a.lse + (size_t)bh * L;
-    const float* D_bh = a.D_vec + (size_t)bh * L;
+    const int H_kv = GENERAL ? a.H_kv : a.H, group = GENERAL ? a.group : 1, shift = GENERAL ? a.shift : 0;
+    const int bkv = goat_grid_row();
+    if (bkv >= a.B * H_kv) return;
+    const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), n_delta = L + L_k - 1;
+    const int jt = blockIdx.x, b = bkv / H_kv, hk = bkv % H_kv;
+    const int j0 = jt * B_c, n_keys = GENERAL ? a.keys(b) : L;
+    const long long q_row = GENERAL ? a.sq.row : D, do_row = GENERAL ? a.sdo.row : D;
+    // row 0 of query head h of this sequence in q and dout
+    auto q_head = [&](const bf16* x, const GoatStrides& st, int h) {
+        return GENERAL ? x + GoatShape::at(st, b, h, 0) : x + (size_t)bkv * L * D;
+    };
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wg = threadIdx.x / 128, wwarp = warp % 4;  // warpgroup, warp within it
     const int tid = threadIdx.x;
-    const int it_start = a.causal ? j0 / B_r : 0;
     const int k_loc0 = 16 * warp + g;
+    // The block visits, for each query head h of kv head hk's group (heads outer), the query tiles that see its
+    // keys, one (head, tile) pair per step (as v3's backward), walked by counters (no division in the loop)
+    const int it_start = bwd_first_query_tile(a, j0, B_r);
+    const int n_it = j0 < n_keys ? T_r - it_start : 0;
+    const int n_steps = group * n_it;
+    float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
+#pragma unroll
+    for (int x = 0; x < NT_D * 4; ++x) dK_acc[x] = dV_acc[x] = 0.f;
+    bf16* dk_bh = a.dk + GoatShape::at(a.sdk, b, hk, 0);
+    bf16* dv_bh = a.dv + GoatShape::at(a.sdv, b, hk, 0);
+    if (GENERAL && n_steps == 0) {  // no query sees these keys: dK_j = dV_j = 0 (a square call always has one)
+        bwd_store_keys<D>(a, dK_acc, dV_acc, dk_bh, dv_bh, j0 + k_loc0, t);
+        return;
+    }
+    auto advance = [&](int& h, int& it) {  // the (head, tile) of the next step (square: the next tile)
+        if (++it == T_r && GENERAL) { it = it_start; ++h; }
+    };
 
     constexpr uint32_t QT = (uint32_t)B_r * D * 2;  // bytes of one Q_i or dO_i tile
     // thread tid copies 16-byte chunk ld_c of rows ld_r + x LD_STEP of Q_i and dO_i: the same offsets in both
     constexpr int CH = D / 8, LD_STEP = NTHREADS / CH, LD_PER = B_r / LD_STEP;
     const int ld_r = tid / CH, ld_c = tid % CH;
     const uint32_t ld_off = sw128_off<B_r>(ld_r, ld_c);  // + x LD_STEP 128 for row ld_r + x LD_STEP
-    auto load_q = [&](int it, int buf) {
+    auto load_q = [&](int h, int it, int buf) {  // Q_i, dO_i, kappa window of query tile it of head h -> buffer buf
         const int i0 = it * B_r;
+        if (!GENERAL) h = hk;
+        const bf16* q_bh = q_head(a.q, a.sq, h);
+        const bf16* do_bh = q_head(a.dout, a.sdo, h);
 #pragma unroll
         for (int x = 0; x < LD_PER; ++x) {
             const int row = i0 + ld_r + x * LD_STEP;
             const bool valid = row < L;
-            const size_t src = (size_t)(valid ? row : 0) * D + ld_c * 8;
+            const int r = valid ? row : 0;
             const uint32_t dst = buf * QT + ld_off + x * LD_STEP * 128;
-            cp_async_16(Q_s + dst, q_bh + src, valid);
-            cp_async_16(dO_s + dst, do_bh + src, valid);
+            cp_async_16(Q_s + dst, q_bh + r * q_row + ld_c * 8, valid);
+            cp_async_16(dO_s + dst, do_bh + r * do_row + ld_c * 8, valid);
         }
-        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_h, kappa_window_start(i0, j0, B_c, L),
-                                    2 * L - 1, a.k);
+        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, a.kappa ? a.kappa + (size_t)h * n_delta : nullptr,
+                                       kappa_window_start(i0, j0, B_c, L_k), n_delta, a.k);
     };
-    auto row_stats = [&](int i, float& lse2, float& Di) { bwd_row_stats(lse_bh, D_bh, L, i, lse2, Di); };
+    // lse and D of row r of query tile it of head h
+    auto row_stats = [&](int h, int it, int r, float& lse2, float& Di) {
+        const size_t bh = GENERAL ? (size_t)b * a.H + h : (size_t)bkv;
+        bwd_row_stats(a.lse + bh * L, a.D_vec + bh * L, L, it * B_r + r, lse2, Di);
+    };
     // descriptors: K-major k-step kk of this warpgroup's 64 rows of K_j / V_j, and of Q_i / dO_i (buffer base);
     // N-major k-step kk (16 rows) of Q_i / dO_i (reduction over queries) and of K_j (reduction over keys);
     // M-major k-step kk (16 keys) of the dS^T tile
@@ -141,35 +169,37 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     auto desc_qk = [&](uint32_t base, int kk) { return wgmma_desc_plus(kmaj0, base + (kk / 4) * B_r * 128 + (kk % 4) * 32); };
     auto desc_qn = [&](uint32_t base, int kk) { return wgmma_desc_plus(nmaj_q0, base + kk * 16 * 128); };
 
-    // phase 1: K_j, V_j and the first two query tiles (two cp.async groups); lse, D of those tiles; u (log2
-    // units) of this warp's keys. Buffers alternate by query tile: buf = (it - it_start) & 1 for Q_i, dO_i, the
-    // kappa window, lse, D, the dS^T tile, the diagonal sums and the dkappa carry.
-    load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + off, j0, L);
-    load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + off, j0, L);
-    load_q(it_start, 0);
+    // phase 1: K_j, V_j and the first two steps' query tiles (two cp.async groups); lse, D of those tiles.
+    // Buffers alternate by step: buf = step & 1 for Q_i, dO_i, the kappa window, lse, D, the dS^T tile, the
+    // diagonal sums and the dkappa carry.
+    if (GENERAL) {
+        load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + GoatShape::at(a.sk, b, hk, 0), j0, n_keys, a.sk.row);
+        load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + GoatShape::at(a.sv, b, hk, 0), j0, n_keys, a.sv.row);
+    } else {
+        load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + (size_t)bkv * L * D, j0, L);
+        load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + (size_t)bkv * L * D, j0, L);
+    }
+    int h = hk * group, it = it_start;  // this step's query head and tile
+    int h2 = h, it2 = it;                 // those of the step after next (loaded two steps ahead)
+    load_q(h2, it2, 0);
     cp_async_commit();
-    if (it_start + 1 < T_r) load_q(it_start + 1, 1);
+    advance(h2, it2);
+    if (n_steps > 1) load_q(h2, it2, 1);
     cp_async_commit();
-    if (tid < 2 * B_r) {
-        float x, y;
-        row_stats(it_start * B_r + tid, x, y);  // tid >= B_r: the second tile, buffer 1
+    if (tid < 2 * B_r) {  // tid >= B_r: the second step, buffer 1
+        float x = INFINITY, y = 0.f;
+        if (tid < B_r) row_stats(h, it, tid, x, y);
+        else if (n_steps > 1) row_stats(h2, it2, tid - B_r, x, y);
         lse_at(tid / B_r, tid % B_r) = x;
         D_at(tid / B_r, tid % B_r) = y;
     }
+    advance(h2, it2);
     if (DKAPPA)  // the zero pads around each warp's diagonal sums (never written again)
         for (int e = tid; e < 2 * NWARPS * 2 * DIAG_PAD; e += NTHREADS) {
             const int row = e / (2 * DIAG_PAD), c = e % (2 * DIAG_PAD);
             diag_s[row * DIAG_P + (c < DIAG_PAD ? c : c + DIAG_W)] = 0.f;
         }
-    float u_reg[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int j = j0 + k_loc0 + 8 * hh;
-        u_reg[hh] = (a.u && j < L) ? GOAT_LOG2E * a.u[(size_t)h * L + j] : 0.f;
-    }
-    float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
-#pragma unroll
-    for (int x = 0; x < NT_D * 4; ++x) dK_acc[x] = dV_acc[x] = 0.f;
+    float u_reg[2] = {0.f, 0.f};  // u (log2 units) of this warp's two keys for the current head
     float du_acc[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
@@ -214,7 +244,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     // this warp's rows dq_row0 + 16 wwarp .. + 15, columns dq_col0 ..: staged as DN / 32 swizzled boxes (once lane
     // 0's reductions of the previous tile have read them; row r, 16-byte chunk c lands in chunk c ^ (r % 8)),
     // then lane 0 adds each box to dQ (the tensor map clips rows past L)
-    auto stage_dq = [&](int i0q) {
+    auto stage_dq = [&](int hq, int i0q) {
         fence_regs(dQ);
         const uint32_t dq_w = sbase + (uint32_t)T::OFF_DQ + (uint32_t)warp * T::DQ_WARP;
         if (lane == 0) bulk_wait_read();
@@ -233,8 +263,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         __syncwarp();
         if (lane == 0 && i0q + dq_row0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
 #pragma unroll
-            for (int b = 0; b < DN / 32; ++b)
-                tma_reduce_add_4d(&tm_dq, dq_col0 + 32 * b, i0q + dq_row0 + 16 * wwarp, h, bh / a.H, dq_w + b * T::DQ_BOX);
+            for (int bx = 0; bx < DN / 32; ++bx)
+                tma_reduce_add_4d(&tm_dq, dq_col0 + 32 * bx, i0q + dq_row0 + 16 * wwarp, hq, b, dq_w + bx * T::DQ_BOX);
     };
     cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
     fence_proxy_async();
@@ -244,9 +274,16 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     fence_regs(Sf);
     fence_regs(dPf);
 
-    for (int it = it_start; it < T_r; ++it) {
-        const int buf = (it - it_start) & 1, i0 = it * B_r;
-        const bool has_next = it + 1 < T_r;
+    for (int step = 0; step < n_steps; ++step) {
+        const int buf = step & 1, i0 = it * B_r;
+        const bool has_next = step + 1 < n_steps, head_start = it == it_start, head_end = it == T_r - 1;
+        if (GENERAL ? head_start : step == 0) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int j = j0 + k_loc0 + 8 * hh;
+                u_reg[hh] = (a.u && j < L_k) ? GOAT_LOG2E * a.u[(size_t)h * L_k + j] : 0.f;
+            }
+        }
 
         // phases 2 and 3, per half hf of the query tile (one half at B_r = 64): its S^T, dP^T have landed
         const float* kap = kappa_s + buf * KW_PAD;
@@ -256,15 +293,17 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         for (int hf = 0; hf < NH; ++hf) {
             // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
             const int q0 = QH * hf;  // tile-local query of column 0
-            const bool need_mask = (j0 + B_c > L) || (a.causal && i0 + q0 < j0 + B_c - 1);
+            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + q0) > shift);
             auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
-                // masked iff 8 n + (e & 1) < lo[e >> 1]: key j = j0 + k_loc outside L, or (causal) after query
-                // i = i0 + q_loc, one compare with a constant per score (as v5's forward)
+                // masked iff 8 n + (e & 1) < lo[e >> 1]: key j = j0 + k_loc past the sequence's keys, or (causal)
+                // j - i > shift for query i = i0 + q_loc, one compare with a constant per score (as v5's forward)
                 int lo[2];
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const int k_loc = k_loc0 + 8 * hh;
-                    lo[hh] = j0 + k_loc >= L ? INT_MAX : a.causal ? j0 + k_loc - i0 - q0 - 2 * t : INT_MIN;
+                    lo[hh] = j0 + k_loc >= n_keys ? INT_MAX
+                             : a.causal      ? (j0 + k_loc - i0 - q0 - shift) - 2 * t
+                                             : INT_MIN;
                 }
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n) {
@@ -333,17 +372,18 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         fence_proxy_async();
         __syncthreads();
         float next_lse2 = 0.f, next_D = 0.f;
-        const bool has_next2 = it + 2 < T_r;
+        const bool has_next2 = step + 2 < n_steps;
         if (has_next2) {
-            load_q(it + 2, buf);
-            if (tid < B_r) row_stats(i0 + 2 * B_r + tid, next_lse2, next_D);
+            load_q(h2, it2, buf);
+            if (tid < B_r) row_stats(h2, it2, tid, next_lse2, next_D);
         }
+        advance(h2, it2);
         cp_async_commit();
 
         // phase 5: dQ_i += dS K_j, added to the fp32 dQ (other orders measured slower: docs/PERF.md)
         issue_dq(dSb);
         wgmma_wait<0>();
-        stage_dq(i0);
+        stage_dq(GENERAL ? h : hk, i0);
 
         // phase 6: lse and D of tile it + 2 into this buffer (read by phase 2 of tile it, before phase 4)
         if (has_next2 && tid < B_r) {
@@ -352,19 +392,25 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         }
 
         // phase 7: dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
-        // carries on to tile it + 1 (x >= B_r); the carry alternates buffers as well
+        // carries on to tile it + 1 (x >= B_r), except at the head's last tile, where every diagonal is final;
+        // the carry alternates buffers as well
         if (DKAPPA && tid < KW) {
             const int x = tid;
-            float s = (x < B_c - 1 && it > it_start) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
+            float s = (x < B_c - 1 && !head_start) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w)  // entry y = x - DIAG_PAD + 16 w (zero outside [0, B_r + 14])
                 s += diag_s[(buf * NWARPS + w) * DIAG_P + x + 16 * w];
-            if (x < B_r) {
+            if (x < B_r || head_end) {
                 const int delta = (i0 - j0) - (B_c - 1) + x;
-                if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, s);
+                if (delta >= -(L_k - 1) && delta <= L - 1 - j0)
+                    atomicAdd(a.dkappa + (size_t)h * n_delta + delta + L_k - 1, s);
             } else {
                 shift_s[buf * B_c + x - B_r] = s;
             }
+        }
+        if (GENERAL && head_end) {  // this head's du (a square call's one head: after the loop)
+            bwd_store_du(a, du_acc, b, h, j0 + k_loc0, t, false);
+            du_acc[0] = du_acc[1] = 0.f;
         }
 
         // phase 8: S^T, dP^T of tile it + 1 ready
@@ -372,21 +418,12 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         wgmma_wait<0>();
         fence_regs(Sf);
         fence_regs(dPf);
+        advance(h, it);
     }
 
-    // phase 9: the diagonals still open after the last query tile
-    if (DKAPPA) {
-        __syncthreads();
-        const int last = (T_r - 1 - it_start) & 1;
-        if (tid < B_c - 1) {
-            const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
-            if (delta >= -(L - 1) && delta <= L - 1 - j0) atomicAdd(a.dkappa + (size_t)h * (2 * L - 1) + delta + L - 1, shift_s[last * B_c + tid]);
-        }
-    }
-
-    // phase 10: dK_j = scale dS^T Q, dV_j (bf16), du
-    bwd_store_keys<D>(a, dK_acc, dV_acc, a.dk + off, a.dv + off, j0 + k_loc0, t);
-    bwd_store_du(a, du_acc, bh / a.H, h, j0 + k_loc0, t, false);
+    // phase 9: dK_j = scale dS^T Q, dV_j (bf16), summed over the group's query heads
+    bwd_store_keys<D>(a, dK_acc, dV_acc, dk_bh, dv_bh, j0 + k_loc0, t);
+    if (!GENERAL) bwd_store_du(a, du_acc, b, hk, j0 + k_loc0, t, false);
     if (lane == 0) bulk_wait_all();  // dQ's reductions done before shared memory goes
 #else
     (void)a; (void)tm_dq;
@@ -413,8 +450,9 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
     Bf16Args a;
     st = bf16_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
     if (!st.ok()) return st;
-    const dim3 grid(goat_cdiv(p.L, T::B_c), p.B * p.H);
-    auto kernel = p.dkappa ? v6_backward_kernel<D, B_R, true> : v6_backward_kernel<D, B_R, false>;
+    const dim3 grid = goat_grid(goat_cdiv(a.L_k, T::B_c), (long long)p.B * a.H_kv);
+    auto kernel = goat_general_feature(p) ? (p.dkappa ? v6_backward_kernel<D, B_R, true, true> : v6_backward_kernel<D, B_R, false, true>)
+                                          : (p.dkappa ? v6_backward_kernel<D, B_R, true, false> : v6_backward_kernel<D, B_R, false, false>);
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
     return bf16_bwd_dq_to_bf16(p, a, stream);
