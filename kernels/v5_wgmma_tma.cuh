@@ -73,7 +73,8 @@ struct V5Fwd {
     static_assert(BLOCKS * (SMEM + 1024) <= 228 * 1024, "shared memory per multiprocessor (1 KB reserved a block)");
 };
 
-template <int D, int NWG, int B_c, int KS, int VS>
+// GENERAL = false: a square, packed call, whose shape is then taken as constants (as v3's and v6's kernels).
+template <int D, int NWG, int B_c, int KS, int VS, bool GENERAL>
 __global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)
 v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                   const __grid_constant__ CUtensorMap tm_v) {
@@ -93,17 +94,18 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     auto bar_vfull = [&](int s) { return bar_q + 8u * (1 + 2 * KS + s); };
     auto bar_vempty = [&](int s) { return bar_q + 8u * (1 + 2 * KS + VS + s); };
 
-    const int L = a.L, L_k = a.L_k, T_r = goat_cdiv(L, B_r);
+    const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), shift = GENERAL ? a.shift : 0;
     const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
-    const int bh = goat_grid_row(), b = bh / a.H, h = bh % a.H, hk = h / a.group;
-    if (bh >= a.B * a.H) return;
-    const int i0 = it * B_r, n_keys = a.keys(b);
+    const int bh = GENERAL ? goat_grid_row() : (int)blockIdx.y, b = bh / a.H, h = bh % a.H;
+    const int hk = GENERAL ? h / a.group : h;
+    if (GENERAL && bh >= a.B * a.H) return;
+    const int i0 = it * B_r, n_keys = GENERAL ? a.keys(b) : L;
     // keys the block visits: the sequence's, and under a causal mask those up to its last row's position
     long long j_end = n_keys;
-    if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + a.shift);
+    if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + shift);
     const int n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    if (n_kt == 0) {  // no row sees a key: o = 0, lse = -inf (nothing loaded, no barrier used)
+    if (GENERAL && n_kt == 0) {  // no row sees a key: o = 0, lse = -inf (nothing loaded, no barrier used)
         if (wg == 0) return;
         const float O[D / 2] = {};
         float l[2] = {0.f, 0.f};
@@ -133,7 +135,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         // holds back the K tile the consumers need first
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::REG_PRODUCER));
         if (warp != 0) return;
-        const int n_delta = a.n_delta();
+        const int n_delta = L + L_k - 1;
         const float* kappa_h = a.kappa ? a.kappa + (size_t)h * n_delta : nullptr;
         const float* u_h = a.u ? a.u + (size_t)h * L_k : nullptr;
         if (lane == 0) {
@@ -203,7 +205,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     mbar_wait(bar_q, 0);
 
     // Keys this warpgroup's rows can see: the sequence's, and causal, those up to its last row's position.
-    const int j_end_c = a.causal ? (int)min((long long)n_keys, (long long)(i0 + 64 * c + 64) + a.shift) : n_keys;
+    const int j_end_c = a.causal ? (int)min((long long)n_keys, (long long)(i0 + 64 * c + 64) + shift) : n_keys;
     bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
     // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
     // ptxas takes for divergent and answers by serialising every wgmma (C7520).
@@ -250,7 +252,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     lim[hh] = n_keys - j0 - 1;
-                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0 + a.shift);
+                    if (a.causal) lim[hh] = min(lim[hh], i0 + r_loc0 + 8 * hh - j0 + shift);
                     lim[hh] -= 2 * t;  // compared below with c_loc - 2 t, a constant
                 }
 #pragma unroll
@@ -266,7 +268,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                     }
                 }
             };
-            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + 64 * c) > a.shift);
+            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + 64 * c) > shift);
             if (HALF || need_mask) scores(std::true_type());  // (a half tile is always a masked one)
             else scores(std::false_type());
             // K_j and its prior slices are no longer read by this warp
@@ -303,7 +305,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         fence_regs(O);
     }
 
-    fwd_store_rows<D>(a.o + GoatShape::at(a.so, b, h, 0), a.so.row, a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0,
+    fwd_store_rows<D>(a.o + (GENERAL ? GoatShape::at(a.so, b, h, 0) : (size_t)bh * L * D), GENERAL ? a.so.row : D,
+                      a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0,
                       L, t);
 #else
     (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
@@ -324,7 +327,8 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     if (st.ok()) st = make_tensor_map(&tk, p.k, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sk);
     if (st.ok()) st = make_tensor_map(&tv, p.v, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sv);
     if (!st.ok()) return st;
-    auto kernel = v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS>;
+    auto kernel = goat_general_feature(p) ? v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, true>
+                                          : v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, false>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     const dim3 grid = goat_grid(goat_cdiv(p.L, T::B_r), (long long)p.B * p.H);
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tq, tk, tv)));
