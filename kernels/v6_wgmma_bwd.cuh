@@ -20,8 +20,10 @@
 //                                        copy engine
 // One block-wide barrier per query tile (phase 4), so dS^T, the diagonal sums and the dkappa carry are
 // double-buffered: a warpgroup may write tile it + 1's while the other still reads tile it's (dQ's wgmma reads
-// the whole dS^T tile). The deterministic mode stays on v3's kernels. Measurements and the variants tried:
-// docs/PERF.md, "v6".
+// the whole dS^T tile). The deterministic mode stays on v3's kernels. General shapes (goat.h) as in v3's
+// backward: a block per (key tile, b, kv head) walks the (query head, query tile) pairs of its GQA group, dK and dV
+// summed in registers, du and dkappa flushed per query head; rows through each tensor's strides; the general mask.
+// Measurements and the variants tried: docs/PERF.md, "v6" and "General shapes in the bf16 kernels".
 #pragma once
 
 #include "v5_wgmma_tma.cuh"
