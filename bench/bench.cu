@@ -114,6 +114,30 @@ static double rel_error(const std::vector<float>& got, const std::vector<float>&
 // ----------------------------------------------------------------------------------------------------------
 // validation: one small shape against goat_forward_cpu / goat_backward_cpu
 
+// One output of a validation run: the kernel's and the reference's values.
+struct Output {
+    const char* name;
+    std::vector<float> got, want;
+};
+// Every output within tol (relative to its reference's max |value|)? The worst one is reported.
+template <size_t N>
+static bool judge(const Output (&outs)[N], double tol, double* worst, const char** worst_name) {
+    bool ok = true;
+    for (const Output& t : outs) {
+        const double e = rel_error(t.got, t.want);
+        if (!(e <= *worst)) { *worst = e; *worst_name = t.name; }
+        ok = ok && e <= tol;
+    }
+    return ok;
+}
+// cudaFree of every tensor of p (validation allocates each one)
+static void free_tensors(const GoatParams& p) {
+    for (const void* ptr : {p.q, p.k, p.v, p.dout, (const void*)p.kappa, (const void*)p.u, (const void*)p.o,
+                            (const void*)p.lse, (const void*)p.dq, (const void*)p.dk, (const void*)p.dv,
+                            (const void*)p.dkappa, (const void*)p.du})
+        CUDA_CHECK(cudaFree((void*)ptr));
+}
+
 // Returns true when every output of this version matches; prints the worst relative error.
 static bool validate(int version, GoatDtype dtype, int d) {
     const int B = 1, H = 2, L = 200;
@@ -147,7 +171,7 @@ static bool validate(int version, GoatDtype dtype, int d) {
     } else {
         CUDA_CHECK(cudaDeviceSynchronize());
         const double tol = bf16 ? VALIDATE_TOL_BF16 : VALIDATE_TOL_F32;
-        struct { const char* name; std::vector<float> got, want; } outs[] = {
+        Output outs[] = {
             {"o", download(p.o, n, dtype), o},
             {"lse", download(p.lse, lse.size(), GOAT_F32), lse},
             {"dq", download(p.dq, n, dtype), dq},
@@ -156,21 +180,13 @@ static bool validate(int version, GoatDtype dtype, int d) {
             {"dkappa", download(p.dkappa, n_kappa, GOAT_F32), dkappa},
             {"du", download(p.du, n_u, GOAT_F32), du},
         };
-        ok = true;
         double worst = 0;
         const char* worst_name = "";
-        for (auto& t : outs) {
-            double e = rel_error(t.got, t.want);
-            if (!(e <= worst)) { worst = e; worst_name = t.name; }
-            ok = ok && e <= tol;
-        }
+        ok = judge(outs, tol, &worst, &worst_name);
         std::printf("  %-16s d=%-3d validation: %s (worst %s, %.2e of max |ref|, tolerance %.0e)\n",
                     goat_version_name(version), d, ok ? "ok" : "FAILED", worst_name, worst, tol);
     }
-    for (const void* ptr : {p.q, p.k, p.v, p.dout, (const void*)p.kappa, (const void*)p.u, (const void*)p.o,
-                            (const void*)p.lse, (const void*)p.dq, (const void*)p.dk, (const void*)p.dv,
-                            (const void*)p.dkappa, (const void*)p.du})
-        CUDA_CHECK(cudaFree((void*)ptr));
+    free_tensors(p);
     return ok;
 }
 
@@ -219,6 +235,50 @@ static void check(GoatStatus st) {
     }
 }
 
+// cudaFree of every buffer of a timed shape
+static void free_buffers(const Buffers& buf) {
+    for (int r = 0; r < N_ROTATE; ++r)
+        for (void* t : {buf.q[r], buf.k[r], buf.v[r], buf.dout[r]}) CUDA_CHECK(cudaFree(t));
+    for (void* t : {(void*)buf.kappa, (void*)buf.u, (void*)buf.lse, (void*)buf.dkappa, (void*)buf.du, buf.o,
+                    buf.dq, buf.dk, buf.dv, buf.workspace})
+        CUDA_CHECK(cudaFree(t));
+}
+
+// p with repeat rep's input set (rotated over N_ROTATE) and the prior on or off (off: no tables, no prior
+// gradients).
+static GoatParams rotated(const GoatParams& p, const Buffers& buf, int rep, bool prior) {
+    GoatParams q = p;
+    const int r = rep % N_ROTATE;
+    q.q = buf.q[r]; q.k = buf.k[r]; q.v = buf.v[r]; q.dout = buf.dout[r];
+    q.kappa = prior ? buf.kappa : nullptr;
+    q.u = prior ? buf.u : nullptr;
+    q.dkappa = prior ? buf.dkappa : nullptr;
+    q.du = prior ? buf.du : nullptr;
+    return q;
+}
+
+// The four times of one shape: forward and forward + backward, with the prior (and its gradients) and without.
+// with_inputs(rep, prior) gives the GoatParams of repeat rep.
+template <typename W>
+static void time_four(W with_inputs, int repeats, int warmup, float* fwd, float* fwd_noprior, float* fwdbwd,
+                      float* fwdbwd_noprior) {
+    auto fwd_only = [&](bool prior) {
+        return median_ms([&](int rep) { check(goat_forward(with_inputs(rep, prior), 0)); }, repeats, warmup);
+    };
+    auto fwd_bwd = [&](bool prior) {
+        return median_ms([&](int rep) {
+            GoatParams q = with_inputs(rep, prior);
+            check(goat_forward(q, 0));
+            check(goat_backward(q, 0));
+        }, repeats, warmup);
+    };
+    *fwd = fwd_only(true);
+    *fwd_noprior = fwd_only(false);
+    *fwdbwd = fwd_bwd(true);
+    *fwdbwd_noprior = fwd_bwd(false);
+    CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 static Row time_version(int version, GoatDtype dtype, int d, int L) {
     const int H = 16, B = 2 * 16384 / L;
     const size_t n = (size_t)B * H * L * d, bytes = n * elem_bytes(dtype);
@@ -253,34 +313,13 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
     buf.workspace = device_zeros(p.workspace_bytes);
     p.workspace = buf.workspace;
 
-    auto with_inputs = [&](int rep, bool prior) {
-        GoatParams q = p;
-        int r = rep % N_ROTATE;
-        q.q = buf.q[r]; q.k = buf.k[r]; q.v = buf.v[r]; q.dout = buf.dout[r];
-        q.kappa = prior ? buf.kappa : nullptr;     // prior off: no tables and no prior gradients
-        q.u = prior ? buf.u : nullptr;
-        q.dkappa = prior ? buf.dkappa : nullptr;
-        q.du = prior ? buf.du : nullptr;
-        return q;
-    };
+    auto with_inputs = [&](int rep, bool prior) { return rotated(p, buf, rep, prior); };
     const bool slow = version == GOAT_V1_NAIVE;
     const int repeats = slow ? 3 : REPEATS, warmup = slow ? 1 : WARMUP;
     Row row;
     row.version = goat_version_name(version);
     row.d = d; row.L = L; row.B = B;
-    row.fwd_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, true), 0)); }, repeats, warmup);
-    row.fwd_noprior_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, false), 0)); }, repeats, warmup);
-    row.fwdbwd_ms = median_ms([&](int rep) {
-        GoatParams q = with_inputs(rep, true);
-        check(goat_forward(q, 0));
-        check(goat_backward(q, 0));
-    }, repeats, warmup);
-    row.fwdbwd_noprior_ms = median_ms([&](int rep) {
-        GoatParams q = with_inputs(rep, false);
-        check(goat_forward(q, 0));
-        check(goat_backward(q, 0));
-    }, repeats, warmup);
-    CUDA_CHECK(cudaDeviceSynchronize());
+    time_four(with_inputs, repeats, warmup, &row.fwd_ms, &row.fwd_noprior_ms, &row.fwdbwd_ms, &row.fwdbwd_noprior_ms);
 
     const double fwd_flops = 4.0 * B * H * (double)L * L * d / 2;   // causal: half the square
     row.fwd_tflops = fwd_flops / (row.fwd_ms * 1e-3) / 1e12;
@@ -288,11 +327,7 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
     std::printf("  %-16s d=%-3d L=%-5d B=%-2d  fwd %9.3f ms  fwd+bwd %9.3f ms\n", row.version.c_str(), d, L, B,
                 row.fwd_ms, row.fwdbwd_ms);
 
-    for (int r = 0; r < N_ROTATE; ++r)
-        for (void* t : {buf.q[r], buf.k[r], buf.v[r], buf.dout[r]}) CUDA_CHECK(cudaFree(t));
-    for (void* t : {(void*)buf.kappa, (void*)buf.u, (void*)buf.lse, (void*)buf.dkappa, (void*)buf.du, buf.o,
-                    buf.dq, buf.dk, buf.dv, buf.workspace})
-        CUDA_CHECK(cudaFree(t));
+    free_buffers(buf);
     return row;
 }
 
@@ -430,7 +465,7 @@ static bool validate_general(const GeneralShape& s, int version) {
         auto from_kv = [&](const void* t) {
             return relayout(download(t, nkv, GOAT_BF16), p.k_stride, s.B, s.H_kv, s.L_k, s.d, false);
         };
-        struct { const char* name; std::vector<float> got, want; } outs[] = {
+        Output outs[] = {
             {"o", from_q(p.o), o},
             {"lse", download(p.lse, n_lse, GOAT_F32), lse},
             {"dq", from_q(p.dq), dq},
@@ -439,21 +474,13 @@ static bool validate_general(const GeneralShape& s, int version) {
             {"dkappa", download(p.dkappa, n_kappa, GOAT_F32), dkappa},
             {"du", download(p.du, n_u, GOAT_F32), du},
         };
-        ok = true;
         double worst = 0;
         const char* worst_name = "";
-        for (auto& t : outs) {
-            double e = rel_error(t.got, t.want);
-            if (!(e <= worst)) { worst = e; worst_name = t.name; }
-            ok = ok && e <= VALIDATE_TOL_BF16;
-        }
+        ok = judge(outs, VALIDATE_TOL_BF16, &worst, &worst_name);
         std::printf("%s: %s (worst %s, %.2e of max |ref|, tolerance %.0e)\n", what, ok ? "ok" : "FAILED",
                     worst_name, worst, VALIDATE_TOL_BF16);
     }
-    for (const void* ptr : {p.q, p.k, p.v, p.dout, (const void*)p.kappa, (const void*)p.u, (const void*)p.o,
-                            (const void*)p.lse, (const void*)p.dq, (const void*)p.dk, (const void*)p.dv,
-                            (const void*)p.dkappa, (const void*)p.du})
-        CUDA_CHECK(cudaFree((void*)ptr));
+    free_tensors(p);
     return ok;
 }
 
@@ -515,16 +542,7 @@ static GeneralRow time_general(const GeneralShape& s) {
     buf.workspace = device_zeros(p.workspace_bytes);
     p.workspace = buf.workspace;
 
-    auto with_inputs = [&](int rep, bool prior) {
-        GoatParams q = p;
-        int r = rep % N_ROTATE;
-        q.q = buf.q[r]; q.k = buf.k[r]; q.v = buf.v[r]; q.dout = buf.dout[r];
-        q.kappa = prior ? buf.kappa : nullptr;     // prior off: no tables and no prior gradients
-        q.u = prior ? buf.u : nullptr;
-        q.dkappa = prior ? buf.dkappa : nullptr;
-        q.du = prior ? buf.du : nullptr;
-        return q;
-    };
+    auto with_inputs = [&](int rep, bool prior) { return rotated(p, buf, rep, prior); };
     // one untimed call first: a shape the version refuses is reported, not fatal
     GoatStatus st = goat_forward(with_inputs(0, true), 0);
     if (st.ok()) st = goat_backward(with_inputs(0, true), 0);
@@ -532,19 +550,8 @@ static GeneralRow time_general(const GeneralShape& s) {
     CUDA_CHECK(cudaDeviceSynchronize());
 
     if (row.not_timed.empty()) {
-        row.fwd_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, true), 0)); }, REPEATS, WARMUP);
-        row.fwd_noprior_ms = median_ms([&](int rep) { check(goat_forward(with_inputs(rep, false), 0)); }, REPEATS, WARMUP);
-        row.fwdbwd_ms = median_ms([&](int rep) {
-            GoatParams q = with_inputs(rep, true);
-            check(goat_forward(q, 0));
-            check(goat_backward(q, 0));
-        }, REPEATS, WARMUP);
-        row.fwdbwd_noprior_ms = median_ms([&](int rep) {
-            GoatParams q = with_inputs(rep, false);
-            check(goat_forward(q, 0));
-            check(goat_backward(q, 0));
-        }, REPEATS, WARMUP);
-        CUDA_CHECK(cudaDeviceSynchronize());
+        time_four(with_inputs, REPEATS, WARMUP, &row.fwd_ms, &row.fwd_noprior_ms, &row.fwdbwd_ms,
+                  &row.fwdbwd_noprior_ms);
         const double fwd_flops = general_fwd_flops(s);
         row.fwd_tflops = fwd_flops / (row.fwd_ms * 1e-3) / 1e12;
         row.fwdbwd_tflops = 3.5 * fwd_flops / (row.fwdbwd_ms * 1e-3) / 1e12;
@@ -556,11 +563,7 @@ static GeneralRow time_general(const GeneralShape& s) {
                     s.H, s.H_kv, s.L, s.L_k, s.B, goat_version_name(row.version), row.not_timed.c_str());
     }
 
-    for (int r = 0; r < N_ROTATE; ++r)
-        for (void* t : {buf.q[r], buf.k[r], buf.v[r], buf.dout[r]}) CUDA_CHECK(cudaFree(t));
-    for (void* t : {(void*)buf.kappa, (void*)buf.u, (void*)buf.lse, (void*)buf.dkappa, (void*)buf.du, buf.o,
-                    buf.dq, buf.dk, buf.dv, buf.workspace})
-        CUDA_CHECK(cudaFree(t));
+    free_buffers(buf);
     return row;
 }
 

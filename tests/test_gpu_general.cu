@@ -105,6 +105,17 @@ void expect_close(const char* name, const std::vector<double>& got, const std::v
     CHECK(bad == 0);
 }
 
+// One forward and backward on the GPU, each answer required to be ok.
+void forward_backward(const GoatParams& p) {
+    GoatStatus st = goat_forward(p, 0);
+    INFO("forward: ", st.message);
+    REQUIRE(st.ok());
+    st = goat_backward(p, 0);
+    INFO("backward: ", st.message);
+    REQUIRE(st.ok());
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+}
+
 // The bf16 yardstick: the tiled twin (v3's tiles) emulating bf16 on the same general shape, float API.
 void twin_general(const GoatDims& dims, const std::vector<double>& q, const std::vector<double>& k,
                   const std::vector<double>& v, const std::vector<double>& kappa, const std::vector<double>& u,
@@ -242,13 +253,7 @@ void check_case(const Case& c) {
         }
         if (version != GOAT_AUTO) REQUIRE(goat_resolve_version(p) == version);
         std::printf("    %s%s\n", goat_version_name(goat_resolve_version(p)), det ? " deterministic" : "");
-        GoatStatus st = goat_forward(p, 0);
-        INFO("forward: ", st.message);
-        REQUIRE(st.ok());
-        st = goat_backward(p, 0);
-        INFO("backward: ", st.message);
-        REQUIRE(st.ok());
-        CUDA_REQUIRE(cudaDeviceSynchronize());
+        forward_backward(p);
 
         auto dl = [&](const DeviceBuffer& b, const char* n, GoatDtype t) { return b.download(n, t); };
         std::vector<float> lse = dl(d_lse, "lse", GOAT_F32), dkappa = dl(d_dkappa, "dkappa", GOAT_F32),
@@ -421,13 +426,7 @@ TEST_CASE("bf16 general auto B=2 H=131072 H_kv=32768 L=64 d=128 causal: q of 2^3
     p.o = o.ptr(); p.lse = lse.f32(); p.dout = dout.ptr(); p.dq = dq.ptr(); p.dk = dk.ptr(); p.dv = dv.ptr();
     p.dkappa = dkappa.f32(); p.du = du.f32();
     std::printf("    %s\n", goat_version_name(goat_resolve_version(p)));
-    GoatStatus st = goat_forward(p, 0);
-    INFO("forward: ", st.message);
-    REQUIRE(st.ok());
-    st = goat_backward(p, 0);
-    INFO("backward: ", st.message);
-    REQUIRE(st.ok());
-    CUDA_REQUIRE(cudaDeviceSynchronize());
+    forward_backward(p);
 
     // rows [first, first + n) of a device tensor of bf16 (or fp32) as floats
     auto rows = [](const DeviceBuffer& x, size_t first, size_t n, bool bf16) {
