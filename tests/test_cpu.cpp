@@ -306,23 +306,7 @@ TEST_CASE("goat_backward_cpu matches central finite differences for q, k, v, kap
             for (size_t i = 0; i < o.size(); ++i) l += o[i] * x.dout[i];
             return l;
         };
-        struct Input { const char* name; std::vector<double> Problem::*x; const std::vector<double>* grad; };
-        Input inputs[] = {{"q", &Problem::q, &an.dq}, {"k", &Problem::k, &an.dk}, {"v", &Problem::v, &an.dv},
-                          {"kappa", &Problem::kappa, &an.dkappa}, {"u", &Problem::u, &an.du}};
-        for (const Input& in : inputs) {
-            std::vector<double> fd((p.*in.x).size());
-            for (size_t i = 0; i < fd.size(); ++i) {
-                Problem pp = p, pm = p;
-                (pp.*in.x)[i] += FD_H;
-                (pm.*in.x)[i] -= FD_H;
-                fd[i] = (loss(pp) - loss(pm)) / (2 * FD_H);
-            }
-            double scale = max_abs_value(fd.data(), fd.size());
-            CompareResult r = compare(in.name, in.grad->data(), fd.data(), fd.size(), 0.0, TOL_FD * scale);
-            INFO(in.name << (causal ? " causal" : " full") << ": max abs err " << r.max_abs << ", max |grad| " << scale);
-            CHECK(scale > 0);
-            CHECK(r.ok);
-        }
+        check_attention_gradients(p, an, loss, FD_H, TOL_FD, causal ? "causal" : "full");
     }
 }
 
@@ -377,13 +361,7 @@ TEST_CASE("goat_prior_backward matches finite differences for every prior parame
                           {"b1", &GoatPrior::b1}, {"W2", &GoatPrior::W2}, {"gain", &GoatPrior::gain},
                           {"bump", &GoatPrior::bump}, {"slope_raw", &GoatPrior::slope_raw}};
         for (const Param& pa : params) {
-            std::vector<double> fd((p.*pa.x).size());
-            for (size_t i = 0; i < fd.size(); ++i) {
-                GoatPrior pp = p, pm = p;
-                (pp.*pa.x)[i] += FD_H;
-                (pm.*pa.x)[i] -= FD_H;
-                fd[i] = (loss(pp) - loss(pm)) / (2 * FD_H);
-            }
+            const std::vector<double> fd = finite_differences(p, pa.x, loss, FD_H);
             double scale = std::fmax(max_abs_value(fd.data(), fd.size()), 1e-300);
             const auto& an = g.*pa.x;
             CompareResult r = compare(pa.name, an.data(), fd.data(), fd.size(), 0.0, TOL_FD * scale);

@@ -296,23 +296,7 @@ TEST_CASE("general: backward matches finite differences with every feature at on
             for (size_t i = 0; i < o.size(); ++i) l += o[i] * x.dout[i];
             return l;
         };
-        struct Input { const char* name; std::vector<double> GenProblem::*x; const std::vector<double>* grad; };
-        Input inputs[] = {{"q", &GenProblem::q, &an.dq}, {"k", &GenProblem::k, &an.dk}, {"v", &GenProblem::v, &an.dv},
-                          {"kappa", &GenProblem::kappa, &an.dkappa}, {"u", &GenProblem::u, &an.du}};
-        for (const Input& in : inputs) {
-            std::vector<double> fd((p.*in.x).size());
-            for (size_t i = 0; i < fd.size(); ++i) {
-                GenProblem pp = p, pm = p;
-                (pp.*in.x)[i] += FD_STEP;
-                (pm.*in.x)[i] -= FD_STEP;
-                fd[i] = (loss(pp) - loss(pm)) / (2 * FD_STEP);
-            }
-            const double scale = max_abs_value(fd.data(), fd.size());
-            CompareResult r = compare(in.name, in.grad->data(), fd.data(), fd.size(), 0.0, TOL_FD_G * scale);
-            INFO(in.name << (causal ? " causal" : " non-causal") << ": max abs err " << r.max_abs << ", max |grad| " << scale);
-            CHECK(scale > 0);
-            CHECK(r.ok);
-        }
+        check_attention_gradients(p, an, loss, FD_STEP, TOL_FD_G, causal ? "causal" : "non-causal");
     }
 }
 
