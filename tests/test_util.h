@@ -60,7 +60,7 @@ double max_abs_value(const T* x, size_t n) {
 // Central finite differences of loss(p) in each element of the vector p.*x, with step `step` (p is copied per
 // evaluation).
 template <class P, class Loss>
-std::vector<double> finite_differences(const P& p, std::vector<double> P::*x, Loss loss, double step) {
+std::vector<double> finite_differences(const P& p, std::vector<double> P::* x, Loss loss, double step) {
     std::vector<double> fd((p.*x).size());
     for (size_t i = 0; i < fd.size(); ++i) {
         P pp = p, pm = p;
@@ -77,7 +77,8 @@ std::vector<double> finite_differences(const P& p, std::vector<double> P::*x, Lo
 // as std::vector<double> (copied per evaluation: keep it small). tag names the case in a failure.
 template <class P, class G, class Loss>
 void check_attention_gradients(const P& p, const G& grad, Loss loss, double step, double tol, const char* tag) {
-    struct Input { const char* name; std::vector<double> P::*x; const std::vector<double>* grad; };
+    using Member = std::vector<double> P::*;
+    struct Input { const char* name; Member x; const std::vector<double>* grad; };
     const Input inputs[] = {{"q", &P::q, &grad.dq}, {"k", &P::k, &grad.dk}, {"v", &P::v, &grad.dv},
                             {"kappa", &P::kappa, &grad.dkappa}, {"u", &P::u, &grad.du}};
     for (const Input& in : inputs) {
