@@ -78,6 +78,17 @@ void check_close(const char* name, const std::vector<double>& a, const std::vect
     CHECK(r.ok);
 }
 
+// Every output of a against b (check_close, tolerance tol).
+void check_outputs_close(const GenOut& a, const GenOut& b, double tol) {
+    check_close("o", a.o, b.o, tol);
+    check_close("lse", a.lse, b.lse, tol);
+    check_close("dq", a.dq, b.dq, tol);
+    check_close("dk", a.dk, b.dk, tol);
+    check_close("dv", a.dv, b.dv, tol);
+    check_close("dkappa", a.dkappa, b.dkappa, tol);
+    check_close("du", a.du, b.du, tol);
+}
+
 }  // namespace
 
 TEST_CASE("general: zero-valued new fields are the square case, and the explicit square values change nothing") {
@@ -93,12 +104,7 @@ TEST_CASE("general: zero-valued new fields are the square case, and the explicit
         GenProblem b = a;
         b.dims = ex;
         GenOut ra = run_general(a), rb = run_general(b);
-        check_close("o", rb.o, ra.o, 0);
-        check_close("lse", rb.lse, ra.lse, 0);
-        check_close("dq", rb.dq, ra.dq, 0);
-        check_close("dk", rb.dk, ra.dk, 0);
-        check_close("dkappa", rb.dkappa, ra.dkappa, 0);
-        check_close("du", rb.du, ra.du, 0);
+        check_outputs_close(rb, ra, 0);
     }
 }
 
@@ -403,13 +409,7 @@ TEST_CASE("general: the tiled twin equals the closed form on general shapes (for
                                     tiled.o.data(), tiled.lse.data(), p.dout.data(), tiled.dq.data(), tiled.dk.data(),
                                     tiled.dv.data(), tiled.dkappa.data(), tiled.du.data());
             INFO("L = " << sp.L << ", L_k = " << sp.L_k << ", H_kv = " << sp.H_kv << ", tiles " << t.B_r << " x " << t.B_c);
-            check_close("o", tiled.o, direct.o, TOL_SAME);
-            check_close("lse", tiled.lse, direct.lse, TOL_SAME);
-            check_close("dq", tiled.dq, direct.dq, TOL_SAME);
-            check_close("dk", tiled.dk, direct.dk, TOL_SAME);
-            check_close("dv", tiled.dv, direct.dv, TOL_SAME);
-            check_close("dkappa", tiled.dkappa, direct.dkappa, TOL_SAME);
-            check_close("du", tiled.du, direct.du, TOL_SAME);
+            check_outputs_close(tiled, direct, TOL_SAME);
         }
     }
 }
