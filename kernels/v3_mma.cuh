@@ -302,7 +302,8 @@ static __device__ __forceinline__ void bwd_row_stats(const float* lse_bh, const 
 // launch and one pass fewer). d/8 threads per row, each with one 16-byte load of dO and of O (8 elements) and
 // two 16-byte stores of zeros; the row's partial dots are summed by shuffles in a fixed order.
 // Shapes: dout, o [B][H][L][D] (strided; 16-byte aligned rows: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
-template <int D>
+// GENERAL = false (square packed calls): rows at row * D, without at_row's layout test and divisions.
+template <int D, bool GENERAL>
 __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     constexpr int TPR = D / 8;  // threads per row: 8 or 16, a divisor of 32 (a row never spans two warps)
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = x / TPR;
@@ -310,8 +311,10 @@ __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
     const bool valid = row < n_rows;  // no early return: every lane takes part in the shuffles
     float s = 0.f;
     if (valid) {
-        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + GoatShape::at_row(a.sdo, row, a.H, a.L, D) + 8 * c);
-        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + GoatShape::at_row(a.so, row, a.H, a.L, D) + 8 * c);
+        const size_t at_do = GENERAL ? GoatShape::at_row(a.sdo, row, a.H, a.L, D) : row * D;
+        const size_t at_o = GENERAL ? GoatShape::at_row(a.so, row, a.H, a.L, D) : row * D;
+        const uint4 d8 = *reinterpret_cast<const uint4*>(a.dout + at_do + 8 * c);
+        const uint4 o8 = *reinterpret_cast<const uint4*>(a.o + at_o + 8 * c);
         const __nv_bfloat162* dp = reinterpret_cast<const __nv_bfloat162*>(&d8);
         const __nv_bfloat162* op = reinterpret_cast<const __nv_bfloat162*>(&o8);
 #pragma unroll
@@ -796,13 +799,15 @@ __global__ void __launch_bounds__(B_r / 16 * 32) v3_dq_kernel(Bf16Args a) {
 
 // dq = scale * dq_accum (fp32 [B*H*L][d] -> bf16 at dq's strides), four elements per thread (16-byte load,
 // 8-byte store). n4 = B*H*L*d / 4.
+template <int D, bool GENERAL>
 __global__ void dq_convert_kernel(Bf16Args a, size_t n4) {
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= n4) return;
     const float4 s = reinterpret_cast<const float4*>(a.dq_accum)[x];
-    const size_t row = (4 * x) >> (a.d == 64 ? 6 : 7);  // d is 64 or 128
-    const int c = (int)((4 * x) & (a.d - 1));
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq + GoatShape::at_row(a.sdq, row, a.H, a.L, a.d) + c);
+    const size_t row = 4 * x / D;
+    const int c = (int)(4 * x % D);
+    const size_t at = GENERAL ? GoatShape::at_row(a.sdq, row, a.H, a.L, D) : row * D;
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.dq + at + c);
     dst[0] = __floats2bfloat162_rn(a.scale * s.x, a.scale * s.y);
     dst[1] = __floats2bfloat162_rn(a.scale * s.z, a.scale * s.w);
 }
@@ -902,12 +907,15 @@ static GoatStatus bf16_bwd_prologue(const GoatParams& p, void* workspace, cudaSt
         a.du_part = reinterpret_cast<float*>(ws + off_dup);
     }
     const size_t threads = rows * (D / 8);
-    GOAT_LAUNCH_CHECK((bwd_dot_kernel<D><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(a, rows, !p.deterministic)));
+    auto kernel = goat_general_feature(p) ? bwd_dot_kernel<D, true> : bwd_dot_kernel<D, false>;
+    GOAT_LAUNCH_CHECK((kernel<<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(a, rows, !p.deterministic)));
     return GoatStatus();
 }
+template <int D>
 static GoatStatus bf16_bwd_dq_to_bf16(const GoatParams& p, const Bf16Args& a, cudaStream_t stream) {
-    const size_t n4 = (size_t)p.B * p.H * p.L * p.d / 4;  // d is 64 or 128
-    GOAT_LAUNCH_CHECK((dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256, 0, stream>>>(a, n4)));
+    const size_t n4 = (size_t)p.B * p.H * p.L * D / 4;
+    auto kernel = goat_general_feature(p) ? dq_convert_kernel<D, true> : dq_convert_kernel<D, false>;
+    GOAT_LAUNCH_CHECK((kernel<<<(unsigned)((n4 + 255) / 256), 256, 0, stream>>>(a, n4)));
     return GoatStatus();
 }
 
@@ -929,7 +937,7 @@ static GoatStatus v3_backward_d(const GoatParams& p, void* workspace, cudaStream
         GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, !det, det)));
     }
     if (!det) {
-        st = bf16_bwd_dq_to_bf16(p, a, stream);
+        st = bf16_bwd_dq_to_bf16<D>(p, a, stream);
         if (!st.ok()) return st;
     } else {
         constexpr int QB_r = Tl::DQ_B_r, QB_c = Tl::DQ_B_c;

@@ -457,7 +457,7 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
                                           : (p.dkappa ? v6_backward_kernel<D, B_R, true, false> : v6_backward_kernel<D, B_R, false, false>);
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
-    return bf16_bwd_dq_to_bf16(p, a, stream);
+    return bf16_bwd_dq_to_bf16<D>(p, a, stream);
 }
 
 static GoatStatus v6_forward(const GoatParams& p, cudaStream_t stream) { return v5_forward(p, stream); }
