@@ -15,6 +15,8 @@
 //   kernels/v4_wgmma.cuh      v4  v3's forward on wgmma (sm_90a)
 //   kernels/v5_wgmma_tma.cuh  v5  warp-specialised forward: TMA producer, consumer warpgroups (sm_90a)
 //   kernels/v6_wgmma_bwd.cuh  v6  v5's forward + the backward on wgmma (sm_90a): AUTO's choice on Hopper
+//   kernels/v7_decode.cuh     v7  the forward for a few queries against a long cache: keys split across blocks
+//                                 (every GPU from 8.0; read after v3): AUTO's forward when L <= GOAT_DECODE_MAX_L
 //
 // Every version ends with the same launcher block (vN_forward, vN_backward, and the workspace it needs);
 // the dispatcher below picks one. Each kernel has a CPU twin in reference.cpp: goat_forward_cpu /
@@ -35,6 +37,7 @@
 #include "kernels/v4_wgmma.cuh"
 #include "kernels/v5_wgmma_tma.cuh"
 #include "kernels/v6_wgmma_bwd.cuh"
+#include "kernels/v7_decode.cuh"
 
 #include <climits>
 #include <cmath>
@@ -46,6 +49,7 @@
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
     if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
+    if (bf16_supports(p) && p.L <= GOAT_DECODE_MAX_L) return GOAT_V7_DECODE_BF16;
     return sm90a_supports(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
 }
 
@@ -58,6 +62,7 @@ const char* goat_version_name(int version) {
         case GOAT_V4_WGMMA_BF16: return "v4 wgmma (bf16)";
         case GOAT_V5_WGMMA_TMA_BF16: return "v5 wgmma+tma (bf16)";
         case GOAT_V6_WGMMA_BWD_BF16: return "v6 wgmma bwd (bf16)";
+        case GOAT_V7_DECODE_BF16: return "v7 decode (bf16)";
         default: return "unknown";
     }
 }
@@ -155,8 +160,9 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
         return goat_status(1, "q_pos0 and k_pos0 must be within +-2^62 (got %lld, %lld)", p.q_pos0, p.k_pos0);
     if (!std::isfinite(p.scale)) return goat_status(1, "scale must be finite (got %g)", p.scale);
     if (p.dtype != GOAT_F32 && p.dtype != GOAT_BF16) return goat_status(1, "dtype %d is not a GoatDtype", (int)p.dtype);
-    if (p.version < GOAT_AUTO || p.version > GOAT_V6_WGMMA_BWD_BF16)
-        return goat_status(1, "version %d out of range 0..6", p.version);
+    if (p.version < GOAT_AUTO || p.version > GOAT_V7_DECODE_BF16)
+        return goat_status(1, "version %d out of range 0..7", p.version);
+    if (p.decode_splits < 0) return goat_status(1, "decode_splits must be >= 0 (got %d; 0 = chosen)", p.decode_splits);
     if (!p.q) return goat_status(1, "q is null");
     if (!p.k) return goat_status(1, "k is null");
     if (!p.v) return goat_status(1, "v is null");
@@ -193,7 +199,8 @@ static GoatStatus goat_check(const GoatParams& p, bool backward) {
                 return goat_status(1, "%s_stride must be multiples of 8 elements (16 bytes) for the bf16 kernels "
                                       "(got %lld, %lld, %lld)", names[x], st.batch, st.head, st.row);
         }
-        if (version >= GOAT_V4_WGMMA_BF16 && !sm90a_device_ok()) return sm90a_missing(version);
+        if (version >= GOAT_V4_WGMMA_BF16 && version <= GOAT_V6_WGMMA_BWD_BF16 && !sm90a_device_ok())
+            return sm90a_missing(version);
     } else if (p.dtype != GOAT_F32) {
         return goat_status(2, "%s needs dtype fp32 (got %s)", goat_version_name(version), dtype_name(p.dtype));
     }
@@ -212,15 +219,41 @@ size_t goat_backward_workspace_size(const GoatParams& p) {
     return bytes;
 }
 
+size_t goat_forward_workspace_size(const GoatParams& p) {
+    if (p.B <= 0 || p.H <= 0 || p.L <= 0 || p.d <= 0 || goat_resolve_version(p) != GOAT_V7_DECODE_BF16 ||
+        !bf16_supports(p))
+        return 0;
+    return v7_workspace_bytes(p, v7_plan(p));
+}
+
+// v7's forward with its workspace: the caller's if it is large enough, else one allocated stream-ordered
+static GoatStatus v7_forward_ws(const GoatParams& p, cudaStream_t stream) {
+    const V7Plan plan = v7_plan(p);
+    const size_t need = v7_workspace_bytes(p, plan);
+    void* workspace = p.workspace;
+    const bool own = need > 0 && (!workspace || p.workspace_bytes < need);
+    if (own) GOAT_CUDA_CHECK(cudaMallocAsync(&workspace, need, stream));
+    GoatStatus st = v7_forward(p, plan, workspace, stream);
+    if (own) {
+        cudaError_t err = cudaFreeAsync(workspace, stream);
+        if (st.ok() && err != cudaSuccess)
+            return goat_status(3, "cudaFreeAsync(workspace) failed: %s", cudaGetErrorString(err));
+    }
+    return st;
+}
+
 GoatStatus goat_forward(const GoatParams& p, cudaStream_t stream) {
     GoatStatus st = goat_check(p, false);
     if (!st.ok()) return st;
+    if (p.workspace && ((uintptr_t)p.workspace & 15))
+        return goat_status(1, "workspace must be 16-byte aligned (cudaMalloc's memory is)");
     switch (goat_resolve_version(p)) {
         case GOAT_V1_NAIVE: return v1_forward(p, stream);
         case GOAT_V2_TILED: return v2_forward(p, stream);
         case GOAT_V3_MMA_BF16: return v3_forward(p, stream);
         case GOAT_V4_WGMMA_BF16: return v4_forward(p, stream);
         case GOAT_V5_WGMMA_TMA_BF16: return v5_forward(p, stream);
+        case GOAT_V7_DECODE_BF16: return v7_forward_ws(p, stream);
         default: return v6_forward(p, stream);
     }
 }
@@ -248,6 +281,9 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
         case GOAT_V3_MMA_BF16: st = v3_backward(p, workspace, stream); break;
         case GOAT_V4_WGMMA_BF16: st = v4_backward(p, workspace, stream); break;
         case GOAT_V5_WGMMA_TMA_BF16: st = v5_backward(p, workspace, stream); break;
+        case GOAT_V7_DECODE_BF16:  // v7 is a forward: the backward is AUTO's for the other lengths
+            st = sm90a_supports(p) ? v6_backward(p, workspace, stream) : v3_backward(p, workspace, stream);
+            break;
         default: st = v6_backward(p, workspace, stream); break;
     }
     if (!p.workspace && workspace) {

@@ -42,6 +42,9 @@ enum GoatVersion {
     GOAT_V4_WGMMA_BF16 = 4,  // bf16, Hopper wgmma forward (needs a CC 9.0 GPU and an sm_90a build); v3 backward
     GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup; v3 backward
     GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (what AUTO picks for bf16 on CC 9.0)
+    GOAT_V7_DECODE_BF16 = 7,     // bf16 forward for a few queries against a long key/value cache: the keys split
+                                 // across blocks, then combined (any GPU from CC 8.0); the backward is AUTO's.
+                                 // AUTO picks it for the forward when L <= 16 (bf16, d in {64, 128})
 };
 
 // Strides of one [batch][head][row][d] tensor, in elements; the head dimension is contiguous. All three zero:
@@ -68,6 +71,8 @@ struct GoatParams {
     const int* len_k = nullptr;  // [B] in device memory, or nullptr: the batch's keys; values outside 0..L_k are
                                  // clamped to it (they are never read on the host)
     GoatStrides q_stride, k_stride, v_stride, o_stride, dout_stride, dq_stride, dk_stride, dv_stride;
+    int decode_splits = 0;       // v7: chunks the keys of a sequence are split into (0: chosen from the shape and
+                                 // the GPU; n: ceil(L_k / n) keys each). The answer does not depend on it.
 
     // forward inputs (bf16 versions: every [B][H][L][d] tensor 16-byte aligned, else code 1)
     const void* q = nullptr;   // [B][H][L][d]
@@ -87,8 +92,10 @@ struct GoatParams {
     float* dkappa = nullptr;     // [H][L + L_k - 1], overwritten with the sum over the batch; nullptr = skip
     float* du = nullptr;         // [H][L_k], overwritten with the sum over the batch; nullptr = skip
 
-    // backward scratch space in device memory, at least goat_backward_workspace_size(params) bytes and 16-byte
-    // aligned; nullptr = the launcher allocates it stream-ordered (cudaMallocAsync) and frees it after use.
+    // scratch space in device memory, 16-byte aligned: the backward needs goat_backward_workspace_size(params)
+    // bytes (code 1 if workspace_bytes is less), the forward goat_forward_workspace_size(params) (0 but for v7's
+    // split keys; a smaller workspace is not used). nullptr = the launcher allocates what it needs
+    // stream-ordered (cudaMallocAsync) and frees it after use.
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
 };
@@ -102,6 +109,7 @@ struct GoatStatus {
 GoatStatus goat_forward(const GoatParams& p, cudaStream_t stream);
 GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream);
 size_t goat_backward_workspace_size(const GoatParams& p);
+size_t goat_forward_workspace_size(const GoatParams& p);
 // The version that GOAT_AUTO resolves to for these arguments (or the one named), and its name.
 int goat_resolve_version(const GoatParams& p);
 const char* goat_version_name(int version);

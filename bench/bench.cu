@@ -25,6 +25,14 @@
 // reference with the version AUTO picks for the timed shapes; a kind that disagrees is listed as not timed.
 // Buffers are allocated per shape and freed after; inputs rotate as above. --quick: the first shape of each kind,
 // d = 64.
+//
+// --decode: generation steps on v7 (what AUTO picks for L <= 16): L in {1, 4, 16} new queries (causal, at the end
+// of the cache) against caches of L_k in {1k, 8k, 32k, 128k}, B in {1, 8, 64}, H = 32, H_kv in {32, 8}, d in {128,
+// 64} (shapes whose K and V exceed 40 GB are skipped), as microseconds per step and bandwidth (K, V, the tables,
+// q, o, lse over the time) against the device-to-device copy bandwidth measured in the same run; then v7 against
+// the square path's forward for L up to 128 (where AUTO's threshold comes from) and v7's split rule against
+// forced split counts. Steps are timed back to back (a batch of about 2 ms, its mean; median of batches), the cache
+// rotated over enough copies that L2 never holds it. peers.py --decode times PyTorch on the same rows.
 #include "goat.h"
 #include "reference.h"
 
@@ -614,33 +622,241 @@ static void run_general(bool quick) {
                 "f+b = time with kappa, u and their gradients / time with none of them)\n");
 }
 
+// Does this GPU run v4-v6? (what GOAT_AUTO picks for a bf16 call longer than v7's decode lengths)
+static bool v4_runs_here() {
+    GoatParams p;
+    p.B = p.H = 1; p.L = 1024; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;  // (L > v7's lengths)
+    const int v = goat_resolve_version(p);
+    return v >= GOAT_V4_WGMMA_BF16 && v <= GOAT_V6_WGMMA_BWD_BF16;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// decode (--decode): v7 on generation steps, bound by reading the cache; measured as bandwidth
+
+struct DecodeShape {
+    int d, B, H, H_kv, L, L_k;
+};
+
+// A generation step: L new queries at the end of a cache of L_k keys (q_pos0 = L_k - L, causal), packed
+// [B][H][L][d] queries and [B][H_kv][L_k][d] cache; the prior on unless `prior` is false.
+static GoatParams decode_params(const DecodeShape& s, int version) {
+    GoatParams p;
+    p.B = s.B; p.H = s.H; p.L = s.L; p.d = s.d; p.scale = 1.0f / std::sqrt((float)s.d);
+    p.dtype = GOAT_BF16; p.version = version; p.causal = true;
+    p.L_k = s.L_k; p.H_kv = s.H_kv; p.q_pos0 = s.L_k - s.L;
+    return p;
+}
+static double decode_kv_bytes(const DecodeShape& s) { return 4.0 * s.B * s.H_kv * (double)s.L_k * s.d; }
+// Every byte a step must move once: K, V, the tables (kappa, u), q, and o and lse written.
+static double decode_bytes(const DecodeShape& s) {
+    return decode_kv_bytes(s) + 4.0 * s.H * ((double)(s.L + s.L_k - 1) + s.L_k) +
+           (double)s.B * s.H * s.L * (2.0 * s.d * 2 + 4);
+}
+
+// Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB cudaMemcpyAsync, the ceiling the
+// decode rows are measured against.
+static double copy_bandwidth() {
+    const size_t bytes = (size_t)1 << 30;
+    void *a = device_zeros(bytes), *b = device_zeros(bytes);
+    const float ms = median_ms([&](int) { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0)); },
+                               REPEATS, WARMUP);
+    CUDA_CHECK(cudaFree(a));
+    CUDA_CHECK(cudaFree(b));
+    return 2.0 * bytes / (ms * 1e-3);
+}
+
+// Microseconds per call of `call(rep)`: calls back to back in batches of about 2 ms (rep counts every call, so
+// the inputs rotate), the mean of a batch, the median over REPEATS batches.
+template <typename F>
+static double us_per_call(F call) {
+    cudaEvent_t a, b;
+    CUDA_CHECK(cudaEventCreate(&a));
+    CUDA_CHECK(cudaEventCreate(&b));
+    int rep = 0;
+    for (int w = 0; w < 3; ++w) call(rep++);
+    CUDA_CHECK(cudaEventRecord(a));
+    call(rep++);
+    CUDA_CHECK(cudaEventRecord(b));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    float one = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&one, a, b));
+    const int n = std::max(1, std::min(500, (int)(2.0 / std::max(one, 1e-3f))));
+    std::vector<double> us(REPEATS);
+    for (double& t : us) {
+        CUDA_CHECK(cudaEventRecord(a));
+        for (int c = 0; c < n; ++c) call(rep++);
+        CUDA_CHECK(cudaEventRecord(b));
+        CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+        t = 1e3 * ms / n;
+    }
+    CUDA_CHECK(cudaEventDestroy(a));
+    CUDA_CHECK(cudaEventDestroy(b));
+    std::sort(us.begin(), us.end());
+    return us[REPEATS / 2];
+}
+
+// The device inputs of a decode shape, in enough rotated sets that L2 never holds the next call's cache.
+struct DecodeBuffers {
+    std::vector<void*> q, k, v;
+    float *kappa, *u, *lse;
+    void *o, *workspace;
+    size_t workspace_bytes;
+    explicit DecodeBuffers(const DecodeShape& s) {
+        const size_t nq = (size_t)s.B * s.H * s.L * s.d, nkv = (size_t)s.B * s.H_kv * s.L_k * s.d;
+        const int sets = (int)std::min(64.0, std::max(1.0, std::ceil(256e6 / decode_kv_bytes(s))));
+        for (int r = 0; r < sets; ++r) {
+            q.push_back(device_random_bf16(nq, 7000ull * r + 1));
+            k.push_back(device_random_bf16(nkv, 7000ull * r + 2));
+            v.push_back(device_random_bf16(nkv, 7000ull * r + 3));
+        }
+        Rng rng(99);
+        kappa = (float*)upload(random_vector(rng, (size_t)s.H * (s.L + s.L_k - 1), 0.5, false), GOAT_F32);
+        u = (float*)upload(random_vector(rng, (size_t)s.H * s.L_k, 0.5, false), GOAT_F32);
+        lse = (float*)device_zeros((size_t)s.B * s.H * s.L * 4);
+        o = device_zeros(nq * 2);
+        GoatParams p = decode_params(s, GOAT_V7_DECODE_BF16);
+        workspace_bytes = 0;
+        for (int splits : {0, 1, 2, 4, 8, 16, 32, 64, 128}) {  // the plan's and every forced count the bench runs
+            p.decode_splits = splits;
+            workspace_bytes = std::max(workspace_bytes, goat_forward_workspace_size(p));
+        }
+        workspace = device_zeros(std::max<size_t>(workspace_bytes, 256));
+    }
+    ~DecodeBuffers() {
+        for (size_t r = 0; r < q.size(); ++r)
+            for (void* t : {q[r], k[r], v[r]}) CUDA_CHECK(cudaFree(t));
+        for (void* t : {(void*)kappa, (void*)u, (void*)lse, o, workspace}) CUDA_CHECK(cudaFree(t));
+    }
+    GoatParams with(GoatParams p, int rep, bool prior) const {
+        const size_t r = (size_t)rep % q.size();
+        p.q = q[r]; p.k = k[r]; p.v = v[r];
+        p.kappa = prior ? kappa : nullptr;
+        p.u = prior ? u : nullptr;
+        p.o = o; p.lse = lse;
+        p.workspace = workspace; p.workspace_bytes = workspace_bytes;
+        return p;
+    }
+};
+
+static double time_forward(const DecodeBuffers& buf, const GoatParams& p, bool prior) {
+    return us_per_call([&](int rep) { check(goat_forward(buf.with(p, rep, prior), 0)); });
+}
+
+static const double DECODE_MAX_BYTES = 40e9;  // K + V of a shape the bench allocates (with its peers' copies)
+
+// The whole --decode run: copy bandwidth; v7 validated; the table of generation shapes; v7 against the square
+// kernels around AUTO's threshold; v7's split rule against forced split counts.
+static void run_decode(bool quick) {
+    const double copy = copy_bandwidth();
+    std::printf("copy bandwidth (cudaMemcpyAsync, 1 GiB, read + write): %.0f GB/s\n", copy / 1e9);
+    const std::vector<int> ds = quick ? std::vector<int>{128} : std::vector<int>{128, 64};
+    for (int d : ds)  // a small decode step, forward (and AUTO's backward) against the CPU reference
+        if (!validate_general({Kind::prefill, d, 8, 2, 4, 300, 2}, GOAT_V7_DECODE_BF16)) {
+            std::printf("v7 validation failed: nothing timed\n");
+            return;
+        }
+
+    std::printf("\ndecode steps (bf16, causal, queries at the end of the cache, packed [B][H][L][d] and "
+                "[B][H_kv][L_k][d])\n");
+    // rows: "decode" first, then integers, then the numbers (peers.py --decode parses them)
+    std::printf("%-6s %4s %3s %3s %4s %3s %6s %6s %10s %10s %9s %7s %9s\n", "kind", "d", "B", "H", "H_kv", "L",
+                "L_k", "splits", "us", "us-noprior", "GB/s", "of-copy", "prior");
+    const std::vector<int> Bs = quick ? std::vector<int>{1, 8} : std::vector<int>{1, 8, 64};
+    const std::vector<int> L_ks = quick ? std::vector<int>{8192} : std::vector<int>{1024, 8192, 32768, 131072};
+    const std::vector<int> Ls = quick ? std::vector<int>{1, 16} : std::vector<int>{1, 4, 16};
+    for (int d : ds)
+        for (int H_kv : {32, 8})
+            for (int B : Bs)
+                for (int L_k : L_ks)
+                    for (int L : Ls) {
+                        const DecodeShape s = {d, B, 32, H_kv, L, L_k};
+                        if (decode_kv_bytes(s) > DECODE_MAX_BYTES) {
+                            std::printf("%-6s %4d %3d %3d %4d %3d %6d skipped (K and V: %.0f GB)\n", "decode", d, B,
+                                        32, H_kv, L, L_k, decode_kv_bytes(s) / 1e9);
+                            continue;
+                        }
+                        DecodeBuffers buf(s);
+                        const GoatParams p = decode_params(s, GOAT_AUTO);
+                        GoatParams planned = p;
+                        const int version = goat_resolve_version(p);
+                        const double us = time_forward(buf, p, true), us0 = time_forward(buf, p, false);
+                        const double gbs = decode_bytes(s) / (us * 1e-6) / 1e9;
+                        // the split count v7's plan chose: the workspace it asks for gives it away only when > 1
+                        planned.version = GOAT_V7_DECODE_BF16;
+                        const size_t ws = goat_forward_workspace_size(planned);
+                        const size_t per_split = (size_t)B * 32 * L * (d + 1) * 4;
+                        const int splits = version != GOAT_V7_DECODE_BF16 ? 0 : ws == 0 ? 1 : (int)(ws / per_split);
+                        std::printf("%-6s %4d %3d %3d %4d %3d %6d %6d %10.2f %10.2f %9.0f %6.1f%% %8.3fx\n", "decode", d,
+                                    B, 32, H_kv, L, L_k, splits, us, us0, gbs, 100.0 * gbs * 1e9 / copy, us / us0);
+                    }
+    std::printf("(us: microseconds per step with the prior (kappa, u), mean of back-to-back calls, median of %d "
+                "batches; GB/s: K, V, the tables, q, o and lse over that time; of-copy: against the copy bandwidth "
+                "above; splits: v7's planned count (about: from its workspace); prior: time with / without)\n",
+                REPEATS);
+
+    // AUTO's threshold: v7 against the square path's forward for growing L
+    const int square = v4_runs_here() ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
+    std::printf("\nv7 against %s around AUTO's threshold (forward with the prior, microseconds)\n",
+                goat_version_name(square));
+    std::printf("%4s %3s %3s %4s %6s %4s %10s %10s %8s\n", "d", "B", "H", "H_kv", "L_k", "L", "v7", "square", "v7/sq");
+    for (int d : ds)
+        for (const DecodeShape& base : {DecodeShape{d, 8, 32, 8, 0, 8192}, DecodeShape{d, 64, 32, 32, 0, 1024}})
+            for (int L : {1, 4, 16, 32, 64, 128}) {
+                DecodeShape s = base;
+                s.L = L;
+                DecodeBuffers buf(s);
+                const double t7 = time_forward(buf, decode_params(s, GOAT_V7_DECODE_BF16), true);
+                const double tq = time_forward(buf, decode_params(s, square), true);
+                std::printf("%4d %3d %3d %4d %6d %4d %10.2f %10.2f %7.2fx\n", d, s.B, s.H, s.H_kv, s.L_k, L, t7, tq,
+                            t7 / tq);
+            }
+
+    // the split rule against forced counts
+    std::printf("\nv7's split count: planned against forced (forward with the prior, microseconds)\n");
+    for (int d : ds)
+        for (const DecodeShape& s : {DecodeShape{d, 1, 32, 8, 1, 32768}, DecodeShape{d, 1, 32, 32, 4, 131072},
+                                     DecodeShape{d, 8, 32, 8, 16, 8192}, DecodeShape{d, 64, 32, 8, 4, 1024},
+                                     DecodeShape{d, 8, 32, 32, 1, 1024}}) {
+            DecodeBuffers buf(s);
+            GoatParams p = decode_params(s, GOAT_V7_DECODE_BF16);
+            std::printf("d=%d B=%d H=%d H_kv=%d L=%d L_k=%d: planned %.2f |", d, s.B, s.H, s.H_kv, s.L, s.L_k,
+                        time_forward(buf, p, true));
+            for (int splits : {1, 2, 4, 8, 16, 32, 64, 128}) {
+                p.decode_splits = splits;
+                std::printf(" %d: %.2f", splits, time_forward(buf, p, true));
+            }
+            std::printf("\n");
+        }
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // main
 
-static bool v4_runs_here() {
-    GoatParams p;
-    p.B = p.H = p.L = 1; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
-    return goat_resolve_version(p) >= GOAT_V4_WGMMA_BF16;
-}
-
 int main(int argc, char** argv) {
-    bool quick = false, general = false, versions_given = false;
+    bool quick = false, general = false, decode = false, versions_given = false;
     std::string versions = "123456";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
         else if (std::strcmp(argv[a], "--general") == 0) general = true;
+        else if (std::strcmp(argv[a], "--decode") == 0) decode = true;
         else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
                  std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0]) {
             versions = argv[++a];
             versions_given = true;
         } else {
-            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456 | --general]\n",
-                         argv[0]);
+            std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456 | --general | "
+                                 "--decode]\n", argv[0]);
             return 2;
         }
     }
-    if (general && versions_given) {   // --general times what GOAT_AUTO picks, nothing else
-        std::fprintf(stderr, "%s: --general times GOAT_AUTO only; --versions does not apply\n", argv[0]);
+    if ((general || decode) && versions_given) {   // they time what GOAT_AUTO picks (and v7), nothing else
+        std::fprintf(stderr, "%s: --general and --decode choose their versions; --versions does not apply\n", argv[0]);
+        return 2;
+    }
+    if (general && decode) {
+        std::fprintf(stderr, "%s: --general or --decode, one per run\n", argv[0]);
         return 2;
     }
     int n_dev = 0;
@@ -654,6 +870,11 @@ int main(int argc, char** argv) {
         std::printf("bench --general on %s (%d SMs), bf16, GOAT_AUTO, median of %d after %d warm-up\n", prop.name,
                     prop.multiProcessorCount, REPEATS, WARMUP);
         run_general(quick);
+        return 0;
+    }
+    if (decode) {
+        std::printf("bench --decode on %s (%d SMs), bf16\n", prop.name, prop.multiProcessorCount);
+        run_decode(quick);
         return 0;
     }
     std::printf("bench on %s (%d SMs), H=16, B*L=32768, causal, median of %d after %d warm-up\n", prop.name,

@@ -32,10 +32,36 @@ without a prior on SDPA's flash, cuDNN and memory-efficient backends (a backend 
 TFLOP/s by bench --general's count (its legend), then the speed of ours (with the prior, as bench times it) over
 each peer's, forward and forward+backward, per shape (above 1: ours is faster).
 
+--decode: instead, the generation steps of `bench --decode` (the timed rows of its "decode steps" table, read from
+bench's output; the rows bench skipped are skipped): B sequences, H = 32 query heads, H_kv kv heads, L new queries
+at the end of a cache of L_k keys (causal bottom-right), head dim d, bf16; q [B, H, L, d], k, v [B, H_kv, L_k, d],
+packed. Each timed forward only, under no_grad:
+  sdpa-flash, sdpa-cudnn, sdpa-efficient
+             SDPA with the backend forced, no prior, enable_gqa=True when H_kv < H; for L > 1 the bottom-right
+             mask as prefill above, for L = 1 none (the one query sees every key)
+  packing    the paper's route as above: SDPA's default backend choice, scale 1, the boolean bottom-right mask for
+             L > 1, enable_gqa=True when H_kv < H. A cache holds the keys' lanes, so K' (the first d - 2R - 1 dims
+             of k, cos and sin of the key position, u) replaces K before timing; the timed call builds q' (its
+             content dims scaled, the lanes of query positions L_k - L .. L_k - 1 from lam_sym, lam_asym [H][R],
+             the constant-1 lane) and calls SDPA. u is a key table per kv head, [H_kv][L_k]: the module's is per
+             query head, which a K' shared by a group of query heads cannot hold
+Timed as bench times its rows: calls back to back in batches of about 2 ms (after 3 warm-up calls, one call timed
+alone sizes the batch, n = clamp(2 ms / that call, 1, 500)), the mean per call of a batch, the median of 7
+batches, by CUDA events; the inputs rotate on every call over clamp(ceil(256 MB / bytes of K and V), 1, 64)
+copies so that L2 (about 60 MB) never holds the next call's cache. One row's inputs at a time (the largest: K and V
+of 34 GB; K' is built set by set in K's place, and for one set only if all sets plus one K' would pass 60 GB).
+The calls come from Python: where a step's GPU time is below PyTorch's cost per call on the CPU, that cost is
+what is measured (as for a model that calls SDPA eagerly, without CUDA graphs).
+One table: per row ours (microseconds with the prior, v7's planned splits, GB/s and % of the copy bandwidth, as
+bench reports them), each route's microseconds, the fastest route that ran and ours vs it (its time / ours; above
+1: ours faster); then the minimum and median of that ratio over the rows and in how many ours beats every route.
+
 Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench | --bench-log FILE]
        python3 bench/peers.py --general [--quick] [--bench ./build/bench | --bench-log FILE]
+       python3 bench/peers.py --decode [--quick] [--bench ./build/bench | --bench-log FILE]
 """
 import argparse
+import math
 import re
 import statistics
 import subprocess
@@ -76,11 +102,12 @@ def fwd_flops(B, L, d):
     return 4.0 * B * H * L * L * d / 2  # causal halves the square
 
 
-def prior_params(L, device):
-    """Learnable GOAT prior: lam_sym, lam_asym [H][R] and a key table u [H][L] (the sink's output)."""
-    lam_sym = (0.1 * torch.randn(H, R, device=device)).requires_grad_()
-    lam_asym = (0.1 * torch.randn(H, R, device=device)).requires_grad_()
-    u = (0.1 * torch.randn(H, L, device=device)).requires_grad_()
+def prior_params(L, device, heads=H, u_heads=None):
+    """Learnable GOAT prior: lam_sym, lam_asym [heads][R] and a key table u [u_heads][L] (the sink's output;
+    u_heads defaults to heads)."""
+    lam_sym = (0.1 * torch.randn(heads, R, device=device)).requires_grad_()
+    lam_asym = (0.1 * torch.randn(heads, R, device=device)).requires_grad_()
+    u = (0.1 * torch.randn(heads if u_heads is None else u_heads, L, device=device)).requires_grad_()
     w = 1e4 ** (-torch.arange(R, device=device, dtype=torch.float32) / (R - 1))
     return lam_sym, lam_asym, u, w
 
@@ -212,6 +239,20 @@ SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBack
                  "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
+def bottom_right_causal(name, L, L_k, device):
+    """SDPA's keyword arguments for causal attention with the L queries at the end of the L_k keys (query i sees
+    key j iff j <= i + L_k - L; is_causal is top-left aligned, so it cannot say this): nothing for L = 1 (the one
+    query sees every key); for sdpa-flash attn_mask=causal_lower_right(L, L_k) (a CausalBias: SDPA runs it as
+    flash's own causal, which is bottom-right; flash takes no tensor mask); for any other route a boolean [L, L_k]
+    attn_mask, broadcast over batch and heads."""
+    if L == 1:
+        return {}
+    if name == "sdpa-flash":
+        from torch.nn.attention.bias import causal_lower_right
+        return {"attn_mask": causal_lower_right(L, L_k)}
+    return {"attn_mask": torch.ones(L, L_k, device=device, dtype=torch.bool).tril(L_k - L)}
+
+
 def general_fwd_flops(kind, d, H, L, L_k, B):
     """bench --general's count: 4*B*H*L*L_k*d, halved for gqa-blhd (causal, L = L_k); prefill (causal, queries
     at the end of the keys) counts the visible pairs exactly."""
@@ -261,11 +302,7 @@ def run_general(name, shape, device):
     if kind == "gqa-blhd":
         kw["is_causal"] = True  # L = L_k: top-left and bottom-right agree
     elif kind == "prefill":
-        if name == "sdpa-flash":  # a CausalBias: SDPA runs it as flash's own (bottom-right) causal
-            from torch.nn.attention.bias import causal_lower_right
-            kw["attn_mask"] = causal_lower_right(L, L_k)
-        else:
-            kw["attn_mask"] = torch.ones(L, L_k, device=device, dtype=torch.bool).tril(L_k - L)
+        kw.update(bottom_right_causal(name, L, L_k, device))
     backend = SDPA_BACKENDS[name]
 
     def fwd():
@@ -331,19 +368,219 @@ def shape_label(shape):
     return f"{kind} d={d} H={H} H_kv={H_kv} L={L} L_k={L_k} B={B}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --decode: bench --decode's generation steps against SDPA's backends and the packing route
+
+DECODE_HEADER = "decode steps (bf16, causal"
+# a timed row of bench --decode: kind d B H H_kv L L_k splits us us-noprior GB/s of-copy prior (a row bench skipped
+# has "skipped (...)" after L_k and does not match)
+DECODE_ROW = re.compile(r"decode\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+"
+                        r"([\d.]+)\s+([\d.]+)%\s+([\d.]+)x\s*$")
+COPY_LINE = re.compile(r"copy bandwidth \(cudaMemcpyAsync[^:]*:\s*([\d.]+) GB/s")
+DECODE_PATHS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "packing"]
+DECODE_MEMORY = 60e9  # the packing route converts every input set to K' only while that stays below this
+
+
+def ours_decode(bench, quick, log):
+    """bench --decode's copy bandwidth (GB/s) and the timed rows of its "decode steps" table, in its order:
+    [(shape, (splits, us, us without the prior, GB/s, % of copy))], shape = (d, B, H, H_kv, L, L_k); and how many
+    rows bench skipped."""
+    if log:
+        with open(log) as f:
+            out = f.read()
+    else:
+        cmd = [bench, "--decode"] + (["--quick"] if quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    if DECODE_HEADER not in out:
+        sys.exit(f"bench printed no '{DECODE_HEADER}' table (was it run with --decode?):\n" + out)
+    copy = COPY_LINE.search(out)
+    rows, skipped = [], 0
+    for line in out.split(DECODE_HEADER, 1)[1].splitlines()[1:]:  # [0]: the rest of the header line
+        if not line.strip():
+            break  # the table ends at its first blank line (the threshold table and the split sweep follow)
+        m = DECODE_ROW.match(line)
+        if m:
+            shape = tuple(int(m.group(g)) for g in range(1, 7))
+            rows.append((shape, (int(m.group(7)),) + tuple(float(m.group(g)) for g in range(8, 12))))
+        elif line.startswith("decode") and "skipped" in line:
+            skipped += 1
+    if not rows:
+        sys.exit("bench printed no timed decode rows:\n" + out)
+    return (float(copy.group(1)) if copy else None), rows, skipped
+
+
+def us_per_call(call):
+    """Microseconds per call of call(rep), as bench --decode times its rows: 3 warm-up calls, one call timed alone
+    to size a batch (n = clamp(2 ms / that, 1, 500)), then REPEATS batches of n calls back to back, the mean of a
+    batch, the median over the batches, by CUDA events. rep counts every call, so the inputs rotate."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rep = 0
+    for _ in range(3):
+        call(rep)
+        rep += 1
+    a.record()
+    call(rep)
+    rep += 1
+    b.record()
+    b.synchronize()
+    n = max(1, min(500, int(2.0 / max(a.elapsed_time(b), 1e-3))))
+    us = []
+    for _ in range(REPEATS):
+        a.record()
+        for _ in range(n):
+            call(rep)
+            rep += 1
+        b.record()
+        b.synchronize()
+        us.append(1e3 * a.elapsed_time(b) / n)
+    return statistics.median(us)
+
+
+def decode_sets(shape):
+    """How many input copies a row rotates over (bench's rule): enough that 256 MB of K and V lie between two uses
+    of one copy, so L2 (about 60 MB) never holds the next call's cache; 1 to 64."""
+    d, B, H, H_kv, L, L_k = shape
+    return min(64, max(1, math.ceil(256e6 / (4.0 * B * H_kv * L_k * d))))
+
+
+def key_lanes(k, u, w):
+    """The packing route's cached keys K' [B, H_kv, L_k, d]: the first d - 2R - 1 dims of k, then cos and sin of
+    (key position * w), then u [H_kv][L_k]."""
+    B, H_kv, L_k, d = k.shape
+    dc = d - 2 * R - 1
+    pos = torch.arange(L_k, device=k.device, dtype=torch.float32)
+    psi = torch.cat([torch.cos(pos[:, None] * w[None, :]), torch.sin(pos[:, None] * w[None, :])], dim=-1)  # [L_k][2R]
+    return torch.cat([k[..., :dc], psi.to(k.dtype).expand(B, H_kv, L_k, 2 * R),
+                      u.to(k.dtype)[None, :, :, None].expand(B, H_kv, L_k, 1)], dim=-1)
+
+
+def time_decode_row(shape, device, report):
+    """{route: microseconds per step, or the short error} for one bench --decode row, the routes in DECODE_PATHS
+    order; report(route, result) is called as each is timed. The inputs exist only inside this call."""
+    d, B, H, H_kv, L, L_k = shape
+    sets = decode_sets(shape)
+    bf = dict(device=device, dtype=torch.bfloat16)
+    qs = [torch.randn(B, H, L, d, **bf) for _ in range(sets)]
+    ks = [torch.randn(B, H_kv, L_k, d, **bf) for _ in range(sets)]
+    vs = [torch.randn(B, H_kv, L_k, d, **bf) for _ in range(sets)]
+    gqa = {"enable_gqa": True} if H_kv != H else {}
+    result = {}
+    for name in DECODE_PATHS[:3]:  # SDPA, backend forced, no prior
+        kw = dict(gqa, **bottom_right_causal(name, L, L_k, device))
+
+        def call(rep, kw=kw):
+            r = rep % sets
+            F.scaled_dot_product_attention(qs[r], ks[r], vs[r], **kw)
+        try:
+            with sdpa_kernel(SDPA_BACKENDS[name]):  # once around the timing: the flag is read at each call
+                result[name] = us_per_call(call)
+        except Exception as e:  # a backend that refuses a shape is reported, not hidden
+            result[name] = short_error(e)
+        report(name, result[name])
+        torch.cuda.empty_cache()
+
+    # packing: K' is what a cache holds, so it replaces K, set by set, before timing
+    try:
+        lam_sym, lam_asym, u, w = prior_params(L_k, device, heads=H, u_heads=H_kv)
+        kv_bytes = 4.0 * B * H_kv * L_k * d
+        if (sets + 0.5) * kv_bytes > DECODE_MEMORY:  # every set plus one K' being built
+            del qs[1:], ks[1:], vs[1:]
+            torch.cuda.empty_cache()
+            print(f"  {decode_label(shape)} packing: K' built for one input set only (memory)", flush=True)
+        for r in range(len(ks)):
+            ks[r] = key_lanes(ks[r], u, w)
+        n = len(ks)
+        dc = d - 2 * R - 1
+        pos = torch.arange(L_k - L, L_k, device=device, dtype=torch.float32)  # the queries' positions
+        c, s = torch.cos(pos[:, None] * w[None, :]), torch.sin(pos[:, None] * w[None, :])  # [L][R]
+        kw = dict(gqa, **bottom_right_causal("packing", L, L_k, device))
+
+        def call(rep):
+            r = rep % n
+            q = qs[r]
+            phi = torch.cat([lam_sym[:, None, :] * c + lam_asym[:, None, :] * s,
+                             lam_sym[:, None, :] * s - lam_asym[:, None, :] * c], dim=-1)  # [H][L][2R]
+            qp = torch.cat([q[..., :dc] * dc ** -0.5, phi.to(q.dtype).expand(B, H, L, 2 * R),
+                            torch.ones(B, H, L, 1, device=device, dtype=q.dtype)], dim=-1)
+            F.scaled_dot_product_attention(qp, ks[r], vs[r], scale=1.0, **kw)
+        result["packing"] = us_per_call(call)
+    except Exception as e:
+        result["packing"] = short_error(e)
+    report("packing", result["packing"])
+    return result
+
+
+def decode_label(shape):
+    d, B, H, H_kv, L, L_k = shape
+    return f"decode d={d} B={B} H={H} H_kv={H_kv} L={L} L_k={L_k}"
+
+
+def main_decode(args, device):
+    print(f"peers --decode on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, causal bottom-right, "
+          f"forward; SDPA without a prior, packing with it; ours: GOAT_AUTO with the prior")
+    copy, rows, skipped = ours_decode(args.bench, args.quick, args.bench_log)
+    print(f"bench: {len(rows)} timed rows ({skipped} skipped by bench), copy bandwidth "
+          + (f"{copy:.0f} GB/s" if copy else "not found"))
+    peers = []
+    with torch.no_grad():
+        for shape, mine in rows:
+            def report(name, t, shape=shape, mine=mine):
+                print(f"  {decode_label(shape)} {name}: " + (f"{t:.2f} us (ours {mine[1]:.2f} us: {t / mine[1]:.2f}x)"
+                                                              if isinstance(t, float) else f"n/a ({t})"), flush=True)
+            peers.append(time_decode_row(shape, device, report))
+            torch.cuda.empty_cache()
+
+    print("\nmicroseconds per generation step (ours: with the prior; sdpa-*: without; packing: with, in lanes)")
+    print("| d | B | H_kv | L | L_k | ours us (splits) | ours GB/s (% of copy) | "
+          + " | ".join(f"{p} us" for p in DECODE_PATHS) + " | best PyTorch | ours vs best |")
+    print("|---" * (7 + len(DECODE_PATHS) + 2) + "|")
+    ratios, wins = [], 0
+    for (shape, mine), theirs in zip(rows, peers):
+        d, B, H, H_kv, L, L_k = shape
+        splits, us, _, gbs, of_copy = mine
+        cells = [str(x) for x in (d, B, H_kv, L, L_k)] + [f"{us:.2f} ({splits})", f"{gbs:.0f} ({of_copy:.1f}%)"]
+        cells += [f"{theirs[p]:.2f}" if isinstance(theirs[p], float) else f"n/a ({theirs[p]})" for p in DECODE_PATHS]
+        ran = [(theirs[p], p) for p in DECODE_PATHS if isinstance(theirs[p], float)]
+        if ran:
+            best_us, best = min(ran)
+            ratios.append(best_us / us)
+            wins += best_us > us
+            cells += [f"{best} {best_us:.2f}", f"{best_us / us:.2f}x"]
+        else:
+            cells += ["none ran", "n/a"]
+        print("| " + " | ".join(cells) + " |")
+    print("(ours vs best: the fastest PyTorch route's microseconds / ours; above 1: ours faster. splits: v7's planned "
+          "count as bench reports it; GB/s and % of copy: bench's. sdpa-*: H_kv < H by enable_gqa=True, L > 1 with "
+          "the bottom-right mask (flash: causal_lower_right; cuDNN, efficient: boolean); packing: default backend, "
+          "K' built before timing, q' in the timed call, u per kv head)")
+    if ratios:
+        print(f"\nours vs best over {len(ratios)} rows: min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x; "
+              f"ours faster than every route in {wins} of {len(ratios)} rows")
+    else:
+        print("\nno PyTorch route ran on any row")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="d = 64, L = 4096 only (--general: bench's --quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help="d = 64, L = 4096 only (--general, --decode: bench's --quick)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     ap.add_argument("--general", action="store_true", help="bench --general's shapes against SDPA's backends")
+    ap.add_argument("--decode", action="store_true",
+                    help="bench --decode's generation steps against SDPA's backends and the packing route")
     ap.add_argument("--bench", default="./build/bench")
     ap.add_argument("--bench-log", default="", help="read our rows from this saved bench output instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("peers.py: no CUDA device")
     device = "cuda"
+    if args.general and args.decode:
+        sys.exit("peers.py: --general or --decode, one per run")
     if args.general:
         main_general(args, device)
+        return
+    if args.decode:
+        main_decode(args, device)
         return
     shapes = [(64, 4096)] if args.quick else [(d, L) for d in (64, 128) for L in (1024, 4096, 16384)]
     paths = ["sdpa-flash", "sdpa-cudnn", "packing", "bias"] + ([] if args.no_flex else ["flex"])

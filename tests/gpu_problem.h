@@ -8,7 +8,7 @@
 // argument: the element type (a GOAT_BF16 problem is rounded to bf16 and uploaded as bf16), which masked prior
 // (Prior::masked_diag for fp32, Prior::masked_key0 for bf16), which o and lse the backward reads, and who
 // provides the workspace (RunOptions).
-// Order: seeds, problems, device buffers, one run, the bf16 twin rule, test-case names.
+// Order: seeds, problems, device buffers, one run, the bf16 twin rule, layouts, test-case names.
 #pragma once
 
 #include <doctest/doctest.h>
@@ -389,7 +389,8 @@ inline double norm_err(const char* name, const std::vector<float>& x, const std:
     return c.ok ? c.max_abs / *scale : INFINITY;
 }
 
-// The rule: for each tensor, err(kernel) <= 2 err(twin) + floor. Prints one line per tensor.
+// The rule: for each tensor, err(kernel) <= 2 err(twin) + floor. Prints one line per tensor; a tensor empty in
+// all three (e.g. the gradients of a forward-only check) is skipped.
 inline void expect_within_twin(const char* tag, const Results& got, const Results& tw, const Results& ref,
                         bool with_prior_grads = true) {
     struct T { const char* name; const std::vector<float>* g; const std::vector<float>* t; const std::vector<float>* r; double floor; };
@@ -404,6 +405,7 @@ inline void expect_within_twin(const char* tag, const Results& got, const Result
     }
     std::printf("  %-10s", tag);
     for (const T& t : ts) {
+        if (t.g->empty() && t.t->empty() && t.r->empty()) continue;  // not produced (a forward-only check)
         double scale;
         const double smin = (t.floor == FLOOR_BF16) ? SCALE_MIN_BF16 : SCALE_MIN_F32;  // o, dq, dk, dv : the rest
         const double e_twin = norm_err("twin", *t.t, *t.r, smin, &scale);
@@ -418,6 +420,50 @@ inline void expect_within_twin(const char* tag, const Results& got, const Result
         }
     }
     std::printf("   (err / bound)\n");
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// layouts of the general tests (tests/test_gpu_general.cu, tests/test_gpu_decode.cu): a host tensor is packed
+// [B][heads][rows][d]; on the device it lies packed, as [B][rows][heads][d], or as q, k, v views into one fused
+// [B][rows][3][heads][d] projection
+
+enum class Layout { packed, blhd, fused_qkv };
+inline const char* layout_name(Layout l) { return l == Layout::packed ? "packed" : l == Layout::blhd ? "BLHd" : "fused-QKV"; }
+
+// Strides (elements) of a q-like ([B][heads][rows][d]) tensor in a layout; `slot` of `slots` in a fused buffer.
+inline GoatStrides strides_for(Layout l, int heads, int rows, int d, int slots = 1) {
+    GoatStrides s;
+    if (l == Layout::packed) return s;  // zeros: packed
+    s.head = d;
+    s.row = (long long)slots * heads * d;
+    s.batch = s.row * rows;
+    return s;
+}
+inline size_t span(const GoatStrides& s, int B, int heads, int rows, int d) {  // elements a tensor reaches
+    if (s.batch == 0 && s.head == 0 && s.row == 0) return (size_t)B * heads * rows * d;
+    return (size_t)((B - 1) * s.batch + (heads - 1) * s.head + (rows - 1) * s.row + d);
+}
+inline size_t offset(const GoatStrides& s, int heads, int rows, int d, int b, int h, int r) {
+    if (s.batch == 0 && s.head == 0 && s.row == 0) return (((size_t)b * heads + h) * rows + r) * d;
+    return (size_t)(b * s.batch + h * s.head + r * s.row);
+}
+// packed host tensor [B][heads][rows][d] -> device layout (into `buf` at element `base`), and back
+inline void scatter(std::vector<float>& buf, size_t base, const std::vector<double>& x, const GoatStrides& s, int B,
+             int heads, int rows, int d) {
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int r = 0; r < rows; ++r)
+                for (int c = 0; c < d; ++c)
+                    buf[base + offset(s, heads, rows, d, b, h, r) + c] = (float)x[(((size_t)b * heads + h) * rows + r) * d + c];
+}
+inline std::vector<double> gather(const std::vector<float>& buf, const GoatStrides& s, int B, int heads, int rows, int d) {
+    std::vector<double> x((size_t)B * heads * rows * d);
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int r = 0; r < rows; ++r)
+                for (int c = 0; c < d; ++c)
+                    x[(((size_t)b * heads + h) * rows + r) * d + c] = buf[offset(s, heads, rows, d, b, h, r) + c];
+    return x;
 }
 
 // ----------------------------------------------------------------------------------------------------------

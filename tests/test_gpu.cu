@@ -299,6 +299,9 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
     CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
     const bool v6_here = major == 9 && minor == 0 && build_has_sm90a();
+    auto_f32.L = 17;  // (goat.h: up to 16 queries per sequence AUTO picks v7, on every GPU)
     CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
+    auto_f32.L = 16;
+    CHECK(goat_resolve_version(auto_f32) == GOAT_V7_DECODE_BF16);
     CHECK(goat_backward_workspace_size(good) > 0);
 }

@@ -1,8 +1,9 @@
-// tests/test_gpu_bf16.cu: the bf16 tensor-core kernels (v3 to v6) of goat.cu against the CPU reference (doctest).
+// tests/test_gpu_bf16.cu: the bf16 tensor-core kernels (v3 to v7) of goat.cu against the CPU reference (doctest).
 //
 // Every check runs v3 and, where the GPU runs them (compute capability 9.0, sm_90a build), v4, v5 (their own
 // wgmma forward, then v3's backward fed their o and lse) and v6 (v5's forward, its own wgmma backward); a case
-// checks that a CC 9.0 GPU does run them, so they cannot be skipped silently there.
+// checks that a CC 9.0 GPU does run them, so they cannot be skipped silently there. v7 (the decode forward, then
+// AUTO's backward) runs every check too: it is built for a few queries per sequence but must be right on any.
 //
 // The judge is the double-precision reference (goat_forward_cpu / goat_backward_cpu on doubles) on the same
 // bf16-rounded inputs. A bf16 kernel cannot match it to fp32 accuracy, so the yardstick is the CPU tiled twin
@@ -65,10 +66,10 @@ Results twin(const Problem& pr) {
     return r;
 }
 
-// Does this GPU run v4? (what GOAT_AUTO picks for a supported bf16 problem)
+// Does this GPU run v4? (what GOAT_AUTO picks for a supported bf16 problem longer than v7's decode lengths)
 bool v4_available() {
     GoatParams p;
-    p.B = p.H = p.L = 1; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
+    p.B = p.H = 1; p.L = 1024; p.d = 64; p.dtype = GOAT_BF16; p.version = GOAT_AUTO;
     const int v = goat_resolve_version(p);
     return v == GOAT_V4_WGMMA_BF16 || v == GOAT_V5_WGMMA_TMA_BF16 || v == GOAT_V6_WGMMA_BWD_BF16;
 }
@@ -80,6 +81,7 @@ std::vector<int> bf16_versions() {
         v.push_back(GOAT_V5_WGMMA_TMA_BF16);
         v.push_back(GOAT_V6_WGMMA_BWD_BF16);
     }
+    v.push_back(GOAT_V7_DECODE_BF16);  // its forward on every shape (built for few queries, correct for any)
     return v;
 }
 
@@ -318,9 +320,9 @@ struct Case {
 };
 
 const char* case_name(const Case& c) {
-    const char* runs = c.check == Check::deterministic_twice ? "v3-det+v4-det+v5-det+v6-det twice bit-identical"
-                       : c.check == Check::sampled           ? "v3+v4+v5+v6+v3-det sampled"
-                                                             : "v3+v4+v5+v6";
+    const char* runs = c.check == Check::deterministic_twice ? "v3-det+v4-det+v5-det+v6-det+v7-det twice bit-identical"
+                       : c.check == Check::sampled           ? "v3+v4+v5+v6+v7+v3-det sampled"
+                                                             : "v3+v4+v5+v6+v7";
     std::string name = std::string("bf16 ") + (*c.size ? c.size + std::string(" ") : "") + runs + " " +
                        shape_name(c.shape) + (c.check == Check::twin_no_prior_grads ? " dkappa=du=nullptr" : "");
     if (*c.why) name += std::string(" (") + c.why + ")";
@@ -405,7 +407,7 @@ TEST_CASE("bf16 v4+v5+v6 run wherever the GPU is compute capability 9.0 and the 
     }
 }
 
-TEST_CASE("bf16 small v3+v4+v5+v6+AUTO: a tensor that is not 16-byte aligned is refused (code 1 and its name in "
+TEST_CASE("bf16 small v3+v4+v5+v6+v7+AUTO: a tensor that is not 16-byte aligned is refused (code 1 and its name in "
           "the message) and nothing is written (B=1 H=1 L=17 d=64)") {
     const Problem pr = make_problem(GOAT_BF16, 1, 1, 17, 64, true, Prior::random);
     const size_t nx = pr.n_x();

@@ -20,9 +20,6 @@ namespace {
 // The fp32 kernels' tolerance, as tests/test_gpu.cu: 1e-5 of the tensor's largest |value| (floor 1).
 const double TOL_G = 1e-5;
 
-enum class Layout { packed, blhd, fused_qkv };
-const char* layout_name(Layout l) { return l == Layout::packed ? "packed" : l == Layout::blhd ? "BLHd" : "fused-QKV"; }
-
 struct Case {
     GoatDtype dtype;
     bool small;  // run under compute-sanitizer (the Makefile's *small* filter)
@@ -45,42 +42,6 @@ const char* case_name(const Case& c) {
                   prefix, f32 ? "v1+v2+v2-det" : "v3+v3-det+auto", c.B, c.H, c.H_kv, c.L, c.L_k, c.d, c.causal ? "causal" : "non-causal", c.q_pos0, c.k_pos0,
                   lens.empty() ? "" : " len_k=", lens.c_str(), layout_name(c.layout), c.note);
     return test_name(s);
-}
-
-// Strides (elements) of a q-like ([B][heads][rows][d]) tensor in a layout; `slot` of `slots` in a fused buffer.
-GoatStrides strides_for(Layout l, int heads, int rows, int d, int slots = 1) {
-    GoatStrides s;
-    if (l == Layout::packed) return s;  // zeros: packed
-    s.head = d;
-    s.row = (long long)slots * heads * d;
-    s.batch = s.row * rows;
-    return s;
-}
-size_t span(const GoatStrides& s, int B, int heads, int rows, int d) {  // elements a tensor reaches
-    if (s.batch == 0 && s.head == 0 && s.row == 0) return (size_t)B * heads * rows * d;
-    return (size_t)((B - 1) * s.batch + (heads - 1) * s.head + (rows - 1) * s.row + d);
-}
-size_t offset(const GoatStrides& s, int heads, int rows, int d, int b, int h, int r) {
-    if (s.batch == 0 && s.head == 0 && s.row == 0) return (((size_t)b * heads + h) * rows + r) * d;
-    return (size_t)(b * s.batch + h * s.head + r * s.row);
-}
-// packed host tensor [B][heads][rows][d] -> device layout (into `buf` at element `base`), and back
-void scatter(std::vector<float>& buf, size_t base, const std::vector<double>& x, const GoatStrides& s, int B,
-             int heads, int rows, int d) {
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < heads; ++h)
-            for (int r = 0; r < rows; ++r)
-                for (int c = 0; c < d; ++c)
-                    buf[base + offset(s, heads, rows, d, b, h, r) + c] = (float)x[(((size_t)b * heads + h) * rows + r) * d + c];
-}
-std::vector<double> gather(const std::vector<float>& buf, const GoatStrides& s, int B, int heads, int rows, int d) {
-    std::vector<double> x((size_t)B * heads * rows * d);
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < heads; ++h)
-            for (int r = 0; r < rows; ++r)
-                for (int c = 0; c < d; ++c)
-                    x[(((size_t)b * heads + h) * rows + r) * d + c] = buf[offset(s, heads, rows, d, b, h, r) + c];
-    return x;
 }
 
 void expect_close(const char* name, const std::vector<double>& got, const std::vector<double>& want) {
