@@ -33,6 +33,7 @@
 // the square path's forward for L up to 128 (where AUTO's threshold comes from) and v7's split rule against
 // forced split counts. Steps are timed back to back (a batch of about 2 ms, its mean; median of batches), the cache
 // rotated over enough copies that L2 never holds it. peers.py --decode times PyTorch on the same rows.
+// --decode-one d B H H_kv L L_k: one such shape alone (for a profiler).
 #include "goat.h"
 #include "reference.h"
 
@@ -746,6 +747,18 @@ static double time_forward(const DecodeBuffers& buf, const GoatParams& p, bool p
 
 static const double DECODE_MAX_BYTES = 40e9;  // K + V of a shape the bench allocates (with its peers' copies)
 
+// --decode-one d B H H_kv L L_k: one decode shape, v7 with its planned splits, timed as the table times it (and a
+// handful of calls that a profiler can select: ncu --kernel-name regex:v7)
+static void run_decode_one(const DecodeShape& s) {
+    DecodeBuffers buf(s);
+    const GoatParams p = decode_params(s, GOAT_V7_DECODE_BF16);
+    for (int rep = 0; rep < 5; ++rep) check(goat_forward(buf.with(p, rep, true), 0));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::printf("d=%d B=%d H=%d H_kv=%d L=%d L_k=%d: %.2f us with the prior, %.2f without; %.0f GB/s with\n", s.d, s.B,
+                s.H, s.H_kv, s.L, s.L_k, time_forward(buf, p, true), time_forward(buf, p, false),
+                decode_bytes(s) / (time_forward(buf, p, true) * 1e-6) / 1e9);
+}
+
 // The whole --decode run: copy bandwidth; v7 validated; the table of generation shapes; v7 against the square
 // kernels around AUTO's threshold; v7's split rule against forced split counts.
 static void run_decode(bool quick) {
@@ -836,18 +849,24 @@ static void run_decode(bool quick) {
 
 int main(int argc, char** argv) {
     bool quick = false, general = false, decode = false, versions_given = false;
+    DecodeShape one = {0, 0, 0, 0, 0, 0};  // --decode-one
     std::string versions = "123456";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
         else if (std::strcmp(argv[a], "--general") == 0) general = true;
         else if (std::strcmp(argv[a], "--decode") == 0) decode = true;
+        else if (std::strcmp(argv[a], "--decode-one") == 0 && a + 6 < argc) {
+            one = {std::atoi(argv[a + 1]), std::atoi(argv[a + 2]), std::atoi(argv[a + 3]), std::atoi(argv[a + 4]),
+                   std::atoi(argv[a + 5]), std::atoi(argv[a + 6])};
+            a += 6;
+        }
         else if (std::strcmp(argv[a], "--versions") == 0 && a + 1 < argc &&
                  std::strspn(argv[a + 1], "123456") == std::strlen(argv[a + 1]) && argv[a + 1][0]) {
             versions = argv[++a];
             versions_given = true;
         } else {
             std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456 | --general | "
-                                 "--decode]\n", argv[0]);
+                                 "--decode | --decode-one d B H H_kv L L_k]\n", argv[0]);
             return 2;
         }
     }
@@ -870,6 +889,15 @@ int main(int argc, char** argv) {
         std::printf("bench --general on %s (%d SMs), bf16, GOAT_AUTO, median of %d after %d warm-up\n", prop.name,
                     prop.multiProcessorCount, REPEATS, WARMUP);
         run_general(quick);
+        return 0;
+    }
+    if (one.d) {
+        if ((one.d != 64 && one.d != 128) || one.B < 1 || one.H < 1 || one.H_kv < 1 || one.H % one.H_kv || one.L < 1 ||
+            one.L_k < one.L) {
+            std::fprintf(stderr, "%s: --decode-one needs d in {64, 128}, B, H, H_kv, L >= 1, H_kv | H, L_k >= L\n", argv[0]);
+            return 2;
+        }
+        run_decode_one(one);
         return 0;
     }
     if (decode) {

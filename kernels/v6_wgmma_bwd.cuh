@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     float* shift_s = reinterpret_cast<float*>(smem + T::OFF_SHIFT);
 
     const int H_kv = GENERAL ? a.H_kv : a.H, group = GENERAL ? a.group : 1, shift = GENERAL ? a.shift : 0;
-    const int bkv = goat_grid_row();
-    if (bkv >= a.B * H_kv) return;
+    const int bkv = GENERAL ? goat_grid_row() : (int)blockIdx.y;  // (a square call has B*H <= 65535)
+    if (GENERAL && bkv >= a.B * H_kv) return;
     const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), n_delta = L + L_k - 1;
     const int jt = blockIdx.x, b = bkv / H_kv, hk = bkv % H_kv;
     const int j0 = jt * B_c, n_keys = GENERAL ? a.keys(b) : L;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     const int k_loc0 = 16 * warp + g;
     // The block visits, for each query head h of kv head hk's group (heads outer), the query tiles that see its
     // keys, one (head, tile) pair per step (as v3's backward), walked by counters (no division in the loop)
-    const int it_start = bwd_first_query_tile(a, j0, B_r);
+    const int it_start = GENERAL ? bwd_first_query_tile(a, j0, B_r) : a.causal ? j0 / B_r : 0;
     const int n_it = j0 < n_keys ? T_r - it_start : 0;
     const int n_steps = group * n_it;
     float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
@@ -202,6 +202,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
             diag_s[row * DIAG_P + (c < DIAG_PAD ? c : c + DIAG_W)] = 0.f;
         }
     float u_reg[2] = {0.f, 0.f};  // u (log2 units) of this warp's two keys for the current head
+    auto load_u = [&](int h) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int j = j0 + k_loc0 + 8 * hh;
+            u_reg[hh] = (a.u && j < L_k) ? GOAT_LOG2E * a.u[(size_t)h * L_k + j] : 0.f;
+        }
+    };
+    if (!GENERAL) load_u(hk);  // (a square call's one head: before the loop)
     float du_acc[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
@@ -276,16 +284,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     fence_regs(Sf);
     fence_regs(dPf);
 
-    for (int step = 0; step < n_steps; ++step) {
-        const int buf = step & 1, i0 = it * B_r;
-        const bool has_next = step + 1 < n_steps, head_start = it == it_start, head_end = it == T_r - 1;
-        if (GENERAL ? head_start : step == 0) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int j = j0 + k_loc0 + 8 * hh;
-                u_reg[hh] = (a.u && j < L_k) ? GOAT_LOG2E * a.u[(size_t)h * L_k + j] : 0.f;
-            }
-        }
+    // square: the counter is the query tile itself (step = it, from it_start to T_r), so that the loop carries one
+    // induction variable, as it did before the general form
+    const int step0 = GENERAL ? 0 : it_start, step_end = GENERAL ? n_steps : T_r;
+    for (int step = step0; step < step_end; ++step) {
+        if (!GENERAL) it = step;
+        const int buf = (step - step0) & 1, i0 = it * B_r;
+        const bool has_next = step + 1 < step_end, head_start = it == it_start, head_end = it == T_r - 1;
+        if (GENERAL && head_start) load_u(h);
 
         // phases 2 and 3, per half hf of the query tile (one half at B_r = 64): its S^T, dP^T have landed
         const float* kap = kappa_s + buf * KW_PAD;
@@ -374,12 +380,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         fence_proxy_async();
         __syncthreads();
         float next_lse2 = 0.f, next_D = 0.f;
-        const bool has_next2 = step + 2 < n_steps;
+        const bool has_next2 = step + 2 < step_end;
+        if (!GENERAL) it2 = it + 2;
         if (has_next2) {
             load_q(h2, it2, buf);
             if (tid < B_r) row_stats(h2, it2, tid, next_lse2, next_D);
         }
-        advance(h2, it2);
+        if (GENERAL) advance(h2, it2);
         cp_async_commit();
 
         // phase 5: dQ_i += dS K_j, added to the fp32 dQ (other orders measured slower: docs/PERF.md)
@@ -402,7 +409,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w)  // entry y = x - DIAG_PAD + 16 w (zero outside [0, B_r + 14])
                 s += diag_s[(buf * NWARPS + w) * DIAG_P + x + 16 * w];
-            if (x < B_r || head_end) {
+            if (x < B_r || (GENERAL && head_end)) {  // (square: the last tile's open diagonals after the loop)
                 const int delta = (i0 - j0) - (B_c - 1) + x;
                 if (delta >= -(L_k - 1) && delta <= L - 1 - j0)
                     atomicAdd(a.dkappa + (size_t)h * n_delta + delta + L_k - 1, s);
@@ -420,7 +427,16 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         wgmma_wait<0>();
         fence_regs(Sf);
         fence_regs(dPf);
-        advance(h, it);
+        if (GENERAL) advance(h, it);
+    }
+    if (DKAPPA && !GENERAL) {  // the diagonals still open after a square call's last query tile (buffer last)
+        __syncthreads();
+        const int last = (T_r - 1 - it_start) & 1;
+        if (tid < B_c - 1) {
+            const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
+            if (delta >= -(L - 1) && delta <= L - 1 - j0)
+                atomicAdd(a.dkappa + (size_t)hk * n_delta + delta + L - 1, shift_s[last * B_c + tid]);
+        }
     }
 
     // phase 9: dK_j = scale dS^T Q, dV_j (bf16), summed over the group's query heads

@@ -14,10 +14,10 @@
 //   - within a block the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 / WR
 //     groups of keys), each warp with its own online softmax; the warps' (m, l, O) are combined in shared memory
 //     at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in fp32;
-//   - K, V tiles stream through a 3-stage cp.async pipeline (two tiles in flight while one is computed); the prior
+//   - K, V tiles stream through a cp.async pipeline (64 KB in flight per block: V7Cfg::NSTAGE); the prior
 //     entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the
-//     overlap between rows, and the lines are prefetched into it with the tile's K, V) before each tile's product,
-//     into one register per score; the mask is goat.h's;
+//     overlap between rows, and the lines are prefetched into it with the tile's K, V) a tile ahead, into one
+//     register per score; the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s.
 // Rounding as v3: q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
 // rounded once at the end.
@@ -32,11 +32,10 @@
 constexpr int GOAT_DECODE_MAX_L = 16;
 
 constexpr int V7_B_c = 64;         // keys per pipeline stage
-constexpr int V7_NSTAGE = 3;       // stages of the cp.async pipeline
 constexpr int V7_NTHREADS = 128;   // 4 warps
 
 // The shape of a block for WR warps along the rows: ROWS = 16 WR rows, WK = 4 / WR warps along the keys, each
-// taking KW keys of every tile. Shared memory: the Q rows, then V7_NSTAGE stages of (K tile, V tile); after the
+// taking KW keys of every tile. Shared memory: the Q rows, then NSTAGE stages of (K tile, V tile); after the
 // loop the stages hold the warps' (O, m, l) for the block's combine.
 template <int D, int WR>
 struct V7Cfg {
@@ -44,10 +43,13 @@ struct V7Cfg {
     static constexpr size_t OFF_Q = 0;
     static constexpr size_t OFF_KV = (size_t)ROWS * D * 2;
     static constexpr size_t STAGE = (size_t)2 * V7_B_c * D * 2;  // K then V
-    static constexpr size_t SMEM = OFF_KV + V7_NSTAGE * STAGE;
+    // a block streams at about (bytes in flight) / (memory latency), so both head dimensions keep 64 KB of K, V
+    // in flight (NSTAGE - 1 tiles load while one is computed)
+    static constexpr int NSTAGE = D == 64 ? 5 : 3;
+    static constexpr size_t SMEM = OFF_KV + NSTAGE * STAGE;
     static_assert(WR == 1 || WR == 2 || WR == 4, "4 warps: 1, 2 or 4 of them along the rows");
     static_assert(NT_S % 2 == 0, "a warp's keys per tile must be a multiple of 16");
-    static_assert((size_t)WK * ROWS * (D + 2) * 4 <= V7_NSTAGE * STAGE, "the block's combine must fit in the stages");
+    static_assert((size_t)WK * ROWS * (D + 2) * 4 <= NSTAGE * STAGE, "the block's combine must fit in the stages");
 };
 
 // The bf16 arguments plus v7's plan: n_splits chunks of `chunk` keys, n_row_chunks blocks of rows per (b, kv
@@ -62,6 +64,14 @@ struct V7Args : Bf16Args {
 template <int N>
 static __device__ __forceinline__ void cp_async_wait_n() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// A read-only global load that stays where it is written: a volatile asm is not moved across the other volatile
+// asms (mma.sync, ldmatrix, cp.async), so a load issued a tile ahead is not sunk next to its use by the compiler.
+static __device__ __forceinline__ float ldg_in_order(const float* p) {
+    float x;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(x) : "l"(p));
+    return x;
 }
 
 // Grid (n_splits * n_row_chunks, B*H_kv via goat_grid); V7_NTHREADS threads.
@@ -93,7 +103,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     // L2, but a load from there would stall the tile's softmax)
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
-        bf16* K_t = reinterpret_cast<bf16*>(stages + (jt % V7_NSTAGE) * C::STAGE);
+        bf16* K_t = reinterpret_cast<bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
         load_tile_swz<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row);
         load_tile_swz<D, B_c, V7_NTHREADS>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row);
         const int rr = r0 + (int)threadIdx.x / 2, j1 = min(j0 + B_c, j_end) - 1;  // keys j0 .. j1
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         }
     };
 
-    // the Q rows (zero past n_rows), then the first V7_NSTAGE - 1 key tiles, one cp.async group each
+    // the Q rows (zero past n_rows), then the first NSTAGE - 1 key tiles, one cp.async group each
     for (int c = threadIdx.x; c < ROWS * CH; c += V7_NTHREADS) {
         const int r = c / CH, cc = c % CH, rr = r0 + r;
         const bool valid = rr < n_rows;
@@ -124,7 +134,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     }
     cp_async_commit();
 #pragma unroll
-    for (int s = 0; s < V7_NSTAGE - 1; ++s) {
+    for (int s = 0; s < C::NSTAGE - 1; ++s) {
         if (s < n_kt) load_kv(s);
         cp_async_commit();
     }
@@ -143,7 +153,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         u_row[hh] = a.u && valid ? a.u + (size_t)h * a.L_k : nullptr;
     }
 
-    cp_async_wait_n<V7_NSTAGE - 1>();  // the Q group
+    cp_async_wait_n<C::NSTAGE - 1>();  // the Q group
     __syncthreads();
     uint32_t Q_frag[D / 16][4];
 #pragma unroll
@@ -166,25 +176,27 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             for (int e = 0; e < 4; ++e) {
                 const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
                 const bool in = j < j_end;
-                const float kap = kap_row[hh] && in ? __ldg(kap_row[hh] - j) : 0.f;
-                const float uu = u_row[hh] && in ? __ldg(u_row[hh] + j) : 0.f;
+                const float kap = kap_row[hh] && in ? ldg_in_order(kap_row[hh] - j) : 0.f;
+                const float uu = u_row[hh] && in ? ldg_in_order(u_row[hh] + j) : 0.f;
                 pri[n][e] = goat_logit_log2(0.f, 0.f, kap, GOAT_LOG2E * uu);
             }
     };
+    float pri[NT_S][4];
+    load_prior(pri, 0);
 
     for (int jt = 0; jt < n_kt; ++jt) {
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
-        cp_async_wait_n<V7_NSTAGE - 2>();
+        cp_async_wait_n<C::NSTAGE - 2>();
         __syncthreads();
-        if (jt + V7_NSTAGE - 1 < n_kt) load_kv(jt + V7_NSTAGE - 1);
+        if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
         cp_async_commit();
 
-        const bf16* K_t = reinterpret_cast<const bf16*>(stages + (jt % V7_NSTAGE) * C::STAGE);
+        const bf16* K_t = reinterpret_cast<const bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
         const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
 
-        // the prior of this warp's scores, loaded before the product so that their latency overlaps it
-        float pri[NT_S][4];
-        load_prior(pri, jt);
+        // the next tile's prior, issued now: its loads' latency (L2, under the K, V traffic) hides behind this tile
+        float pri_next[NT_S][4];
+        load_prior(pri_next, jt + 1);
 
         // S = Q K^T for this warp's 16 rows and KW keys
         float S[NT_S][4];
@@ -240,6 +252,10 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             }
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pri[n][e] = pri_next[n][e];
     }
 
     // the block's combine: every warp's (O, m, l) into the stages, then each row's WK parts summed
