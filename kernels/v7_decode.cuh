@@ -14,10 +14,10 @@
 //   - within a block the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 / WR
 //     groups of keys), each warp with its own online softmax; the warps' (m, l, O) are combined in shared memory
 //     at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in fp32;
-//   - K, V tiles stream through a cp.async pipeline (64 KB in flight per block: V7Cfg::NSTAGE); the prior
+//   - K, V tiles stream through a 3-stage cp.async pipeline (two tiles in flight while one is computed); the prior
 //     entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the
-//     overlap between rows, and the lines are prefetched into it with the tile's K, V) a tile ahead, into one
-//     register per score; the mask is goat.h's;
+//     overlap between rows, and the lines are prefetched into it with the tile's K, V) before each tile's
+//     product, into one register per score; the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s.
 // Rounding as v3: q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
 // rounded once at the end.
@@ -43,9 +43,8 @@ struct V7Cfg {
     static constexpr size_t OFF_Q = 0;
     static constexpr size_t OFF_KV = (size_t)ROWS * D * 2;
     static constexpr size_t STAGE = (size_t)2 * V7_B_c * D * 2;  // K then V
-    // a block streams at about (bytes in flight) / (memory latency), so both head dimensions keep 64 KB of K, V
-    // in flight (NSTAGE - 1 tiles load while one is computed)
-    static constexpr int NSTAGE = D == 64 ? 5 : 3;
+    // NSTAGE - 1 tiles load while one is computed (more stages at d = 64 measured slower: fewer resident blocks)
+    static constexpr int NSTAGE = 3;
     static constexpr size_t SMEM = OFF_KV + NSTAGE * STAGE;
     static_assert(WR == 1 || WR == 2 || WR == 4, "4 warps: 1, 2 or 4 of them along the rows");
     static_assert(NT_S % 2 == 0, "a warp's keys per tile must be a multiple of 16");
@@ -64,14 +63,6 @@ struct V7Args : Bf16Args {
 template <int N>
 static __device__ __forceinline__ void cp_async_wait_n() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// A read-only global load that stays where it is written: a volatile asm is not moved across the other volatile
-// asms (mma.sync, ldmatrix, cp.async), so a load issued a tile ahead is not sunk next to its use by the compiler.
-static __device__ __forceinline__ float ldg_in_order(const float* p) {
-    float x;
-    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(x) : "l"(p));
-    return x;
 }
 
 // Grid (n_splits * n_row_chunks, B*H_kv via goat_grid); V7_NTHREADS threads.
@@ -176,13 +167,11 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             for (int e = 0; e < 4; ++e) {
                 const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
                 const bool in = j < j_end;
-                const float kap = kap_row[hh] && in ? ldg_in_order(kap_row[hh] - j) : 0.f;
-                const float uu = u_row[hh] && in ? ldg_in_order(u_row[hh] + j) : 0.f;
+                const float kap = kap_row[hh] && in ? __ldg(kap_row[hh] - j) : 0.f;
+                const float uu = u_row[hh] && in ? __ldg(u_row[hh] + j) : 0.f;
                 pri[n][e] = goat_logit_log2(0.f, 0.f, kap, GOAT_LOG2E * uu);
             }
     };
-    float pri[NT_S][4];
-    load_prior(pri, 0);
 
     for (int jt = 0; jt < n_kt; ++jt) {
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
@@ -194,9 +183,10 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         const bf16* K_t = reinterpret_cast<const bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
         const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
 
-        // the next tile's prior, issued now: its loads' latency (L2, under the K, V traffic) hides behind this tile
-        float pri_next[NT_S][4];
-        load_prior(pri_next, jt + 1);
+        // the prior of this warp's scores, loaded before the product so that their latency overlaps it (loading
+        // it a tile ahead measured slower: docs/PERF.md)
+        float pri[NT_S][4];
+        load_prior(pri, jt);
 
         // S = Q K^T for this warp's 16 rows and KW keys
         float S[NT_S][4];
@@ -252,10 +242,6 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             }
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pri[n][e] = pri_next[n][e];
     }
 
     // the block's combine: every warp's (O, m, l) into the stages, then each row's WK parts summed
