@@ -16,7 +16,7 @@
 //   kernels/v5_wgmma_tma.cuh  v5  warp-specialised forward: TMA producer, consumer warpgroups (sm_90a)
 //   kernels/v6_wgmma_bwd.cuh  v6  v5's forward + the backward on wgmma (sm_90a): AUTO's choice on Hopper
 //   kernels/v7_decode.cuh     v7  the forward for a few queries against a long cache: keys split across blocks
-//                                 (every GPU from 8.0; read after v3): AUTO's forward when L <= GOAT_DECODE_MAX_L
+//                                 (every GPU from 8.0; read after v3): AUTO's forward for decode steps (v7_preferred)
 //
 // Every version ends with the same launcher block (vN_forward, vN_backward, and the workspace it needs);
 // the dispatcher below picks one. Each kernel has a CPU twin in reference.cpp: goat_forward_cpu /
@@ -49,7 +49,7 @@
 int goat_resolve_version(const GoatParams& p) {
     if (p.version != GOAT_AUTO) return p.version;
     if (p.dtype != GOAT_BF16) return GOAT_V2_TILED;
-    if (bf16_supports(p) && p.L <= GOAT_DECODE_MAX_L) return GOAT_V7_DECODE_BF16;
+    if (bf16_supports(p) && v7_preferred(p)) return GOAT_V7_DECODE_BF16;
     return sm90a_supports(p) ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16;
 }
 

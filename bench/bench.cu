@@ -26,7 +26,8 @@
 // Buffers are allocated per shape and freed after; inputs rotate as above. --quick: the first shape of each kind,
 // d = 64.
 //
-// --decode: generation steps on v7 (what AUTO picks for L <= 16): L in {1, 4, 16} new queries (causal, at the end
+// --decode: generation steps as GOAT_AUTO runs them (v7, or the square path's forward where v7_preferred says so):
+// L in {1, 4, 16} new queries (causal, at the end
 // of the cache) against caches of L_k in {1k, 8k, 32k, 128k}, B in {1, 8, 64}, H = 32, H_kv in {32, 8}, d in {128,
 // 64} (shapes whose K and V exceed 40 GB are skipped), as microseconds per step and bandwidth (K, V, the tables,
 // q, o, lse over the time) against the device-to-device copy bandwidth measured in the same run; then v7 against
@@ -806,7 +807,8 @@ static void run_decode(bool quick) {
                     }
     std::printf("(us: microseconds per step with the prior (kappa, u), mean of back-to-back calls, median of %d "
                 "batches; GB/s: K, V, the tables, q, o and lse over that time; of-copy: against the copy bandwidth "
-                "above; splits: v7's planned count (about: from its workspace); prior: time with / without)\n",
+                "above; splits: v7's planned count (from the workspace it asks for), 0 where AUTO runs the square "
+                "path's forward (v7_preferred); prior: time with / without)\n",
                 REPEATS);
 
     // AUTO's threshold: v7 against the square path's forward for growing L
@@ -815,7 +817,8 @@ static void run_decode(bool quick) {
                 goat_version_name(square));
     std::printf("%4s %3s %3s %4s %6s %4s %10s %10s %8s\n", "d", "B", "H", "H_kv", "L_k", "L", "v7", "square", "v7/sq");
     for (int d : ds)
-        for (const DecodeShape& base : {DecodeShape{d, 8, 32, 8, 0, 8192}, DecodeShape{d, 64, 32, 32, 0, 1024}})
+        for (const DecodeShape& base : {DecodeShape{d, 8, 32, 8, 0, 8192}, DecodeShape{d, 64, 32, 32, 0, 1024},
+                                        DecodeShape{d, 8, 32, 32, 0, 8192}, DecodeShape{d, 16, 32, 32, 0, 8192}})
             for (int L : {1, 4, 16, 32, 64, 128}) {
                 DecodeShape s = base;
                 s.L = L;

@@ -52,8 +52,8 @@ copies so that L2 (about 60 MB) never holds the next call's cache. One row's inp
 of 34 GB; K' is built set by set in K's place, and for one set only if all sets plus one K' would pass 60 GB).
 The calls come from Python: where a step's GPU time is below PyTorch's cost per call on the CPU, that cost is
 what is measured (as for a model that calls SDPA eagerly, without CUDA graphs).
-One table: per row ours (microseconds with the prior, v7's planned splits, GB/s and % of the copy bandwidth, as
-bench reports them), each route's microseconds, the fastest route that ran and ours vs it (its time / ours; above
+One table: per row ours (microseconds with the prior, what AUTO ran: v7 and its planned splits or v6, GB/s and %
+of the copy bandwidth, as bench reports them), each route's microseconds, the fastest route that ran and ours vs it (its time / ours; above
 1: ours faster); then the minimum and median of that ratio over the rows and in how many ours beats every route.
 
 Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench | --bench-log FILE]
@@ -531,14 +531,15 @@ def main_decode(args, device):
             torch.cuda.empty_cache()
 
     print("\nmicroseconds per generation step (ours: with the prior; sdpa-*: without; packing: with, in lanes)")
-    print("| d | B | H_kv | L | L_k | ours us (splits) | ours GB/s (% of copy) | "
+    print("| d | B | H_kv | L | L_k | ours us (version, splits) | ours GB/s (% of copy) | "
           + " | ".join(f"{p} us" for p in DECODE_PATHS) + " | best PyTorch | ours vs best |")
     print("|---" * (7 + len(DECODE_PATHS) + 2) + "|")
     ratios, wins = [], 0
     for (shape, mine), theirs in zip(rows, peers):
         d, B, H, H_kv, L, L_k = shape
         splits, us, _, gbs, of_copy = mine
-        cells = [str(x) for x in (d, B, H_kv, L, L_k)] + [f"{us:.2f} ({splits})", f"{gbs:.0f} ({of_copy:.1f}%)"]
+        which = f"v7, {splits}" if splits else "v6"  # bench: splits 0 = AUTO ran the square path's forward
+        cells = [str(x) for x in (d, B, H_kv, L, L_k)] + [f"{us:.2f} ({which})", f"{gbs:.0f} ({of_copy:.1f}%)"]
         cells += [f"{theirs[p]:.2f}" if isinstance(theirs[p], float) else f"n/a ({theirs[p]})" for p in DECODE_PATHS]
         ran = [(theirs[p], p) for p in DECODE_PATHS if isinstance(theirs[p], float)]
         if ran:
@@ -549,8 +550,8 @@ def main_decode(args, device):
         else:
             cells += ["none ran", "n/a"]
         print("| " + " | ".join(cells) + " |")
-    print("(ours vs best: the fastest PyTorch route's microseconds / ours; above 1: ours faster. splits: v7's planned "
-          "count as bench reports it; GB/s and % of copy: bench's. sdpa-*: H_kv < H by enable_gqa=True, L > 1 with "
+    print("(ours vs best: the fastest PyTorch route's microseconds / ours; above 1: ours faster. ours: what GOAT_AUTO "
+          "ran, v7 with its planned split count as bench reports it, or v6 (the square path's forward); GB/s and % of copy: bench's. sdpa-*: H_kv < H by enable_gqa=True, L > 1 with "
           "the bottom-right mask (flash: causal_lower_right; cuDNN, efficient: boolean); packing: default backend, "
           "K' built before timing, q' in the timed call, u per kv head)")
     if ratios:

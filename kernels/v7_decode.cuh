@@ -27,9 +27,23 @@
 
 #include <cmath>
 
-// AUTO picks v7 for the forward when a call has at most this many queries per sequence (bench --decode measures
-// v7 against v3-v6 around it: docs/PERF.md)
+// AUTO's forward for a call of at most this many queries per sequence, when v7_preferred says so (bench --decode
+// measures v7 against the square path's forward around it: docs/PERF.md)
 constexpr int GOAT_DECODE_MAX_L = 16;
+
+// Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
+// v7 reads K, V once per group, the square path once per query head) or when the square path's one block per
+// (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head attention) the
+// square path's forward streams the keys as fast or faster (v5 at d = 64 by 1.5x: docs/PERF.md).
+static bool v7_preferred(const GoatParams& p) {
+    if (p.L > GOAT_DECODE_MAX_L) return false;
+    if (p.H_kv != 0 && p.H_kv != p.H) return true;
+    int dev = 0, n_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+    cudaGetLastError();
+    return (long long)p.B * p.H <= n_sm;
+}
 
 constexpr int V7_B_c = 64;         // keys per pipeline stage
 constexpr int V7_NTHREADS = 128;   // 4 warps

@@ -299,9 +299,13 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
     CUDA_REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
     CUDA_REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
     const bool v6_here = major == 9 && minor == 0 && build_has_sm90a();
-    auto_f32.L = 17;  // (goat.h: up to 16 queries per sequence AUTO picks v7, on every GPU)
+    auto_f32.L = 17;  // (goat.h: AUTO's forward is v7 for decode steps, L <= 16, on every GPU)
     CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
     auto_f32.L = 16;
+    CHECK(goat_resolve_version(auto_f32) == GOAT_V7_DECODE_BF16);
+    auto_f32.B = 100000;  // many sequences of multi-head attention: the square path's forward (v7_preferred)
+    CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
+    auto_f32.H_kv = 1;  // GQA: v7
     CHECK(goat_resolve_version(auto_f32) == GOAT_V7_DECODE_BF16);
     CHECK(goat_backward_workspace_size(good) > 0);
 }
