@@ -80,6 +80,7 @@
 #ifdef __CUDACC__
 #include "goat.h"
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -1684,25 +1685,30 @@ void free_gpu_model(GpuModel* m) {
     *m = GpuModel();
 }
 
+// The learned prior's tables of every layer from its current parameters: built on the host (copied down, L*P
+// floats) and uploaded. Fixed priors were uploaded once by build_gpu_model.
+void upload_prior_tables(GpuModel* m) {
+    const ModelConfig& c = m->cfg;
+    if (c.prior != PRIOR_GOAT) return;
+    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
+    CUDA_CHECK(cudaMemcpy(m->h_prior.data(), m->p.prior, m->h_prior.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int l = 0; l < c.n_layer; ++l)
+        prior_tables(c, m->h_prior.data() + l * prior_size(c), m->h_kappa.data() + l * nk, m->h_u.data() + l * nu);
+    CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), c.n_layer * nk * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), c.n_layer * nu * sizeof(float), cudaMemcpyHostToDevice));
+}
+
 // The same forward as cpu_forward, line for line, on the device. The GOAT prior tables are built on the host
-// from the prior parameters (copied down, L*P floats) and uploaded: O(H T R) host work per layer per step,
-// small next to the attention's O(B H T^2 d).
+// (upload_prior_tables): O(H T R) host work per layer per step, small next to the attention's O(B H T^2 d).
 double gpu_forward(GpuModel* m, const int* inputs, const int* targets, int B) {
     const ModelConfig& c = m->cfg;
     const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
-    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
     Params<float>& p = m->p;
     Activations<float>& a = m->a;
     if (B > m->B) throw RunError("gpu_forward: batch larger than the buffers");
     CUDA_CHECK(cudaMemcpy(m->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
     if (targets) CUDA_CHECK(cudaMemcpy(m->targets, targets, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
-    if (c.prior == PRIOR_GOAT) {
-        CUDA_CHECK(cudaMemcpy(m->h_prior.data(), p.prior, m->h_prior.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        for (int l = 0; l < L; ++l)
-            prior_tables(c, m->h_prior.data() + l * prior_size(c), m->h_kappa.data() + l * nk, m->h_u.data() + l * nu);
-        CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), L * nk * sizeof(float), cudaMemcpyHostToDevice));
-        CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), L * nu * sizeof(float), cudaMemcpyHostToDevice));
-    }
+    upload_prior_tables(m);
 
     LAUNCH_CHECK((encoder_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
         a.encoded, m->inputs, p.wte, c.prior == PRIOR_ABS ? p.wpe : nullptr, B, T, C)));
@@ -1805,6 +1811,121 @@ double gpu_update(GpuModel* m, const OptimConfig& o, double lr) {
                      (float)(PARAM_DECAY[i] ? o.weight_decay : 0.0), (float)scale, (float)bc1, (float)bc2)));
     }
     return norm;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// generation on the GPU: one token at a time against a key/value cache
+//
+// A full forward per generated token redoes every earlier position. Instead each layer keeps the keys and values
+// of the tokens so far (bf16, [H][T][d]) and a step runs the model on the new token alone: its q, k, v, then
+// attention of one query against the cache through goat_forward with the general fields (L = 1, L_k = tokens so
+// far, q_pos0 = its position, k_pos0 = 0), which AUTO answers with v7, the split-key decode kernel. The prior's
+// tables for that call are views of the training tables (kappa at distances 0..pos, u at keys 0..pos).
+
+// bf16 rows: dst[r * dst_stride + c] = src[r * d + c] (a head's q, k or v into the cache or the query buffer)
+__global__ void rows_to_bf16_kernel(__nv_bfloat16* dst, size_t dst_stride, const float* src, int rows, int d) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows * d; i += gridDim.x * blockDim.x)
+        dst[(size_t)(i / d) * dst_stride + i % d] = __float2bfloat16(src[i]);
+}
+__global__ void bf16_to_float_kernel(float* dst, const __nv_bfloat16* src, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = __bfloat162float(src[i]);
+}
+
+struct GpuDecoder {
+    int pos = 0;                                // tokens in the cache: the next token's position
+    __nv_bfloat16 *k = nullptr, *v = nullptr;   // (L,H,T,d) the cache
+    __nv_bfloat16 *q = nullptr, *o = nullptr;   // (H,d) this token's query, its attention output
+    float *lse = nullptr;                       // (H)
+    float *kappa = nullptr, *u = nullptr;       // (H,T) this step's tables
+    int* token = nullptr;                       // (1)
+};
+
+// The decode kernels take bf16 heads of 64 or 128 (goat.h); other head sizes sample by full forwards.
+bool gpu_decoder_supported(const ModelConfig& c) {
+    const int d = c.C / c.n_head;
+    return d == 64 || d == 128;
+}
+
+void build_gpu_decoder(GpuDecoder* dec, GpuModel* m) {
+    const ModelConfig& c = m->cfg;
+    const size_t cache = (size_t)c.n_layer * c.n_head * c.T * (c.C / c.n_head), nt = (size_t)c.n_head * c.T;
+    CUDA_CHECK(cudaMalloc(&dec->k, cache * 2));
+    CUDA_CHECK(cudaMalloc(&dec->v, cache * 2));
+    CUDA_CHECK(cudaMalloc(&dec->q, (size_t)c.C * 2));
+    CUDA_CHECK(cudaMalloc(&dec->o, (size_t)c.C * 2));
+    CUDA_CHECK(cudaMalloc(&dec->lse, (size_t)c.n_head * 4));
+    CUDA_CHECK(cudaMalloc(&dec->kappa, nt * 4));
+    CUDA_CHECK(cudaMalloc(&dec->u, nt * 4));
+    CUDA_CHECK(cudaMalloc(&dec->token, sizeof(int)));
+    dec->pos = 0;
+    upload_prior_tables(m);   // the tables of the weights being sampled from
+}
+
+void free_gpu_decoder(GpuDecoder* dec) {
+    for (void* x : {(void*)dec->k, (void*)dec->v, (void*)dec->q, (void*)dec->o, (void*)dec->lse, (void*)dec->kappa,
+                    (void*)dec->u, (void*)dec->token})
+        if (x) CUDA_CHECK(cudaFree(x));
+    *dec = GpuDecoder();
+}
+
+// Feeds `token` at position dec->pos (< T) through the model and writes the next token's logits (V, host).
+void gpu_decode_step(GpuModel* m, GpuDecoder* dec, int token, float* logits) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, pos = dec->pos;
+    if (pos >= T) throw RunError("gpu_decode_step: the cache is full");
+    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T, head = (size_t)T * d;
+    const Params<float>& p = m->p;
+    const Activations<float>& a = m->a;
+    CUDA_CHECK(cudaMemcpy(dec->token, &token, sizeof(int), cudaMemcpyHostToDevice));
+    LAUNCH_CHECK((encoder_forward_kernel<<<grid_for(C), THREADS>>>(
+        a.encoded, dec->token, p.wte, c.prior == PRIOR_ABS ? p.wpe + (size_t)pos * C : nullptr, 1, 1, C)));
+    const float* x = a.encoded;
+    for (int l = 0; l < c.n_layer; ++l) {
+        LayerParams<float> lp = layer_params(p, c, l);
+        LayerActs<float> la = layer_acts(a, c, m->B, l);   // row 0 of each buffer
+        LAUNCH_CHECK((layernorm_forward_kernel<<<1, THREADS>>>(la.ln1, la.ln1_mean, la.ln1_rstd, x, lp.ln1w, lp.ln1b, 1, C)));
+        matmul_forward_gpu(m->cublas, la.qkv, la.ln1, lp.wqkv, 1, C, 3 * C);
+        LAUNCH_CHECK((split_heads_kernel<<<grid_for(C), THREADS>>>(la.q, la.k, la.v, la.qkv, 1, 1, H, d)));
+        __nv_bfloat16* k_l = dec->k + (size_t)l * H * head;
+        __nv_bfloat16* v_l = dec->v + (size_t)l * H * head;
+        LAUNCH_CHECK((rows_to_bf16_kernel<<<grid_for(C), THREADS>>>(dec->q, d, la.q, H, d)));
+        LAUNCH_CHECK((rows_to_bf16_kernel<<<grid_for(C), THREADS>>>(k_l + (size_t)pos * d, head, la.k, H, d)));
+        LAUNCH_CHECK((rows_to_bf16_kernel<<<grid_for(C), THREADS>>>(v_l + (size_t)pos * d, head, la.v, H, d)));
+        GoatParams gp;
+        gp.B = 1; gp.H = H; gp.L = 1; gp.d = d;
+        gp.scale = (float)(1.0 / std::sqrt((double)d));
+        gp.causal = true;
+        gp.dtype = GOAT_BF16;
+        gp.L_k = pos + 1;           // the cache, this token's key included
+        gp.q_pos0 = pos;            // the query's position; keys at 0..pos (k_pos0 = 0)
+        gp.k_stride = gp.v_stride = {(long long)(H * head), (long long)head, (long long)d};   // [H][T][d], T rows of room
+        gp.q = dec->q; gp.k = k_l; gp.v = v_l;
+        gp.o = dec->o; gp.lse = dec->lse;
+        if (m->tables) {  // goat.h: kappa[h][x] at distance x (x = 0..pos), u[h][j] at key j: views of the training tables
+            CUDA_CHECK(cudaMemcpy2D(dec->kappa, (pos + 1) * 4, m->kappa + l * nk + (T - 1), (2 * T - 1) * 4,
+                                    (pos + 1) * 4, H, cudaMemcpyDeviceToDevice));
+            CUDA_CHECK(cudaMemcpy2D(dec->u, (pos + 1) * 4, m->u + l * nu, T * 4, (pos + 1) * 4, H,
+                                    cudaMemcpyDeviceToDevice));
+            gp.kappa = dec->kappa;
+            gp.u = dec->u;
+        }
+        GOAT_CHECK(goat_forward(gp, 0));
+        LAUNCH_CHECK((bf16_to_float_kernel<<<grid_for(C), THREADS>>>(la.atto, dec->o, C)));
+        LAUNCH_CHECK((merge_heads_kernel<<<grid_for(C), THREADS>>>(la.atty, la.atto, 1, 1, H, d)));
+        matmul_forward_gpu(m->cublas, la.attproj, la.atty, lp.wo, 1, C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for(C), THREADS>>>(la.resid2, x, la.attproj, (size_t)C)));
+        LAUNCH_CHECK((layernorm_forward_kernel<<<1, THREADS>>>(la.ln2, la.ln2_mean, la.ln2_rstd, la.resid2, lp.ln2w, lp.ln2b, 1, C)));
+        matmul_forward_gpu(m->cublas, la.fch, la.ln2, lp.wfc, 1, C, 4 * C);
+        LAUNCH_CHECK((gelu_forward_kernel<<<grid_for(4 * C), THREADS>>>(la.fch_gelu, la.fch, (size_t)4 * C)));
+        matmul_forward_gpu(m->cublas, la.fcproj, la.fch_gelu, lp.wproj, 1, 4 * C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for(C), THREADS>>>(la.resid3, la.resid2, la.fcproj, (size_t)C)));
+        x = la.resid3;
+    }
+    LAUNCH_CHECK((layernorm_forward_kernel<<<1, THREADS>>>(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb, 1, C)));
+    matmul_forward_gpu(m->cublas, a.logits, a.lnf, p.wte, 1, C, V);
+    CUDA_CHECK(cudaMemcpy(logits, a.logits, (size_t)V * sizeof(float), cudaMemcpyDeviceToHost));
+    dec->pos = pos + 1;
 }
 #else
 bool gpu_available() { return false; }
@@ -2084,8 +2205,35 @@ int run_compare(const Options& o, const ModelConfig& c, const Dataset& ds, const
 // ----------------------------------------------------------------------------------------------------------
 // output: progress, samples, the learned prior
 
-// Generates n tokens after a one-token prompt, with a sliding window of T; temperature 0 is greedy.
-std::string sample_text(Trainer* tr, const Dataset& ds, int n, double temperature, uint64_t seed) {
+// How a sample was generated (sample_text fills it).
+struct SampleReport {
+    bool kv_cache = false;        // one token per step through the GPU's key/value cache (else a full forward each)
+    int steps = 0;                // model steps run (a full window refilled counts each of its tokens)
+    double seconds = 0;
+    int checked = 0;              // the first steps also run as full forwards: how many
+    double max_rel_diff = 0;      // and the largest |logit difference| over the largest |logit| among them
+};
+
+// Picks the next token from logits: temperature 0 is greedy.
+int sample_next(const std::vector<float>& logits, double temperature, Rng& rng, std::vector<double>* prob) {
+    const int V = (int)logits.size();
+    if (temperature <= 0) return (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    double mx = *std::max_element(logits.begin(), logits.end()), sum = 0;
+    for (int i = 0; i < V; ++i) sum += (*prob)[i] = std::exp((logits[i] - mx) / temperature);
+    double r = rng.uniform() * sum;
+    int next = 0;
+    for (; next < V - 1 && r >= (*prob)[next]; ++next) r -= (*prob)[next];
+    return next;
+}
+
+// Generates n tokens after a one-token prompt, the context a window of at most T tokens at positions 0... On the
+// CPU (and for heads goat.h's bf16 kernels do not take) each token runs a full forward of its window. On the GPU
+// a key/value cache holds the window's keys and values and each token runs the model on itself alone
+// (gpu_decode_step); when the window outgrows T the cache restarts from the last T/2 tokens. The first steps
+// are also run as full forwards and the largest logit difference is reported (the cache path's attention is
+// bf16, the full forward's fp32).
+std::string sample_text(Trainer* tr, const Dataset& ds, int n, double temperature, uint64_t seed,
+                        SampleReport* report) {
     const int T = tr->cfg.T, V = tr->cfg.V;
     Rng rng(seed);
     std::vector<int> seq;
@@ -2098,23 +2246,59 @@ std::string sample_text(Trainer* tr, const Dataset& ds, int n, double temperatur
         seq.push_back((int)(rng.next() % V));
     }
     std::vector<int> window(T, 0);
-    std::vector<float> logits(V);
+    std::vector<float> logits(V), full(V);
     std::vector<double> prob(V);
-    for (int k = 0; k < n; ++k) {
-        const int w = std::min((int)seq.size(), T);
-        std::copy(seq.end() - w, seq.end(), window.begin());
-        trainer_logits(tr, window.data(), w - 1, logits.data());
-        int next = 0;
-        if (temperature <= 0) {
-            next = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
-        } else {
-            double mx = *std::max_element(logits.begin(), logits.end()), sum = 0;
-            for (int i = 0; i < V; ++i) sum += prob[i] = std::exp((logits[i] - mx) / temperature);
-            double r = rng.uniform() * sum;
-            for (next = 0; next < V - 1 && r >= prob[next]; ++next) r -= prob[next];
+    SampleReport rep;
+    const double t0 = now_seconds();
+    // a full forward of the last w tokens (at positions 0..w-1): the logits after the last
+    auto full_logits = [&](const std::vector<int>& ctx, std::vector<float>* out) {
+        const int w = std::min((int)ctx.size(), T);
+        std::copy(ctx.end() - w, ctx.end(), window.begin());
+        trainer_logits(tr, window.data(), w - 1, out->data());
+    };
+#ifdef __CUDACC__
+    if (tr->on_gpu && gpu_decoder_supported(tr->cfg)) {
+        rep.kv_cache = true;
+        GpuDecoder dec;
+        build_gpu_decoder(&dec, &tr->gpu);
+        std::vector<int> ctx = seq;   // the window: its first dec.pos tokens are in the cache
+        const int CHECK_STEPS = 8;
+        for (int k = 0; k < n; ++k) {
+            if ((int)ctx.size() > T) {   // restart the cache from the window's last half
+                ctx.erase(ctx.begin(), ctx.end() - T / 2);
+                dec.pos = 0;
+            }
+            while (dec.pos < (int)ctx.size()) {
+                gpu_decode_step(&tr->gpu, &dec, ctx[dec.pos], logits.data());
+                ++rep.steps;
+            }
+            if (k < CHECK_STEPS) {
+                full_logits(ctx, &full);
+                double diff = 0, scale = 1e-30;
+                for (int i = 0; i < V; ++i) {
+                    diff = std::max(diff, (double)std::fabs(logits[i] - full[i]));
+                    scale = std::max(scale, (double)std::fabs(full[i]));
+                }
+                rep.max_rel_diff = std::max(rep.max_rel_diff, diff / scale);
+                ++rep.checked;
+            }
+            const int next = sample_next(logits, temperature, rng, &prob);
+            seq.push_back(next);
+            ctx.push_back(next);
         }
-        seq.push_back(next);
+        free_gpu_decoder(&dec);
+    } else
+#endif
+    {
+        for (int k = 0; k < n; ++k) {
+            full_logits(seq, &logits);
+            ++rep.steps;
+            const int next = sample_next(logits, temperature, rng, &prob);
+            seq.push_back(next);
+        }
     }
+    rep.seconds = now_seconds() - t0;
+    if (report) *report = rep;
     std::string s;
     for (int id : seq) s += (char)ds.vocab[id];
     return s;
@@ -2836,8 +3020,15 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                     (dense + attn) / 1e9, dense / 1e9, attn / 1e9, (dense + attn) / step_s / 1e12);
     }
     if (o.sample_len > 0) {
-        std::string s = sample_text(&tr, ds, o.sample_len, o.temperature, (uint64_t)o.seed + 2);
+        SampleReport rep;
+        std::string s = sample_text(&tr, ds, o.sample_len, o.temperature, (uint64_t)o.seed + 2, &rep);
         std::printf("\nsample (temperature %g, %d characters):\n%s\n\n", o.temperature, o.sample_len, printable_text(s).c_str());
+        if (rep.kv_cache)
+            std::printf("sampled with a key/value cache (one token per model step, attention by goat.cu's decode "
+                        "kernel): %d steps in %.3f s; the first %d against full forwards: largest logit difference "
+                        "%.1e of the largest logit\n\n", rep.steps, rep.seconds, rep.checked, rep.max_rel_diff);
+        else
+            std::printf("sampled by a full forward per token: %d steps in %.3f s\n\n", rep.steps, rep.seconds);
     }
     const std::string title = c.prior == PRIOR_GOAT ? "learned GOAT prior (init " + o.prior_init + ")" : "fixed prior (" + std::string(PRIOR_NAMES[c.prior]) + ")";
     print_prior(c, params, title);
