@@ -239,7 +239,7 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
         {"lse", 1, [](GoatParams& p) { p.lse = nullptr; }},
         {"scale", 1, [](GoatParams& p) { p.scale = INFINITY; }},
         {"scale", 1, [](GoatParams& p) { p.scale = NAN; }},
-        {"version", 1, [](GoatParams& p) { p.version = 7; }},
+        {"version", 1, [](GoatParams& p) { p.version = GOAT_V7_DECODE_BF16 + 1; }},
         {"version", 1, [](GoatParams& p) { p.version = -1; }},
         {"overflows", 1, [](GoatParams& p) { p.B = 1 << 20; p.H = 1 << 12; }},  // 2^32 query tiles
         {"fp32", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V1_NAIVE; }},
@@ -250,6 +250,8 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V5_WGMMA_TMA_BF16; }},  // v5, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V6_WGMMA_BWD_BF16; }},  // v6, d = 8
         {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V6_WGMMA_BWD_BF16; }},                 // v6 with fp32
+        {"bf16", 2, [](GoatParams& p) { p.version = GOAT_V7_DECODE_BF16; }},                    // v7 with fp32
+        {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V7_DECODE_BF16; }},  // v7, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_V3_MMA_BF16; }},    // v3, d = 8
         {"d", 2, [](GoatParams& p) { p.dtype = GOAT_BF16; p.version = GOAT_AUTO; }},          // AUTO -> v3, d = 8
     };
