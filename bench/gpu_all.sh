@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/gpu_all.sh: everything the GPU machine checks, in one call: GPU tests, compute-sanitizer on the small
-# cases, the benchmark (validates, then times; the square table and the general shapes), the PyTorch peers in
+# cases, the benchmark (validates, then times; the square table, the general shapes, decoding), the PyTorch peers in
 # the same run, and the trainer's CPU/GPU agreement. Uses the binaries in build/ (build them with `make` first, e.g. where doctest is installed).
 # Logs go to $OUT (or build/gpu_logs) and a short summary is printed last.
 set -u
@@ -23,19 +23,24 @@ for tool in memcheck racecheck; do
     echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_$tool.log" | tail -1)"
 done
 
-step "trainer: CPU vs GPU, 20 steps"
+step "trainer: CPU vs GPU, 20 steps; sampling through the key/value cache"
 ./build/train_tiny --compare 20 --layers 2 --context 64 --batch 4 > "$LOG/compare.log" 2>&1 || status=1
 tail -3 "$LOG/compare.log"
+./build/train_tiny --steps 300 --sample-len 300 > "$LOG/train_sample.log" 2>&1 || status=1
+grep "sampled" "$LOG/train_sample.log"
 
 step "bench (v2 fp32; v3, v5, v6 bf16)"
 ./build/bench --versions ${BENCH_VERSIONS:-2356} > "$LOG/bench.log" 2>&1 || status=1
 step "bench --general (GQA, cross-attention, chunked prefill; AUTO)"
 ./build/bench --general > "$LOG/bench_general.log" 2>&1 || status=1
+step "bench --decode (generation steps; AUTO: v7 or the square path's forward)"
+./build/bench --decode > "$LOG/bench_decode.log" 2>&1 || status=1
 
 if python3 -c "import torch" 2>/dev/null; then
     step "PyTorch peers (same run)"
     PYTHONUNBUFFERED=1 python3 bench/peers.py --bench-log "$LOG/bench.log" ${PEERS_ARGS:---no-flex} > "$LOG/peers.log" 2>&1 || status=1
     PYTHONUNBUFFERED=1 python3 bench/peers.py --general --bench-log "$LOG/bench_general.log" > "$LOG/peers_general.log" 2>&1 || status=1
+    PYTHONUNBUFFERED=1 python3 bench/peers.py --decode --bench-log "$LOG/bench_decode.log" > "$LOG/peers_decode.log" 2>&1 || status=1
 fi
 
 step "summary"
@@ -43,5 +48,6 @@ grep -A40 "^version" "$LOG/bench.log"
 [ -f "$LOG/peers.log" ] && tail -32 "$LOG/peers.log"
 grep -A24 "^kind" "$LOG/bench_general.log"
 [ -f "$LOG/peers_general.log" ] && tail -48 "$LOG/peers_general.log"
+[ -f "$LOG/peers_decode.log" ] && tail -2 "$LOG/peers_decode.log"
 echo "exit status $status"
 exit $status
