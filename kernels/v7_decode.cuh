@@ -49,17 +49,18 @@ constexpr int V7_B_c = 64;         // keys per pipeline stage
 constexpr int V7_NTHREADS = 128;   // 4 warps
 
 // The shape of a block for WR warps along the rows: ROWS = 16 WR rows, WK = 4 / WR warps along the keys, each
-// taking KW keys of every tile. Shared memory: the Q rows, then NSTAGE stages of (K tile, V tile); after the
-// loop the stages hold the warps' (O, m, l) for the block's combine.
+// taking KW keys of every tile. Shared memory: NSTAGE stages of (K tile, V tile); the Q rows are first loaded into
+// the last stage (read into registers before that stage's first tile arrives), so that d = 128 fits the 99 KB a
+// block may have on sm_86 / sm_89; after the loop the stages hold the warps' (O, m, l) for the block's combine.
 template <int D, int WR>
 struct V7Cfg {
     static constexpr int WK = 4 / WR, ROWS = 16 * WR, KW = V7_B_c / WK, NT_S = KW / 8, NT_O = D / 8, CH = D / 8;
-    static constexpr size_t OFF_Q = 0;
-    static constexpr size_t OFF_KV = (size_t)ROWS * D * 2;
     static constexpr size_t STAGE = (size_t)2 * V7_B_c * D * 2;  // K then V
     // NSTAGE - 1 tiles load while one is computed (more stages at d = 64 measured slower: fewer resident blocks)
     static constexpr int NSTAGE = 3;
-    static constexpr size_t SMEM = OFF_KV + NSTAGE * STAGE;
+    static constexpr size_t OFF_Q = (NSTAGE - 1) * STAGE;
+    static constexpr size_t SMEM = NSTAGE * STAGE;
+    static_assert((size_t)ROWS * D * 2 <= STAGE, "the Q rows must fit in a stage");
     static_assert(WR == 1 || WR == 2 || WR == 4, "4 warps: 1, 2 or 4 of them along the rows");
     static_assert(NT_S % 2 == 0, "a warp's keys per tile must be a multiple of 16");
     static_assert((size_t)WK * ROWS * (D + 2) * 4 <= NSTAGE * STAGE, "the block's combine must fit in the stages");
@@ -85,8 +86,8 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     using C = V7Cfg<D, WR>;
     constexpr int CH = C::CH, ROWS = C::ROWS, KW = C::KW, NT_S = C::NT_S, NT_O = C::NT_O, B_c = V7_B_c;
     extern __shared__ __align__(128) unsigned char v7_smem[];
-    bf16* Q_s = reinterpret_cast<bf16*>(v7_smem + C::OFF_Q);
-    unsigned char* stages = v7_smem + C::OFF_KV;
+    unsigned char* stages = v7_smem;
+    bf16* Q_s = reinterpret_cast<bf16*>(stages + C::OFF_Q);  // until tile NSTAGE - 1 is loaded there
 
     const int bkv = goat_grid_row();
     if (bkv >= a.B * a.H_kv) return;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
 
     // the keys this block reads: its split's, within the sequence's keys and, causal, up to the last query's
     const int j_begin = split * a.chunk;
-    int j_end = min(a.keys(b), min(j_begin + a.chunk, a.L_k));
+    int j_end = min(a.keys(b), a.L_k - j_begin < a.chunk ? a.L_k : j_begin + a.chunk);  // (no int overflow)
     if (a.causal) j_end = min(j_end, a.L + a.shift);  // key j visible from some row iff j <= L - 1 + shift
     const int n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, B_c) : 0;
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
@@ -390,7 +391,9 @@ static V7Plan v7_plan(const GoatParams& p) {
     plan.n_row_chunks = goat_cdiv(n_rows, 16 * plan.WR);
     int n = 1;
     if (p.decode_splits > 0) {
+        const int most = 2147483647 / plan.n_row_chunks;  // grid.x = splits x row chunks
         n = p.decode_splits < L_k ? p.decode_splits : L_k;
+        n = n < most ? n : most;
         plan.chunk = goat_cdiv(L_k, n);
     } else {
         const int slots = p.d == 64 ? (plan.WR == 1 ? v7_slots<64, 1>() : plan.WR == 2 ? v7_slots<64, 2>() : v7_slots<64, 4>())
