@@ -218,6 +218,16 @@ static __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorM
         "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
+// The same on a 3-d map (c2 = b*h: make_tensor_map_packed), which square, packed calls use (fewer coordinates
+// to compute and pass than the 4-d form).
+static __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* tm, int c0, int c1, int c2,
+                                                   uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(tm)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
 // box (c0 = column, c1 = row, c2 = head, c3 = batch) of the fp32 tensor tm += the 128-byte-swizzled box at src,
 // on the copy engine (one bulk tensor reduction, committed as one bulk group)
 static __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* tm, int c0, int c1, int c2, int c3,
@@ -226,6 +236,13 @@ static __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* tm, 
                  "[%5];\n"
                  "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(tm)),
                  "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src)
+                 : "memory");
+}
+// the same on a 3-d map (c2 = b*h: make_tensor_map_packed)
+static __device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* tm, int c0, int c1, int c2, uint32_t src) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+                 "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(tm)),
+                 "r"(c0), "r"(c1), "r"(c2), "r"(src)
                  : "memory");
 }
 // this thread's bulk reductions have read their shared-memory source (it may be written again) / completed
@@ -272,6 +289,24 @@ static GoatStatus make_tensor_map(CUtensorMap* tm, const void* x, CUtensorMapDat
     const cuuint32_t box[4] = {(cuuint32_t)cols, (cuuint32_t)rows, 1, 1};
     const cuuint32_t estride[4] = {1, 1, 1, 1};
     CUresult r = enc(tm, type, 4, const_cast<void*>(x), dims, strides, box, estride,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return goat_status(3, "cuTensorMapEncodeTiled failed (CUresult %d)", (int)r);
+    return GoatStatus();
+}
+// A packed [B*H][L][d] tensor as a 3-d map (column, row, b*h), boxes as above: what the square, packed calls'
+// kernels (GENERAL = false) load and reduce through, with one combined b*h coordinate (tma_load_3d,
+// tma_reduce_add_3d).
+static GoatStatus make_tensor_map_packed(CUtensorMap* tm, const void* x, CUtensorMapDataType type, int cols,
+                                         int rows, int d, int L, long long BH) {
+    TensorMapEncodeFn enc = tensor_map_encode_fn();
+    if (!enc) return goat_status(3, "cuTensorMapEncodeTiled is not available from the CUDA driver");
+    const cuuint64_t es = type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2;
+    const cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)L, (cuuint64_t)BH};
+    const cuuint64_t strides[2] = {(cuuint64_t)d * es, (cuuint64_t)L * d * es};  // bytes, dims 1 and 2
+    const cuuint32_t box[3] = {(cuuint32_t)cols, (cuuint32_t)rows, 1};
+    const cuuint32_t estride[3] = {1, 1, 1};
+    CUresult r = enc(tm, type, 3, const_cast<void*>(x), dims, strides, box, estride,
                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) return goat_status(3, "cuTensorMapEncodeTiled failed (CUresult %d)", (int)r);

@@ -96,14 +96,20 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
 
     const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), shift = GENERAL ? a.shift : 0;
     const int it = a.causal ? T_r - 1 - (int)blockIdx.x : (int)blockIdx.x;  // heaviest query tiles first
-    const int bh = GENERAL ? goat_grid_row() : (int)blockIdx.y, b = bh / a.H, h = bh % a.H;
+    const int bh = GENERAL ? goat_grid_row() : (int)blockIdx.y, h = bh % a.H, b = GENERAL ? bh / a.H : 0;
     const int hk = GENERAL ? h / a.group : h;
     if (GENERAL && bh >= a.B * a.H) return;
     const int i0 = it * B_r, n_keys = GENERAL ? a.keys(b) : L;
     // keys the block visits: the sequence's, and under a causal mask those up to its last row's position
-    long long j_end = n_keys;
-    if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + shift);
-    const int n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
+    // (square: 32-bit, causal those up to its last row, as before the general form)
+    int n_kt;
+    if constexpr (GENERAL) {
+        long long j_end = n_keys;
+        if (a.causal) j_end = min(j_end, (long long)min(i0 + B_r, L) + shift);
+        n_kt = j_end <= 0 ? 0 : goat_cdiv((int)j_end, B_c);
+    } else {
+        n_kt = goat_cdiv(a.causal ? min(L, i0 + B_r) : L, B_c);
+    }
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     if (GENERAL && n_kt == 0) {  // no row sees a key: o = 0, lse = -inf (nothing loaded, no barrier used)
         if (wg == 0) return;
@@ -135,13 +141,16 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         // holds back the K tile the consumers need first
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::REG_PRODUCER));
         if (warp != 0) return;
-        const int n_delta = L + L_k - 1;
-        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * n_delta : nullptr;
+        const int n_delta = GENERAL ? L + L_k - 1 : 2 * L - 1;
+        const float* kappa_h = a.kappa ? a.kappa + (size_t)h * (GENERAL ? n_delta : 2 * L - 1) : nullptr;
         const float* u_h = a.u ? a.u + (size_t)h * L_k : nullptr;
         if (lane == 0) {
             mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
 #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) tma_load_4d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, h, b, bar_q);
+            for (int cb = 0; cb < D / 64; ++cb) {
+                if constexpr (GENERAL) tma_load_4d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, h, b, bar_q);
+                else tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, bh, bar_q);  // (square: 3-d maps)
+            }
         }
         auto load_k = [&](int jt) {  // K_j by TMA and its prior slices by cp.async, all counted on K full
             const int s = jt % KS, j0 = jt * B_c;
@@ -150,7 +159,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             const int ks = kappa_window_start(i0, j0, B_c, L_k);
             for (int e = lane; e < KW; e += 32) {
                 const int idx = ks + e;
-                const bool valid = kappa_h && idx >= 0 && idx < n_delta;
+                const bool valid = kappa_h && idx >= 0 && idx < (GENERAL ? n_delta : 2 * L - 1);
                 cp_async_4(kap_s + 4 * e, valid ? (const void*)(kappa_h + idx) : (const void*)a.k, valid);
             }
             for (int e = lane; e < B_c; e += 32) {
@@ -161,8 +170,11 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             if (lane == 0) {
                 mbar_arrive_tx(bar_kfull(s), T::TILE_KV);
 #pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_4d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, hk, b, bar_kfull(s));
+                for (int cb = 0; cb < D / 64; ++cb) {
+                    if constexpr (GENERAL)
+                        tma_load_4d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, hk, b, bar_kfull(s));
+                    else tma_load_3d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, bh, bar_kfull(s));
+                }
             }
         };
         auto load_v = [&](int jt) {
@@ -171,8 +183,11 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 if (jt >= VS) mbar_wait(bar_vempty(s), ((jt / VS) - 1) & 1);
                 mbar_arrive_tx(bar_vfull(s), T::TILE_KV);
 #pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb)
-                    tma_load_4d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, hk, b, bar_vfull(s));
+                for (int cb = 0; cb < D / 64; ++cb) {
+                    if constexpr (GENERAL)
+                        tma_load_4d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, hk, b, bar_vfull(s));
+                    else tma_load_3d(V_s + s * T::TILE_KV + cb * B_c * 128, &tm_v, 64 * cb, j0, bh, bar_vfull(s));
+                }
             }
             __syncwarp();
         };
@@ -183,6 +198,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         }
         return;
     }
+
+    const size_t off = (size_t)bh * L * D;  // (square) row 0 of this head of o
 
     // ---- consumers: warpgroup c = wg - 1 owns tile rows 64 c .. 64 c + 63
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::REG_CONSUMER));
@@ -205,7 +222,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     mbar_wait(bar_q, 0);
 
     // Keys this warpgroup's rows can see: the sequence's, and causal, those up to its last row's position.
-    const int j_end_c = a.causal ? (int)min((long long)n_keys, (long long)(i0 + 64 * c + 64) + shift) : n_keys;
+    const int j_end_c = !GENERAL ? (a.causal ? min(L, i0 + 64 * c + 64) : L)
+                        : a.causal ? (int)min((long long)n_keys, (long long)(i0 + 64 * c + 64) + shift) : n_keys;
     bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
     // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
     // ptxas takes for divergent and answers by serialising every wgmma (C7520).
@@ -268,7 +286,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                     }
                 }
             };
-            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + 64 * c) > shift);
+            const bool need_mask = GENERAL ? (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + 64 * c) > shift)
+                                           : (j0 + B_c > L) || (a.causal && j0 + B_c - 1 > i0 + 64 * c);
             if (HALF || need_mask) scores(std::true_type());  // (a half tile is always a masked one)
             else scores(std::false_type());
             // K_j and its prior slices are no longer read by this warp
@@ -305,9 +324,8 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         fence_regs(O);
     }
 
-    fwd_store_rows<D>(a.o + (GENERAL ? GoatShape::at(a.so, b, h, 0) : (size_t)bh * L * D), GENERAL ? a.so.row : D,
-                      a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0,
-                      L, t);
+    fwd_store_rows<D>(a.o + (GENERAL ? GoatShape::at(a.so, b, h, 0) : off), GENERAL ? a.so.row : D,
+                      a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
 #else
     (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
 #endif
@@ -323,12 +341,22 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     const Bf16Args a = bf16_args(p);
     constexpr CUtensorMapDataType BF = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
     CUtensorMap tq, tk, tv;
-    GoatStatus st = make_tensor_map(&tq, p.q, BF, 64, T::B_r, D, a.L, a.H, a.B, a.sq);
-    if (st.ok()) st = make_tensor_map(&tk, p.k, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sk);
-    if (st.ok()) st = make_tensor_map(&tv, p.v, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sv);
+    // general: 4-d maps at the tensors' strides; square, packed: 3-d [B*H][L][d] maps (one b*h coordinate)
+    const bool general = goat_general_feature(p) != nullptr;
+    GoatStatus st;
+    if (general) {
+        st = make_tensor_map(&tq, p.q, BF, 64, T::B_r, D, a.L, a.H, a.B, a.sq);
+        if (st.ok()) st = make_tensor_map(&tk, p.k, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sk);
+        if (st.ok()) st = make_tensor_map(&tv, p.v, BF, 64, C::B_c, D, a.L_k, a.H_kv, a.B, a.sv);
+    } else {
+        const long long BH = (long long)p.B * p.H;
+        st = make_tensor_map_packed(&tq, p.q, BF, 64, T::B_r, D, p.L, BH);
+        if (st.ok()) st = make_tensor_map_packed(&tk, p.k, BF, 64, C::B_c, D, p.L, BH);
+        if (st.ok()) st = make_tensor_map_packed(&tv, p.v, BF, 64, C::B_c, D, p.L, BH);
+    }
     if (!st.ok()) return st;
-    auto kernel = goat_general_feature(p) ? v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, true>
-                                          : v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, false>;
+    auto kernel = general ? v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, true>
+                          : v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, false>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     const dim3 grid = goat_grid(goat_cdiv(p.L, T::B_r), (long long)p.B * p.H);
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tq, tk, tv)));

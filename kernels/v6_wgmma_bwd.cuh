@@ -71,6 +71,35 @@ struct V6Bwd {
 // ----------------------------------------------------------------------------------------------------------
 // backward
 
+// The end of a square call's block (GENERAL = false): bwd_store_keys and bwd_store_du in one pass over the two
+// keys, rows of D elements at element offset off (this b*h's row 0), 32-bit key index: what the kernel did before
+// the general form (the general helpers read the strides and L_k from the arguments).
+template <int D>
+static __device__ __forceinline__ void v6_store_keys_square(const Bf16Args& a, const float (&dK)[D / 2],
+                                                            const float (&dV)[D / 2], const float (&du_acc)[2],
+                                                            size_t off, int bh, int j_row, int t) {
+    const int h = bh % a.H;
+    bf16* dk_bh = a.dk + off;
+    bf16* dv_bh = a.dv + off;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = j_row + 8 * hh;
+        float du_j = du_acc[hh];
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
+        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
+        if (j < a.L) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                *reinterpret_cast<__nv_bfloat162*>(dk_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(a.scale * dK[4 * n + 2 * hh], a.scale * dK[4 * n + 2 * hh + 1]);
+                *reinterpret_cast<__nv_bfloat162*>(dv_bh + (size_t)j * D + 8 * n + 2 * t) =
+                    __floats2bfloat162_rn(dV[4 * n + 2 * hh], dV[4 * n + 2 * hh + 1]);
+            }
+            if (a.du != nullptr && t == 0) atomicAdd(a.du + (size_t)h * a.L + j, du_j);
+        }
+    }
+}
+
 // GENERAL = false: a square, packed call (goat_general_feature is null), whose shape the kernel then takes as
 // constants (one query head per kv head, every key, no position shift, rows of D elements): the general form's
 // bookkeeping measured several percent of the backward's time, so square calls do not carry it.
@@ -106,6 +135,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), n_delta = L + L_k - 1;
     const int jt = blockIdx.x, b = bkv / H_kv, hk = bkv % H_kv;
     const int j0 = jt * B_c, n_keys = GENERAL ? a.keys(b) : L;
+    // (square: row 0 of this b*h in q, k, v, dout, dk, dv, and kappa's row, as before the general form)
+    const size_t off = (size_t)bkv * L * D;
+    const bf16* q_sq = a.q + off;
+    const bf16* do_sq = a.dout + off;
+    const float* kappa_sq = a.kappa ? a.kappa + (size_t)hk * (2 * L - 1) : nullptr;
+    const float* lse_sq = a.lse + (size_t)bkv * L;
+    const float* D_sq = a.D_vec + (size_t)bkv * L;
     const long long q_row = GENERAL ? a.sq.row : D, do_row = GENERAL ? a.sdo.row : D;
     // row 0 of query head h of this sequence in q and dout
     auto q_head = [&](const bf16* x, const GoatStrides& st, int h) {
@@ -118,7 +154,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     // The block visits, for each query head h of kv head hk's group (heads outer), the query tiles that see its
     // keys, one (head, tile) pair per step (as v3's backward), walked by counters (no division in the loop)
     const int it_start = GENERAL ? bwd_first_query_tile(a, j0, B_r) : a.causal ? j0 / B_r : 0;
-    const int n_it = j0 < n_keys ? T_r - it_start : 0;
+    const int n_it = !GENERAL || j0 < n_keys ? T_r - it_start : 0;  // (square: every key tile sees a query)
     const int n_steps = group * n_it;
     float dK_acc[NT_D * 4], dV_acc[NT_D * 4];
 #pragma unroll
@@ -140,25 +176,42 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     const uint32_t ld_off = sw128_off<B_r>(ld_r, ld_c);  // + x LD_STEP 128 for row ld_r + x LD_STEP
     auto load_q = [&](int h, int it, int buf) {  // Q_i, dO_i, kappa window of query tile it of head h -> buffer buf
         const int i0 = it * B_r;
-        if (!GENERAL) h = hk;
-        const bf16* q_bh = q_head(a.q, a.sq, h);
-        const bf16* do_bh = q_head(a.dout, a.sdo, h);
+        if constexpr (GENERAL) {
+            const bf16* q_bh = q_head(a.q, a.sq, h);
+            const bf16* do_bh = q_head(a.dout, a.sdo, h);
 #pragma unroll
-        for (int x = 0; x < LD_PER; ++x) {
-            const int row = i0 + ld_r + x * LD_STEP;
-            const bool valid = row < L;
-            const int r = valid ? row : 0;
-            const uint32_t dst = buf * QT + ld_off + x * LD_STEP * 128;
-            cp_async_16(Q_s + dst, q_bh + r * q_row + ld_c * 8, valid);
-            cp_async_16(dO_s + dst, do_bh + r * do_row + ld_c * 8, valid);
+            for (int x = 0; x < LD_PER; ++x) {
+                const int row = i0 + ld_r + x * LD_STEP;
+                const bool valid = row < L;
+                const int r = valid ? row : 0;
+                const uint32_t dst = buf * QT + ld_off + x * LD_STEP * 128;
+                cp_async_16(Q_s + dst, q_bh + r * q_row + ld_c * 8, valid);
+                cp_async_16(dO_s + dst, do_bh + r * do_row + ld_c * 8, valid);
+            }
+            load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, a.kappa ? a.kappa + (size_t)h * n_delta : nullptr,
+                                           kappa_window_start(i0, j0, B_c, L_k), n_delta, a.k);
+        } else {  // (square: the one head's row 0 and kappa row from the top, 64-bit offsets, as before)
+#pragma unroll
+            for (int x = 0; x < LD_PER; ++x) {
+                const int row = i0 + ld_r + x * LD_STEP;
+                const bool valid = row < L;
+                const size_t src = (size_t)(valid ? row : 0) * D + ld_c * 8;
+                const uint32_t dst = buf * QT + ld_off + x * LD_STEP * 128;
+                cp_async_16(Q_s + dst, q_sq + src, valid);
+                cp_async_16(dO_s + dst, do_sq + src, valid);
+            }
+            load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, kappa_sq, kappa_window_start(i0, j0, B_c, L),
+                                           2 * L - 1, a.k);
         }
-        load_slice_async<KW, NTHREADS>(kappa_s + buf * KW_PAD, a.kappa ? a.kappa + (size_t)h * n_delta : nullptr,
-                                       kappa_window_start(i0, j0, B_c, L_k), n_delta, a.k);
     };
     // lse and D of row r of query tile it of head h
     auto row_stats = [&](int h, int it, int r, float& lse2, float& Di) {
-        const size_t bh = GENERAL ? (size_t)b * a.H + h : (size_t)bkv;
-        bwd_row_stats(a.lse + bh * L, a.D_vec + bh * L, L, it * B_r + r, lse2, Di);
+        if constexpr (GENERAL) {
+            const size_t bh = (size_t)b * a.H + h;
+            bwd_row_stats(a.lse + bh * L, a.D_vec + bh * L, L, it * B_r + r, lse2, Di);
+        } else {
+            bwd_row_stats(lse_sq, D_sq, L, it * B_r + r, lse2, Di);
+        }
     };
     // descriptors: K-major k-step kk of this warpgroup's 64 rows of K_j / V_j, and of Q_i / dO_i (buffer base);
     // N-major k-step kk (16 rows) of Q_i / dO_i (reduction over queries) and of K_j (reduction over keys);
@@ -178,19 +231,20 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + GoatShape::at(a.sk, b, hk, 0), j0, n_keys, a.sk.row);
         load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + GoatShape::at(a.sv, b, hk, 0), j0, n_keys, a.sv.row);
     } else {
-        load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + (size_t)bkv * L * D, j0, L);
-        load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + (size_t)bkv * L * D, j0, L);
+        load_tile_sw128<D, B_c, NTHREADS>(K_s, a.k + off, j0, L);
+        load_tile_sw128<D, B_c, NTHREADS>(V_s, a.v + off, j0, L);
     }
     int h = hk * group, it = it_start;  // this step's query head and tile
     int h2 = h, it2 = it;                 // those of the step after next (loaded two steps ahead)
     load_q(h2, it2, 0);
     cp_async_commit();
     advance(h2, it2);
-    if (n_steps > 1) load_q(h2, it2, 1);
+    if (GENERAL ? n_steps > 1 : it_start + 1 < T_r) load_q(h2, GENERAL ? it2 : it_start + 1, 1);
     cp_async_commit();
     if (tid < 2 * B_r) {  // tid >= B_r: the second step, buffer 1
         float x = INFINITY, y = 0.f;
-        if (tid < B_r) row_stats(h, it, tid, x, y);
+        if (!GENERAL) row_stats(h, it, tid, x, y);  // (square: the next tile's rows, or rows >= L past the last)
+        else if (tid < B_r) row_stats(h, it, tid, x, y);
         else if (n_steps > 1) row_stats(h2, it2, tid - B_r, x, y);
         lse_at(tid / B_r, tid % B_r) = x;
         D_at(tid / B_r, tid % B_r) = y;
@@ -273,8 +327,11 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         __syncwarp();
         if (lane == 0 && i0q + dq_row0 + 16 * wwarp < L)  // (rows past L would be clipped anyway)
 #pragma unroll
-            for (int bx = 0; bx < DN / 32; ++bx)
-                tma_reduce_add_4d(&tm_dq, dq_col0 + 32 * bx, i0q + dq_row0 + 16 * wwarp, hq, b, dq_w + bx * T::DQ_BOX);
+            for (int bx = 0; bx < DN / 32; ++bx) {
+                if constexpr (GENERAL)
+                    tma_reduce_add_4d(&tm_dq, dq_col0 + 32 * bx, i0q + dq_row0 + 16 * wwarp, hq, b, dq_w + bx * T::DQ_BOX);
+                else tma_reduce_add_3d(&tm_dq, dq_col0 + 32 * bx, i0q + dq_row0 + 16 * wwarp, bkv, dq_w + bx * T::DQ_BOX);
+            }
     };
     cp_async_wait_1();  // K_j, V_j and the first tile (the second may be in flight)
     fence_proxy_async();
@@ -301,7 +358,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         for (int hf = 0; hf < NH; ++hf) {
             // phase 2: P^T = exp2(z2 - lse2) with the prior and the mask, dS^T = P^T (dP^T - D) (as v3)
             const int q0 = QH * hf;  // tile-local query of column 0
-            const bool need_mask = (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + q0) > shift);
+            const bool need_mask = GENERAL ? (j0 + B_c > n_keys) || (a.causal && (j0 + B_c - 1) - (i0 + q0) > shift)
+                                           : (j0 + B_c > L) || (a.causal && i0 + q0 < j0 + B_c - 1);
             auto probs = [&](auto masked) {  // two copies, with and without the mask (as v5's forward)
                 // masked iff 8 n + (e & 1) < lo[e >> 1]: key j = j0 + k_loc past the sequence's keys, or (causal)
                 // j - i > shift for query i = i0 + q_loc, one compare with a constant per score (as v5's forward)
@@ -309,9 +367,11 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const int k_loc = k_loc0 + 8 * hh;
-                    lo[hh] = j0 + k_loc >= n_keys ? INT_MAX
-                             : a.causal      ? (j0 + k_loc - i0 - q0 - shift) - 2 * t
-                                             : INT_MIN;
+                    if constexpr (GENERAL)
+                        lo[hh] = j0 + k_loc >= n_keys ? INT_MAX
+                                 : a.causal      ? (j0 + k_loc - i0 - q0 - shift) - 2 * t
+                                                 : INT_MIN;
+                    else lo[hh] = j0 + k_loc >= L ? INT_MAX : a.causal ? j0 + k_loc - i0 - q0 - 2 * t : INT_MIN;
                 }
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n) {
@@ -381,10 +441,9 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         __syncthreads();
         float next_lse2 = 0.f, next_D = 0.f;
         const bool has_next2 = step + 2 < step_end;
-        if (!GENERAL) it2 = it + 2;
         if (has_next2) {
-            load_q(h2, it2, buf);
-            if (tid < B_r) row_stats(h2, it2, tid, next_lse2, next_D);
+            load_q(h2, GENERAL ? it2 : it + 2, buf);
+            if (tid < B_r) row_stats(h2, GENERAL ? it2 : it + 2, tid, next_lse2, next_D);
         }
         if (GENERAL) advance(h2, it2);
         cp_async_commit();
@@ -405,14 +464,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         // the carry alternates buffers as well
         if (DKAPPA && tid < KW) {
             const int x = tid;
-            float s = (x < B_c - 1 && !head_start) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
+            float s = (x < B_c - 1 && (GENERAL ? !head_start : it > it_start)) ? shift_s[(buf ^ 1) * B_c + x] : 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w)  // entry y = x - DIAG_PAD + 16 w (zero outside [0, B_r + 14])
                 s += diag_s[(buf * NWARPS + w) * DIAG_P + x + 16 * w];
             if (x < B_r || (GENERAL && head_end)) {  // (square: the last tile's open diagonals after the loop)
                 const int delta = (i0 - j0) - (B_c - 1) + x;
                 if (delta >= -(L_k - 1) && delta <= L - 1 - j0)
-                    atomicAdd(a.dkappa + (size_t)h * n_delta + delta + L_k - 1, s);
+                    atomicAdd(a.dkappa + (size_t)h * (GENERAL ? n_delta : 2 * L - 1) + delta + L_k - 1, s);
             } else {
                 shift_s[buf * B_c + x - B_r] = s;
             }
@@ -435,13 +494,13 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         if (tid < B_c - 1) {
             const int delta = (T_r * B_r - j0) - (B_c - 1) + tid;
             if (delta >= -(L - 1) && delta <= L - 1 - j0)
-                atomicAdd(a.dkappa + (size_t)hk * n_delta + delta + L - 1, shift_s[last * B_c + tid]);
+                atomicAdd(a.dkappa + (size_t)hk * (2 * L - 1) + delta + L - 1, shift_s[last * B_c + tid]);
         }
     }
 
     // phase 9: dK_j = scale dS^T Q, dV_j (bf16), summed over the group's query heads
-    bwd_store_keys<D>(a, dK_acc, dV_acc, dk_bh, dv_bh, j0 + k_loc0, t);
-    if (!GENERAL) bwd_store_du(a, du_acc, b, hk, j0 + k_loc0, t, false);
+    if constexpr (GENERAL) bwd_store_keys<D>(a, dK_acc, dV_acc, dk_bh, dv_bh, j0 + k_loc0, t);
+    else v6_store_keys_square<D>(a, dK_acc, dV_acc, du_acc, off, bkv, j0 + k_loc0, t);  // and du
     if (lane == 0) bulk_wait_all();  // dQ's reductions done before shared memory goes
 #else
     (void)a; (void)tm_dq;
@@ -461,16 +520,20 @@ static GoatStatus v6_backward_d(const GoatParams& p, void* workspace, cudaStream
     CUtensorMap tm_dq;
     size_t off_dq, off_dkp, off_dup;
     bf16_workspace_layout(p, &off_dq, &off_dkp, &off_dup);
-    GoatStatus st = make_tensor_map(&tm_dq, static_cast<unsigned char*>(workspace) + off_dq,
-                                    CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16, D, p.L, p.H, p.B,
-                                    goat_resolve_strides(GoatStrides(), p.H, p.L, D));
+    // (general: 4-d, (column, row, head, batch); square, packed: 3-d, (column, row, b*h), as the kernel reduces)
+    const bool general = goat_general_feature(p) != nullptr;
+    void* dq_base = static_cast<unsigned char*>(workspace) + off_dq;
+    GoatStatus st = general ? make_tensor_map(&tm_dq, dq_base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16, D, p.L, p.H,
+                                              p.B, goat_resolve_strides(GoatStrides(), p.H, p.L, D))
+                            : make_tensor_map_packed(&tm_dq, dq_base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 32, 16, D,
+                                                     p.L, (long long)p.B * p.H);
     if (!st.ok()) return st;
     Bf16Args a;
     st = bf16_bwd_prologue<D>(p, workspace, stream, &a);  // (atomic mode: the caller checked)
     if (!st.ok()) return st;
     const dim3 grid = goat_grid(goat_cdiv(a.L_k, T::B_c), (long long)p.B * a.H_kv);
-    auto kernel = goat_general_feature(p) ? (p.dkappa ? v6_backward_kernel<D, B_R, true, true> : v6_backward_kernel<D, B_R, false, true>)
-                                          : (p.dkappa ? v6_backward_kernel<D, B_R, true, false> : v6_backward_kernel<D, B_R, false, false>);
+    auto kernel = general ? (p.dkappa ? v6_backward_kernel<D, B_R, true, true> : v6_backward_kernel<D, B_R, false, true>)
+                          : (p.dkappa ? v6_backward_kernel<D, B_R, true, false> : v6_backward_kernel<D, B_R, false, false>);
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
     GOAT_LAUNCH_CHECK((kernel<<<grid, T::NTHREADS, T::SMEM, stream>>>(a, tm_dq)));
     return bf16_bwd_dq_to_bf16<D>(p, a, stream);
