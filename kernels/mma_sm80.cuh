@@ -127,6 +127,37 @@ static __device__ __forceinline__ float online_max_step(float mx, float m, float
     return m_new == -INFINITY ? 0.f : m_new;
 }
 
+// The online softmax's step for one warp's 16-row score tile S (NT_S n-tiles, z2 in log2 units, the C layout:
+// this thread's rows r, r + 8 in e >> 1) whose per-thread row maxima are mx: the new running max m (quad-wide),
+// the rescale of l and of the output accumulator O (NT_O n-tiles) by exp2(m_old - m_new), and S replaced by
+// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7)
+template <int NT_S, int NT_O>
+static __device__ __forceinline__ void online_softmax_step(float (&S)[NT_S][4], float (&mx)[2], float (&m)[2],
+                                                           float (&l)[2], float (&O_acc)[NT_O][4]) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        float m_new;
+        const float m_use = online_max_step(mx[hh], m[hh], m_new);
+        const float alpha = exp2f(m[hh] - m_use);
+        m[hh] = m_new;
+        l[hh] *= alpha;
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) {
+            O_acc[n][2 * hh] *= alpha;
+            O_acc[n][2 * hh + 1] *= alpha;
+        }
+        mx[hh] = m_use;
+    }
+#pragma unroll
+    for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(S[n][e] - mx[e >> 1]);
+            l[e >> 1] += p;
+            S[n][e] = p;
+        }
+}
+
 // Two floats -> one register of two bf16 (lo = first = lower column index), round to nearest even.
 static __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);

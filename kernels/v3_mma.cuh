@@ -245,28 +245,7 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
                             a.causal, GENERAL ? a.shift : 0);
 
         // phase 5: online softmax: new running max (4 threads share a row), rescale O and l, P = exp2(z2 - m)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float m_new;
-            const float m_use = online_max_step(mx[hh], m[hh], m_new);
-            const float alpha = exp2f(m[hh] - m_use);
-            m[hh] = m_new;
-            l[hh] *= alpha;
-#pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                O_acc[n][2 * hh] *= alpha;
-                O_acc[n][2 * hh + 1] *= alpha;
-            }
-            mx[hh] = m_use;
-        }
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(S[n][e] - mx[e >> 1]);
-                l[e >> 1] += p;  // l sums the unrounded P
-                S[n][e] = p;
-            }
+        online_softmax_step<NT_S, NT_O>(S, mx, m, l, O_acc);
 
         // phase 6: O_i += P V_j (P rounded to bf16 as the A operand)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(V_s + buf * B_c * D), lane);

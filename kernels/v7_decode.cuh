@@ -233,28 +233,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             }
 
         // online softmax (v3's phase 5), then O += P V for the warp's keys (its rows of the V tile)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float m_new;
-            const float m_use = online_max_step(mx[hh], m[hh], m_new);
-            const float alpha = exp2f(m[hh] - m_use);
-            m[hh] = m_new;
-            l[hh] *= alpha;
-#pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                O_acc[n][2 * hh] *= alpha;
-                O_acc[n][2 * hh + 1] *= alpha;
-            }
-            mx[hh] = m_use;
-        }
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(S[n][e] - mx[e >> 1]);
-                l[e >> 1] += p;
-                S[n][e] = p;
-            }
+        online_softmax_step<NT_S, NT_O>(S, mx, m, l, O_acc);
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
     }
