@@ -517,10 +517,8 @@ GoatPrior goat_prior_init(int H, int R, int M, double T_train, const std::string
     p.bump.assign(H, 0.0);
     p.slope_raw.assign(H, -40.0);       // softplus(-40) ~ 4e-18
     if (init == "alibi") {
-        for (int h = 0; h < H; ++h) {
-            double m = std::pow(2.0, -8.0 * (h + 1) / H);   // ALiBi's geometric slopes
-            p.slope_raw[h] = std::log(std::expm1(m));        // softplus^-1(m)
-        }
+        const std::vector<double> m = goat_alibi_slopes(H);
+        for (int h = 0; h < H; ++h) p.slope_raw[h] = std::log(std::expm1(m[h]));   // softplus^-1(m)
         for (double& x : p.lam_sym) x = 0.01 * rng.normal();
         for (double& x : p.lam_asym) x = 0.01 * rng.normal();
     }
@@ -641,13 +639,31 @@ void goat_prior_backward(const GoatPrior& p, int L, bool causal, const double* d
     goat_prior_backward_at(p, GoatWindow{0, L, 0, L}, causal, dkappa, du, grad);
 }
 
+std::vector<double> goat_alibi_slopes(int H) {
+    require_positive(H, "H");
+    // a power of two n: the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8)
+    auto power_of_two = [](int n) {
+        std::vector<double> m(n);
+        for (int h = 0; h < n; ++h) m[h] = std::pow(2.0, -8.0 * (h + 1) / n);
+        return m;
+    };
+    int n = 1;
+    while (2 * n <= H) n *= 2;
+    std::vector<double> m = power_of_two(n);
+    if (n == H) return m;
+    const std::vector<double> twice = power_of_two(2 * n);   // the rest: every other slope of 2n heads
+    for (int h = 0; (int)m.size() < H; h += 2) m.push_back(twice[h]);
+    return m;
+}
+
 void goat_alibi_tables(int H, int L, float* kappa, float* u) {
     require_positive(H, "H");
     require_positive(L, "L");
     require_ptr(kappa, "kappa");
     require_ptr(u, "u");
+    const std::vector<double> slopes = goat_alibi_slopes(H);
     for (int h = 0; h < H; ++h) {
-        double m = std::pow(2.0, -8.0 * (h + 1) / H);
+        const double m = slopes[h];
         for (int delta = -(L - 1); delta <= L - 1; ++delta) kappa[(size_t)h * (2 * L - 1) + delta + L - 1] = (float)(-m * std::abs(delta));
         for (int j = 0; j < L; ++j) u[(size_t)h * L + j] = 0.f;
     }

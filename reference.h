@@ -161,8 +161,11 @@ void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, float* 
 void goat_prior_backward_at(const GoatPrior& p, GoatWindow w, bool causal, const double* dkappa,
                             const double* du, GoatPrior* grad);
 
-// The same table interface for fixed priors: ALiBi (kappa = -m_h |delta|, m_h = 2^(-8(h+1)/H), u = 0) and
-// no prior (all zeros).
+// ALiBi's head slopes m_h, as its reference code computes them: for H a power of two 2^(-8(h+1)/H); otherwise the
+// slopes of the largest power of two n below H, then every other slope of 2n heads (2^(-4/n), 2^(-12/n), ...)
+// until there are H. The "alibi" init and the fixed ALiBi tables use them.
+std::vector<double> goat_alibi_slopes(int H);
+// The same table interface for fixed priors: ALiBi (kappa = -m_h |delta|, u = 0) and no prior (all zeros).
 void goat_alibi_tables(int H, int L, float* kappa, float* u);
 void goat_zero_tables(int H, int L, float* kappa, float* u);
 

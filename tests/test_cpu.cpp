@@ -377,25 +377,58 @@ TEST_CASE("goat_prior_backward matches finite differences for every prior parame
     }
 }
 
-TEST_CASE("ALiBi: the alibi init and the fixed ALiBi table give the same causal attention") {
-    const int H = 4, L = 30;
-    GoatPrior p = goat_prior_init(H, 2, 2, L, "alibi", 5);
-    std::fill(p.lam_sym.begin(), p.lam_sym.end(), 0.0);
-    std::fill(p.lam_asym.begin(), p.lam_asym.end(), 0.0);
-    std::vector<float> kg((size_t)H * (2 * L - 1)), ug((size_t)H * L), ka(kg.size()), ua(ug.size());
-    goat_prior_tables(p, L, true, kg.data(), ug.data());
+TEST_CASE("ALiBi: the head slopes are the ALiBi paper's (its reference code's rule for H not a power of two)") {
+    // the published values: H = 8 gives 2^-1 .. 2^-8; otherwise the largest power of two's slopes, then every other
+    // slope of twice as many heads
+    auto pow2 = [](std::initializer_list<double> e) {
+        std::vector<double> m;
+        for (double x : e) m.push_back(std::pow(2.0, x));
+        return m;
+    };
+    const std::pair<int, std::vector<double>> cases[] = {
+        {1, pow2({-8})},
+        {3, pow2({-4, -8, -2})},
+        {4, pow2({-2, -4, -6, -8})},
+        {6, pow2({-2, -4, -6, -8, -1, -3})},
+        {8, pow2({-1, -2, -3, -4, -5, -6, -7, -8})},
+        {12, pow2({-1, -2, -3, -4, -5, -6, -7, -8, -0.5, -1.5, -2.5, -3.5})},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.first);
+        const std::vector<double> m = goat_alibi_slopes(c.first);
+        REQUIRE(m.size() == c.second.size());
+        for (size_t h = 0; h < m.size(); ++h) CHECK(m[h] == doctest::Approx(c.second[h]).epsilon(1e-15));
+    }
+    CHECK_THROWS_AS(goat_alibi_slopes(0), std::invalid_argument);
+    // the fixed table holds them: kappa(delta) = -m_h |delta|
+    const int H = 12, L = 5;
+    std::vector<float> ka((size_t)H * (2 * L - 1)), ua((size_t)H * L);
     goat_alibi_tables(H, L, ka.data(), ua.data());
-    // Under a causal mask slope * j = -slope * (i - j) + slope * i: equal up to a per-row constant.
-    for (int h = 0; h < H; ++h)
-        for (int i = 0; i < L; ++i) {
-            double c0 = (kg[(size_t)h * (2 * L - 1) + i + L - 1] + ug[(size_t)h * L + 0]) -
-                        (ka[(size_t)h * (2 * L - 1) + i + L - 1] + ua[(size_t)h * L + 0]);
-            for (int j = 0; j <= i; ++j) {
-                double c = (kg[(size_t)h * (2 * L - 1) + i - j + L - 1] + ug[(size_t)h * L + j]) -
-                           (ka[(size_t)h * (2 * L - 1) + i - j + L - 1] + ua[(size_t)h * L + j]);
-                CHECK(std::fabs(c - c0) <= 1e-4);   // float tables: |K| up to ~30, float rounding ~4e-6
+    for (int h = 0; h < H; ++h) CHECK(ka[(size_t)h * (2 * L - 1) + (L - 1) + 3] == doctest::Approx(-3 * cases[5].second[h]));
+}
+
+TEST_CASE("ALiBi: the alibi init and the fixed ALiBi table give the same causal attention") {
+    for (const int H : {4, 12}) {  // a power of two, and not
+        CAPTURE(H);
+        const int L = 30;
+        GoatPrior p = goat_prior_init(H, 2, 2, L, "alibi", 5);
+        std::fill(p.lam_sym.begin(), p.lam_sym.end(), 0.0);
+        std::fill(p.lam_asym.begin(), p.lam_asym.end(), 0.0);
+        std::vector<float> kg((size_t)H * (2 * L - 1)), ug((size_t)H * L), ka(kg.size()), ua(ug.size());
+        goat_prior_tables(p, L, true, kg.data(), ug.data());
+        goat_alibi_tables(H, L, ka.data(), ua.data());
+        // Under a causal mask slope * j = -slope * (i - j) + slope * i: equal up to a per-row constant.
+        for (int h = 0; h < H; ++h)
+            for (int i = 0; i < L; ++i) {
+                double c0 = (kg[(size_t)h * (2 * L - 1) + i + L - 1] + ug[(size_t)h * L + 0]) -
+                            (ka[(size_t)h * (2 * L - 1) + i + L - 1] + ua[(size_t)h * L + 0]);
+                for (int j = 0; j <= i; ++j) {
+                    double c = (kg[(size_t)h * (2 * L - 1) + i - j + L - 1] + ug[(size_t)h * L + j]) -
+                               (ka[(size_t)h * (2 * L - 1) + i - j + L - 1] + ua[(size_t)h * L + j]);
+                    CHECK(std::fabs(c - c0) <= 1e-4);   // float tables: |K| up to ~30, float rounding ~4e-6
+                }
             }
-        }
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------------
