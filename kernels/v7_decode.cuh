@@ -25,6 +25,7 @@
 
 #include "mma_sm80.cuh"
 
+#include <algorithm>
 #include <cmath>
 
 // AUTO's forward for a call of at most this many queries per sequence, when v7_preferred says so (bench --decode
@@ -368,21 +369,23 @@ static V7Plan v7_plan(const GoatParams& p) {
     V7Plan plan;
     plan.WR = n_rows <= 16 ? 1 : n_rows <= 32 ? 2 : 4;
     plan.n_row_chunks = goat_cdiv(n_rows, 16 * plan.WR);
-    int n = 1;
+    // (64-bit: L_k may be within a few hundred of 2^31, and so may a forced count)
+    auto cdiv = [](long long a, long long b) { return (a + b - 1) / b; };
+    long long chunk;
     if (p.decode_splits > 0) {
-        const int most = 2147483647 / plan.n_row_chunks;  // grid.x = splits x row chunks
-        n = p.decode_splits < L_k ? p.decode_splits : L_k;
-        n = n < most ? n : most;
-        plan.chunk = goat_cdiv(L_k, n);
+        const long long most = 2147483647 / plan.n_row_chunks;  // grid.x = splits x row chunks
+        const long long n = std::min<long long>(std::min<long long>(p.decode_splits, L_k), most);
+        chunk = cdiv(L_k, n);
     } else {
         const int slots = p.d == 64 ? (plan.WR == 1 ? v7_slots<64, 1>() : plan.WR == 2 ? v7_slots<64, 2>() : v7_slots<64, 4>())
                                     : (plan.WR == 1 ? v7_slots<128, 1>() : plan.WR == 2 ? v7_slots<128, 2>() : v7_slots<128, 4>());
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
-        const long long fill = slots / base, longest = goat_cdiv(L_k, V7_MIN_CHUNK);
-        n = (int)(fill < 1 ? 1 : fill < longest ? fill : longest);
-        plan.chunk = goat_cdiv(goat_cdiv(L_k, n), V7_B_c) * V7_B_c;
+        const long long fill = slots / base, longest = cdiv(L_k, V7_MIN_CHUNK);
+        const long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
+        chunk = std::min<long long>(cdiv(cdiv(L_k, n), V7_B_c) * V7_B_c, L_k);
     }
-    plan.n_splits = goat_cdiv(L_k, plan.chunk);
+    plan.chunk = (int)chunk;
+    plan.n_splits = (int)cdiv(L_k, chunk);
     return plan;
 }
 

@@ -193,4 +193,14 @@ TEST_CASE("bf16 decode small: v7's arguments (decode_splits < 0, fp32, d = 32) a
     p.d = 32;
     CHECK(goat_forward(p, 0).code == 2);
     CHECK(goat_forward_workspace_size(p) == 0);
+    // the split plan near the int limits (host arithmetic only): keys and a forced count within 2^31, no overflow
+    p.d = 64;
+    p.L_k = 2147483000;
+    p.decode_splits = 2147482000;  // chunks of 2 keys: 1073741500 splits of one (b, h, row)
+    auto a256 = [](size_t n) { return (n + 255) / 256 * 256; };
+    const size_t splits = 1073741500;
+    CHECK(goat_forward_workspace_size(p) == a256(splits * 2 * 64 * 4) + a256(splits * 2 * 4));
+    p.L_k = (1 << 30) + 1;
+    p.decode_splits = 1;
+    CHECK(goat_forward_workspace_size(p) == 0);  // one split: no partials
 }
