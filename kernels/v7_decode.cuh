@@ -35,7 +35,7 @@ constexpr int GOAT_DECODE_MAX_L = 16;
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
 // v7 reads K, V once per group, the square path once per query head) or when the square path's one block per
 // (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head attention) the
-// square path's forward streams the keys as fast or faster (v5 at d = 64 by 1.5x: docs/PERF.md).
+// square path's forward streams the keys as fast or faster (v5 at d = 64: docs/PERF.md).
 static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
