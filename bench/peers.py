@@ -263,17 +263,23 @@ def general_fwd_flops(kind, d, H, L, L_k, B):
     return 4.0 * B * H * L * L_k * d
 
 
-def ours_general(bench, quick, log):
-    """bench --general's rows, in its order: [(shape, version, (fwd ms, fwd+bwd ms) or why not timed)], shape =
-    (kind, d, H, H_kv, L, L_k, B)."""
+def bench_output(bench, mode, quick, log, header):
+    """The text of `bench <mode> [--quick]` (run now, or read from the saved log), which must hold `header`."""
     if log:
         with open(log) as f:
             out = f.read()
     else:
-        cmd = [bench, "--general"] + (["--quick"] if quick else [])
+        cmd = [bench, mode] + (["--quick"] if quick else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    if GENERAL_HEADER not in out:
-        sys.exit(f"bench printed no '{GENERAL_HEADER}' table (was it run with --general?):\n" + out)
+    if header not in out:
+        sys.exit(f"bench printed no '{header}' table (was it run with {mode}?):\n" + out)
+    return out
+
+
+def ours_general(bench, quick, log):
+    """bench --general's rows, in its order: [(shape, version, (fwd ms, fwd+bwd ms) or why not timed)], shape =
+    (kind, d, H, H_kv, L, L_k, B)."""
+    out = bench_output(bench, "--general", quick, log, GENERAL_HEADER)
     rows = []
     for line in out.split(GENERAL_HEADER, 1)[1].splitlines():
         m = GENERAL_ROW.match(line)
@@ -385,14 +391,7 @@ def ours_decode(bench, quick, log):
     """bench --decode's copy bandwidth (GB/s) and the timed rows of its "decode steps" table, in its order:
     [(shape, (splits, us, us without the prior, GB/s, % of copy))], shape = (d, B, H, H_kv, L, L_k); and how many
     rows bench skipped."""
-    if log:
-        with open(log) as f:
-            out = f.read()
-    else:
-        cmd = [bench, "--decode"] + (["--quick"] if quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    if DECODE_HEADER not in out:
-        sys.exit(f"bench printed no '{DECODE_HEADER}' table (was it run with --decode?):\n" + out)
+    out = bench_output(bench, "--decode", quick, log, DECODE_HEADER)
     copy = COPY_LINE.search(out)
     rows, skipped = [], 0
     for line in out.split(DECODE_HEADER, 1)[1].splitlines()[1:]:  # [0]: the rest of the header line

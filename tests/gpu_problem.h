@@ -430,6 +430,19 @@ inline void expect_within_twin(const char* tag, const Results& got, const Result
 enum class Layout { packed, blhd, fused_qkv };
 inline const char* layout_name(Layout l) { return l == Layout::packed ? "packed" : l == Layout::blhd ? "BLHd" : "fused-QKV"; }
 
+// The CPU judge's dims of a general case (any struct with B, H, H_kv, L, L_k, d, causal, q_pos0, k_pos0 and a
+// vector len_k, empty for none), scale 1/sqrt(d). len_k points into the case, which must outlive the dims.
+template <typename Case>
+GoatDims general_dims(const Case& c) {
+    GoatDims dims{c.B, c.H, c.L, c.d, c.causal, 1.0f / std::sqrt((float)c.d)};
+    dims.L_k = c.L_k;
+    dims.H_kv = c.H_kv;
+    dims.q_pos0 = c.q_pos0;
+    dims.k_pos0 = c.k_pos0;
+    dims.len_k = c.len_k.empty() ? nullptr : c.len_k.data();
+    return dims;
+}
+
 // Strides (elements) of a q-like ([B][heads][rows][d]) tensor in a layout; `slot` of `slots` in a fused buffer.
 inline GoatStrides strides_for(Layout l, int heads, int rows, int d, int slots = 1) {
     GoatStrides s;

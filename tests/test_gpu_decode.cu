@@ -54,12 +54,7 @@ void check_case(const Case& c) {
     for (int j = 0; j < c.L_k; ++j) u[(size_t)(c.H - 1) * c.L_k + j] = -INFINITY;  // the last head sees nothing
 
     // the judge (double) and the yardstick (the tiled twin rounding where the bf16 kernels round)
-    GoatDims dims{c.B, c.H, c.L, c.d, c.causal, 1.0f / std::sqrt((float)c.d)};
-    dims.L_k = c.L_k;
-    dims.H_kv = c.H_kv;
-    dims.q_pos0 = c.q_pos0;
-    dims.k_pos0 = c.k_pos0;
-    dims.len_k = c.len_k.empty() ? nullptr : c.len_k.data();
+    const GoatDims dims = general_dims(c);
     std::vector<double> o_ref(nq), lse_ref((size_t)c.B * c.H * c.L);
     goat_forward_cpu(dims, q.data(), k.data(), v.data(), kappa.data(), u.data(), o_ref.data(), lse_ref.data());
     auto flt = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };

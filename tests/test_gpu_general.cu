@@ -113,12 +113,7 @@ void check_case(const Case& c) {
     std::vector<double> kappa = randv((size_t)c.H * n_delta, 0.5, false), u = randv((size_t)c.H * c.L_k, 0.5, false);
 
     // the judge
-    GoatDims dims{c.B, c.H, c.L, c.d, c.causal, 1.0f / std::sqrt((float)c.d)};
-    dims.L_k = c.L_k;
-    dims.H_kv = c.H_kv;
-    dims.q_pos0 = c.q_pos0;
-    dims.k_pos0 = c.k_pos0;
-    dims.len_k = c.len_k.empty() ? nullptr : c.len_k.data();
+    const GoatDims dims = general_dims(c);
     std::vector<double> o_ref(nq), lse_ref((size_t)c.B * c.H * c.L), dq_ref(nq), dk_ref(nkv), dv_ref(nkv),
         dkappa_ref(kappa.size()), du_ref(u.size());
     goat_forward_cpu(dims, q.data(), k.data(), v.data(), kappa.data(), u.data(), o_ref.data(), lse_ref.data());
