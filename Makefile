@@ -7,6 +7,8 @@
 #   make test-asan  CPU tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-gpu   GPU tests only; fails when there is no GPU (use on the GPU machine)
 #   make sanitize-gpu  compute-sanitizer memcheck and racecheck on the small GPU tests
+#   make torch      the PyTorch binding's library (python/goat_torch/libgoat.so; needs nvcc, not PyTorch)
+#   make test-torch the PyTorch binding's tests (GPU machine with PyTorch and pytest)
 #   make bench      GPU benchmark (validates each kernel version, then times it)
 #   make experiments   the paper's claims in miniature (GPU; SHAKESPEARE=path adds tinyshakespeare; README)
 #   make clean      remove build/
@@ -23,6 +25,7 @@ NVARCH   ?= -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm
             -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90a,code=sm_90a \
             -gencode=arch=compute_90,code=compute_90
 BUILD    := build
+TORCH_LIB := python/goat_torch/libgoat.so
 
 CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_cpu_general.cpp tests/test_train.cpp
 GPU_TEST_SRC := $(wildcard tests/test_gpu*.cu)
@@ -61,8 +64,14 @@ $(BUILD)/reference.o: reference.cpp reference.h | $(BUILD)
 	$(CXX) $(CXXFLAGS) -c reference.cpp -o $@
 $(BUILD)/test_main.o: tests/test_main.cpp | $(BUILD)
 	$(CXX) $(CXXFLAGS) $(DOCTEST_CFLAGS) -c tests/test_main.cpp -o $@
+# (position-independent, so that the shared library below links the same object)
 $(BUILD)/goat.o: $(GOAT_DEPS) | $(BUILD)
-	$(NVCC) $(NVFLAGS) -Xptxas -v -c goat.cu -o $@ 2> $(BUILD)/goat.ptxas.txt || (cat $(BUILD)/goat.ptxas.txt; false)
+	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -Xptxas -v -c goat.cu -o $@ 2> $(BUILD)/goat.ptxas.txt || \
+	    (cat $(BUILD)/goat.ptxas.txt; false)
+
+# goat.cu as a shared library with a C interface (python/goat_capi.cpp), what the PyTorch binding loads
+$(TORCH_LIB): python/goat_capi.cpp $(BUILD)/goat.o goat.h
+	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -shared python/goat_capi.cpp $(BUILD)/goat.o -o $@
 
 # GPU tests: every kernel version against its CPU twin
 $(BUILD)/test_gpu: $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o tests/test_util.h tests/gpu_problem.h reference.h goat.h
@@ -107,6 +116,12 @@ else
 	@./$(BUILD)/test_gpu; rc=$$?; \
 	if [ $$rc -eq 77 ]; then echo "GPU tests: SKIPPED (no CUDA device; not counted as passed)"; \
 	elif [ $$rc -ne 0 ]; then echo "GPU tests: FAILED"; exit $$rc; fi
+	@if python3 -c 'import torch, pytest, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
+	    $(MAKE) --no-print-directory test-torch; \
+	else echo "PyTorch tests: SKIPPED (needs PyTorch with a CUDA device, and pytest; not counted as passed)"; fi
+endif
+ifeq ($(NVCC),)
+	@echo "PyTorch tests: SKIPPED (nvcc not found; not counted as passed)"
 endif
 
 # CPU tests under the sanitizers (CI runs this too)
@@ -121,6 +136,12 @@ test-gpu: $(BUILD)/test_gpu
 sanitize-gpu: $(BUILD)/test_gpu
 	compute-sanitizer --tool memcheck --error-exitcode 1 ./$(BUILD)/test_gpu --require-gpu -tc='*small*'
 	compute-sanitizer --tool racecheck --error-exitcode 1 ./$(BUILD)/test_gpu --require-gpu -tc='*small*'
+
+# the PyTorch binding: its library, then (GPU machine with PyTorch) its tests; `pip install ./python` does the
+# first and installs the package
+torch: $(TORCH_LIB)
+test-torch: $(TORCH_LIB)
+	python3 -m pytest -q python/tests
 
 # benchmark (GPU machine)
 bench: $(BUILD)/bench
@@ -138,6 +159,6 @@ experiments: $(BUILD)/train_tiny $(BUILD)/report
 	bash experiments/run.sh $(SHAKESPEARE)
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(TORCH_LIB)
 
-.PHONY: all demo test test-asan test-gpu sanitize-gpu bench experiments clean
+.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments clean

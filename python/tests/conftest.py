@@ -1,0 +1,6 @@
+"""pytest setup for python/tests: goat_torch from this checkout (python/), the float64 judges from here."""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
