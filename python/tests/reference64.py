@@ -45,10 +45,11 @@ def attention64(q, k, v, kappa=None, u=None, causal=False, scale=None, q_pos0=0,
     return o, lse
 
 
-def official64(params, x, cfg, causal):
+def official64(params, x, cfg, causal, keep=None):
     """The official module's forward in float64. params: name -> tensor (its state_dict names), x: (N, L, E)
     batch_first. cfg: embed_dim, num_heads, kv_num_heads, pos_rank, abs_rank, enable_key_bias,
-    training_seq_len, fuse_qkv. Returns (N, L, E)."""
+    training_seq_len, fuse_qkv. Returns (N, L, E). keep: a dict that receives k [N, H_kv, L, D] and the sink
+    table u [H_kv, L] (gradients retained), for judging the gradients that cancel."""
     p = {n: t.double() if t.is_floating_point() else t for n, t in params.items()}
     x = x.double()
     E, H = cfg["embed_dim"], cfg["num_heads"]
@@ -68,6 +69,9 @@ def official64(params, x, cfg, causal):
     k = k.view(N, L, H_kv, D).transpose(1, 2)
     v = v.view(N, L, H_kv, D).transpose(1, 2)
     g = H // H_kv
+    if keep is not None and k.requires_grad:
+        k.retain_grad()
+        keep["k"] = k
     t = torch.arange(L, device=x.device, dtype=torch.float64)
     q_lanes, k_lanes = [q[..., :D_c] / math.sqrt(D_c)], [k[..., :D_c]]
     if R > 0:
@@ -87,6 +91,9 @@ def official64(params, x, cfg, causal):
         u = p["sink_gain"][:, None] * mlp[None] + p["sink_bump"][:, None] * (t == 0).double()[None]
         if causal:
             u = u + F.softplus(p["recency_slope_raw"])[:, None] * t[None]
+        if keep is not None and u.requires_grad:
+            u.retain_grad()
+            keep["u"] = u
         q_lanes.append(torch.ones(N, H, L, 1, dtype=torch.float64, device=x.device))
         k_lanes.append(u[None, :, :, None].expand(N, H_kv, L, 1))
     qt, kt = torch.cat(q_lanes, -1), torch.cat(k_lanes, -1).repeat_interleave(g, 1)

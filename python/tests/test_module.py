@@ -21,7 +21,8 @@ from goat_torch import GoatAttention
 from reference64 import attention64, official64
 
 DEV = torch.device("cuda")
-TOL_F32 = 1e-5      # fp32 kernel and fp32 official module against float64, relative to the largest value
+TOL_F32 = 1e-5      # our fp32 module against float64, relative to the largest value
+TOL_JUDGE = 3e-5    # the official fp32 module against float64 (its fp32 prior lanes round a little more)
 TOL_BF16 = 3e-2     # bf16 autocast (projections and attention in bf16) against float64
 
 CFGS = [
@@ -45,10 +46,20 @@ def build(cls, cfg, seed):
 
 
 # Gradients that cancel: softmax ignores a shift shared by every key, so the k bias and the sink mlp's output bias
-# get exactly zero and the sink's first bias nearly zero (its effect is almost the same at every key). What a
-# rounding leaves there is judged against the scale of the same layer's weight gradient.
-CANCELLING = {"k_proj.bias": "k_proj.weight", "key_bias.fc2.bias": "key_bias.fc2.weight",
-              "key_bias.fc1.bias": "key_bias.fc1.weight"}
+# get exactly zero, and the sink mlp's first bias nearly zero (its effect is almost the same at every key). What a
+# rounding leaves there is judged against the sum it cancels in: sum_{b,j} |dk| per dim (k bias), sum_{h,j}
+# |gain_h du_hj| (output bias) and that times max |fc2 weight| (first bias). The recency slope's gradient,
+# sum_j du_hj t_j softplus'(slope_raw_h), is a covariance of du (which sums to zero) with the position: the same.
+def cancelling_scales(params64, keep):
+    scales = {"k_proj.bias": keep["k"].grad.abs().sum(dim=(0, 2)).amax()}
+    if "u" in keep:
+        s_u = (params64["sink_gain"][:, None] * keep["u"].grad).abs().sum()
+        scales["key_bias.fc2.bias"] = s_u
+        scales["key_bias.fc1.bias"] = s_u * params64["key_bias.fc2.weight"].abs().max()
+        t = torch.arange(keep["u"].shape[1], device=s_u.device, dtype=torch.float64)
+        slope_d = torch.sigmoid(params64["recency_slope_raw"])[:, None]
+        scales["recency_slope_raw"] = (keep["u"].grad.abs() * t[None] * slope_d).sum(dim=1).amax()
+    return scales
 
 
 def rel_err(a, b, scale=None):
@@ -58,14 +69,10 @@ def rel_err(a, b, scale=None):
     return ((a - b).abs().max() / scale.clamp(min=1e-30)).item()
 
 
-def grad_errors(grads, ref_grads):
-    """name -> max |grad - ref| over the gradient's scale (its own, or its layer weight's where it cancels)."""
-    errs = {}
-    for n, ref in ref_grads.items():
-        bias = next((b for b in CANCELLING if n.endswith(b)), None)
-        scale = ref_grads[n[: len(n) - len(bias)] + CANCELLING[bias]] if bias else None
-        errs[n] = rel_err(grads[n], ref, scale)
-    return errs
+def grad_errors(grads, ref_grads, scales=None):
+    """name -> max |grad - ref| over max |ref|, or over scales[name] for the gradients that cancel."""
+    scales = scales or {}
+    return {n: rel_err(grads[n], ref, scales.get(n)) for n, ref in ref_grads.items()}
 
 
 def run(module, x, g, causal, autocast):
@@ -98,9 +105,11 @@ def test_matches_official(cfg, causal):
     g = torch.randn(N, L, E, device=DEV)
     params64 = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in official.state_dict(
         keep_vars=True).items()}
-    ref = official64(params64, x, {"embed_dim": E, "num_heads": H, **cfg}, causal)
+    keep = {}
+    ref = official64(params64, x, {"embed_dim": E, "num_heads": H, **cfg}, causal, keep)
     (ref * g.double()).sum().backward()
     ref_grads = {n: p.grad for n, p in params64.items() if p.grad is not None}
+    scales = cancelling_scales(params64, keep)
 
     results = {}
     for name, module in (("official", official), ("ours", ours)):
@@ -109,13 +118,14 @@ def test_matches_official(cfg, causal):
             label = f"{name} {'bf16' if autocast else 'fp32'}"
             errs = {"out": rel_err(out, ref)}
             assert {n for n, gr in grads.items() if gr is not None} == set(ref_grads), label
-            errs.update(grad_errors(grads, ref_grads))
+            errs.update(grad_errors(grads, ref_grads, scales))
             results[label] = errs
     for label, errs in results.items():
         print(label, " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
-    for label in ("official fp32", "ours fp32"):
-        for n, e in results[label].items():
-            assert e < TOL_F32, (label, n, e)
+    for n, e in results["official fp32"].items():
+        assert e < TOL_JUDGE, ("official fp32", n, e)
+    for n, e in results["ours fp32"].items():
+        assert e < TOL_F32, ("ours fp32", n, e)
     for n, e in results["ours bf16"].items():
         assert e < TOL_BF16, ("ours bf16", n, e)
 
@@ -223,6 +233,8 @@ def test_torch_compile_small_model():
     compiled.backward()
     print(f"loss eager {eager.item():.6f} compiled {compiled.item():.6f}")
     assert abs(eager.item() - compiled.item()) < 1e-3 * abs(eager.item())
+    # the biases whose gradients cancel hold rounding noise in both runs; test_matches_official judges them
+    eager_grads = {n: gr for n, gr in eager_grads.items() if not n.endswith(("k_proj.bias", "fc2.bias", "fc1.bias"))}
     errs = grad_errors({n: p.grad for n, p in model.named_parameters()}, eager_grads)
     for n, e in errs.items():
         assert e < TOL_BF16, (n, e)
