@@ -50,6 +50,38 @@ def time_ms(fn):
     return sorted(samples)[2]
 
 
+def cpu_cost_us():
+    """Microseconds per eager call on a tiny shape (the GPU idles; what is measured is Python and dispatch):
+    goat_torch.attention with both tables against F.scaled_dot_product_attention without, forward under no_grad and
+    forward+backward."""
+    import torch.nn.functional as F
+    from goat_torch import attention
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(1, 2, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 64, 64)
+    kappa = torch.zeros(2, 127, device="cuda", requires_grad=True)
+    u = torch.zeros(2, 64, device="cuda", requires_grad=True)
+    calls = {"ours": lambda: attention(q, k, v, kappa, u, causal=True),
+             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    out = {}
+    for name, fn in calls.items():
+        for grad in (False, True):
+            def step():
+                if grad:
+                    fn().sum().backward()
+                else:
+                    with torch.no_grad():
+                        fn()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                step()
+            torch.cuda.synchronize()
+            out[(name, grad)] = (time.perf_counter() - t0) / 200 * 1e6
+    return out
+
+
 def make_pair(C, H, identity):
     cfg = dict(embed_dim=C, num_heads=H, batch_first=True, fuse_qkv=False)
     torch.manual_seed(0)
@@ -87,6 +119,9 @@ def main():
     Ts = [4096] if args.quick else [1024, 4096, 16384]
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, goat-attention "
           f"{getattr(goat, '__version__', '?')}")
+    cost = cpu_cost_us()
+    print("CPU cost per eager call, tiny shape (us): ours fwd %.0f fwd+bwd %.0f | SDPA fwd %.0f fwd+bwd %.0f" % (
+        cost[("ours", False)], cost[("ours", True)], cost[("sdpa", False)], cost[("sdpa", True)]), flush=True)
     rows = []
     for C, H in ((768, 12), (2048, 16)):
         d = C // H

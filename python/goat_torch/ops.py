@@ -67,10 +67,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, len_k: Optional[Tensor]) -> None:
         raise ValueError(f"len_k must be an int32 tensor of shape ({B},) on q's device")
 
 
-@torch.library.custom_op("goat::forward", mutates_args=(), device_types="cuda")
-def goat_forward(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor], u: Optional[Tensor],
-                 len_k: Optional[Tensor], causal: bool, scale: float, q_pos0: int, k_pos0: int, version: int,
-                 decode_splits: int) -> Tuple[Tensor, Tensor]:
+def _forward_impl(q, k, v, kappa, u, len_k, causal, scale, q_pos0, k_pos0, version, decode_splits):
     B, H, L, d = q.shape
     o, o_w = _output_like(q)
     q, k, v = _readable(q), _readable(k), _readable(v)
@@ -82,17 +79,21 @@ def goat_forward(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor], u: Op
     return o, lse
 
 
+@torch.library.custom_op("goat::forward", mutates_args=(), device_types="cuda")
+def goat_forward(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor], u: Optional[Tensor],
+                 len_k: Optional[Tensor], causal: bool, scale: float, q_pos0: int, k_pos0: int, version: int,
+                 decode_splits: int) -> Tuple[Tensor, Tensor]:
+    return _forward_impl(q, k, v, kappa, u, len_k, causal, scale, q_pos0, k_pos0, version, decode_splits)
+
+
 @goat_forward.register_fake
 def _(q, k, v, kappa, u, len_k, causal, scale, q_pos0, k_pos0, version, decode_splits):
     B, H, L, d = q.shape
     return torch.empty_like(q), q.new_empty((B, H, L), dtype=torch.float32)
 
 
-@torch.library.custom_op("goat::backward", mutates_args=(), device_types="cuda")
-def goat_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kappa: Optional[Tensor],
-                  u: Optional[Tensor], len_k: Optional[Tensor], causal: bool, scale: float, q_pos0: int, k_pos0: int,
-                  version: int, deterministic: bool, need_dkappa: bool,
-                  need_du: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(dout, q, k, v, o, lse, kappa, u, len_k, causal, scale, q_pos0, k_pos0, version, deterministic,
+                   need_dkappa, need_du):
     (dq, dq_w), (dk, dk_w), (dv, dv_w) = _output_like(q), _output_like(k), _output_like(v)
     dout, q, k, v, o = _readable(dout), _readable(q), _readable(k), _readable(v), _readable(o)
     H, L, L_k = q.shape[1], q.shape[2], k.shape[2]
@@ -105,6 +106,15 @@ def goat_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
     _lib.call("backward", a, q.device)
     _copy_back([(dq, dq_w), (dk, dk_w), (dv, dv_w)])
     return dq, dk, dv, dkappa, du
+
+
+@torch.library.custom_op("goat::backward", mutates_args=(), device_types="cuda")
+def goat_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kappa: Optional[Tensor],
+                  u: Optional[Tensor], len_k: Optional[Tensor], causal: bool, scale: float, q_pos0: int, k_pos0: int,
+                  version: int, deterministic: bool, need_dkappa: bool,
+                  need_du: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(dout, q, k, v, o, lse, kappa, u, len_k, causal, scale, q_pos0, k_pos0, version,
+                          deterministic, need_dkappa, need_du)
 
 
 @goat_backward.register_fake
@@ -124,19 +134,37 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward_with(backward_fn, ctx, dout):
     q, k, v, o, lse, kappa, u, len_k = ctx.saved_tensors
     causal, scale, q_pos0, k_pos0, version = ctx.args
     need_dkappa = kappa is not None and ctx.needs_input_grad[3]
     need_du = u is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dkappa, du = goat_backward(dout, q, k, v, o, lse, kappa, u, len_k, causal, scale, q_pos0, k_pos0,
-                                           version, torch.are_deterministic_algorithms_enabled(), need_dkappa,
-                                           need_du)
+    dq, dk, dv, dkappa, du = backward_fn(dout, q, k, v, o, lse, kappa, u, len_k, causal, scale, q_pos0, k_pos0,
+                                         version, torch.are_deterministic_algorithms_enabled(), need_dkappa, need_du)
     return (dq, dk, dv, dkappa if need_dkappa else None, du if need_du else None,
             None, None, None, None, None, None, None)
 
 
+def _backward(ctx, dout, dlse):
+    return _backward_with(goat_backward, ctx, dout)
+
+
 goat_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGoat(torch.autograd.Function):
+    """attention()'s path outside torch.compile: the same forward, context and backward as the registered operator,
+    without the operator dispatch (which costs more CPU time per call than a small attention takes on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward_with(_backward_impl, ctx, dout)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor] = None, u: Optional[Tensor] = None,
@@ -159,8 +187,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor] = None, u
     u = _table(u, (H, L_k), "u")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    o, lse = goat_forward(q, k, v, kappa, u, len_k, bool(causal), float(scale), int(q_pos0), int(k_pos0),
-                          int(version), int(decode_splits))
+    args = (q, k, v, kappa, u, len_k, bool(causal), float(scale), int(q_pos0), int(k_pos0), int(version),
+            int(decode_splits))
+    o, lse = goat_forward(*args) if torch.compiler.is_compiling() else _EagerGoat.apply(*args)
     return (o, lse) if return_lse else o
 
 
