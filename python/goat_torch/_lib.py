@@ -140,7 +140,7 @@ def call(kind: str, a: GoatCArgs, device: torch.device) -> None:
     if nbytes > 0:
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
         a.workspace, a.workspace_bytes = workspace.data_ptr(), nbytes
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream   # the caller's stream: no sync, no event
     msg = ctypes.create_string_buffer(256)
     fn = so.goat_c_forward if kind == "forward" else so.goat_c_backward
     code = fn(ctypes.byref(a), ctypes.c_void_p(stream), msg, 256)

@@ -160,10 +160,13 @@ class _EagerGoat(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)   # no zeros made for lse's (unused) gradient
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:
+            return (None,) * 12
         return _backward_with(_backward_impl, ctx, dout)
 
 
