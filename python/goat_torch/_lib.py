@@ -12,9 +12,8 @@ import os
 
 import torch
 
-GOAT_F32, GOAT_BF16 = 0, 1
 
-_TENSORS = ("q", "k", "v", "o", "dout", "dq", "dk", "dv")
+GOAT_F32, GOAT_BF16 = 0, 1
 
 
 class GoatError(RuntimeError):
@@ -80,19 +79,20 @@ def _strides(t: torch.Tensor):
     """goat.h's (batch, head, row) strides of a [B][H][L][d] tensor. A dimension of size 1 gets the packed stride
     (its stride is never multiplied by anything but 0, and a 0 there would read as 'packed' in goat.h)."""
     B, H, L, d = t.shape
-    packed = (H * L * d, L * d, d)
-    return tuple(packed[i] if t.shape[i] == 1 else t.stride(i) for i in range(3))
+    sb, sh, sr, _ = t.stride()
+    return (sb if B != 1 else H * L * d, sh if H != 1 else L * d, sr if L != 1 else d)
 
 
 def takes_layout(t: torch.Tensor) -> bool:
     """Can goat.h read this [B][H][L][d] tensor as it is (no copy)? The head dimension contiguous, no broadcast
     (stride 0) dimension, and for bf16 every stride a multiple of 8 elements and the data 16-byte aligned."""
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        return False
-    if any(t.stride(i) == 0 and t.shape[i] > 1 for i in range(3)):
+    B, H, L, d = t.shape
+    sb, sh, sr, sd = t.stride()
+    if (sd != 1 and d > 1) or (sb == 0 and B > 1) or (sh == 0 and H > 1) or (sr == 0 and L > 1):
         return False
     if t.dtype == torch.bfloat16:
-        return t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in _strides(t))
+        sb, sh, sr = _strides(t)
+        return t.data_ptr() % 16 == 0 and sb % 8 == 0 and sh % 8 == 0 and sr % 8 == 0
     return True
 
 
@@ -100,23 +100,20 @@ def make_args(*, q, k, v, causal, scale, q_pos0=0, k_pos0=0, version=0, determin
               kappa=None, u=None, len_k=None, o=None, lse=None, dout=None, dq=None, dk=None, dv=None,
               dkappa=None, du=None) -> GoatCArgs:
     a = GoatCArgs()
-    B, H, L, d = q.shape
-    a.B, a.H, a.L, a.d = B, H, L, d
+    a.B, a.H, a.L, a.d = q.shape
     a.H_kv, a.L_k = k.shape[1], k.shape[2]
-    a.q_pos0, a.k_pos0 = int(q_pos0), int(k_pos0)
-    a.causal, a.deterministic = int(bool(causal)), int(bool(deterministic))
+    a.q_pos0, a.k_pos0 = q_pos0, k_pos0
+    a.causal, a.deterministic = bool(causal), bool(deterministic)
     a.dtype = GOAT_BF16 if q.dtype == torch.bfloat16 else GOAT_F32
-    a.version, a.decode_splits = int(version), int(decode_splits)
+    a.version, a.decode_splits = version, decode_splits
     a.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    a.scale = float(scale)
-    named = dict(q=q, k=k, v=v, o=o, dout=dout, dq=dq, dk=dk, dv=dv)
-    for i, name in enumerate(_TENSORS):
-        t = named[name]
+    a.scale = scale
+    for i, t in enumerate((q, k, v, o, dout, dq, dk, dv)):
         if t is not None:
-            for j, s in enumerate(_strides(t)):
-                a.strides[i][j] = s
-            setattr(a, name, t.data_ptr())
-    for name, t in (("kappa", kappa), ("u", u), ("len_k", len_k), ("lse", lse), ("dkappa", dkappa), ("du", du)):
+            a.strides[i][0], a.strides[i][1], a.strides[i][2] = _strides(t)
+    a.q, a.k, a.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    for name, t in (("o", o), ("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv), ("kappa", kappa), ("u", u),
+                    ("len_k", len_k), ("lse", lse), ("dkappa", dkappa), ("du", du)):
         if t is not None:
             setattr(a, name, t.data_ptr())
     return a
@@ -130,6 +127,14 @@ def resolve_version(a: GoatCArgs) -> int:
     return lib().goat_c_resolve_version(ctypes.byref(a))
 
 
+def _current_stream(device: torch.device) -> int:
+    """The raw handle of the caller's current stream on device (the kernels launch there: no sync, no event)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # a plain int, without a Stream object
+    if raw is not None:
+        return raw(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def call(kind: str, a: GoatCArgs, device: torch.device) -> None:
     """Run goat_forward (kind 'forward') or goat_backward on the current stream of `device`, with a workspace
     from PyTorch's caching allocator (kept alive until the call returns; stream order does the rest)."""
@@ -140,7 +145,7 @@ def call(kind: str, a: GoatCArgs, device: torch.device) -> None:
     if nbytes > 0:
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
         a.workspace, a.workspace_bytes = workspace.data_ptr(), nbytes
-    stream = torch.cuda.current_stream(device).cuda_stream   # the caller's stream: no sync, no event
+    stream = _current_stream(device)
     msg = ctypes.create_string_buffer(256)
     fn = so.goat_c_forward if kind == "forward" else so.goat_c_backward
     code = fn(ctypes.byref(a), ctypes.c_void_p(stream), msg, 256)

@@ -4,3 +4,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+
+def pytest_report_header(config):
+    from reference64 import SEED
+    return f"GOAT_TEST_SEED={SEED}"

@@ -4,14 +4,19 @@ docs/GOAT.md and the official module's algorithm (not from goat_torch).
   attention64   softmax(scale q k^T + kappa[h][i - j + L_k - 1] + u[h][j], masked) v per head, goat.h's rules
   official64    the official GoatAttention's forward (1-D, prior lanes carved out of each head, one softmax with
                 scale 1) on a dict of parameters, so autograd gives every parameter's gradient
+  SEED          the run's seed (GOAT_TEST_SEED=n replays a run; otherwise a fresh one, shown in pytest's header)
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
 
 import torch
 import torch.nn.functional as F
+
+SEED = int(os.environ.get("GOAT_TEST_SEED", random.randrange(1 << 30)))
 
 
 def attention64(q, k, v, kappa=None, u=None, causal=False, scale=None, q_pos0=0, k_pos0=0, len_k=None):
@@ -54,7 +59,7 @@ def official64(params, x, cfg, causal, keep=None):
     x = x.double()
     E, H = cfg["embed_dim"], cfg["num_heads"]
     H_kv = cfg.get("kv_num_heads") or H
-    R, M = cfg.get("pos_rank", 8), cfg.get("abs_rank", 8)
+    R = cfg.get("pos_rank", 8)
     key_bias = cfg.get("enable_key_bias", True)
     D = E // H
     D_c = D - 2 * R - (1 if key_bias else 0)
