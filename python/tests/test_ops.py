@@ -194,6 +194,7 @@ def test_torch_compile_no_graph_break():
     leaves_c = [t.clone().requires_grad_(True) for t in (q, k, v, kappa, u)]
     compiled = torch.compile(f, fullgraph=True)(*leaves_c)
     compiled.backward()
-    assert torch.equal(eager, compiled)
+    # the compiled sum may add in another order, and dq's fp32 atomics run in any order
+    assert abs(eager.item() - compiled.item()) <= 1e-5 * abs(eager.item())
     for a, b in zip(leaves, leaves_c):
-        assert torch.equal(a.grad, b.grad)
+        assert rel_err(b.grad, a.grad) < 1e-2
