@@ -9,3 +9,8 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 def pytest_report_header(config):
     from reference64 import SEED
     return f"GOAT_TEST_SEED={SEED}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    from reference64 import SEED
+    terminalreporter.write_line(f"GOAT_TEST_SEED={SEED} (set it to replay this run's inputs)")

@@ -194,7 +194,7 @@ def test_torch_compile_no_graph_break():
     leaves_c = [t.clone().requires_grad_(True) for t in (q, k, v, kappa, u)]
     compiled = torch.compile(f, fullgraph=True)(*leaves_c)
     compiled.backward()
-    # the compiled sum may add in another order, and dq's fp32 atomics run in any order
-    assert abs(eager.item() - compiled.item()) <= 1e-5 * abs(eager.item())
+    # the compiled sum may add its 2^15 fp32 products in another order, and dq's fp32 atomics run in any order
+    assert abs(eager.item() - compiled.item()) <= 1e-4 + 1e-5 * abs(eager.item())
     for a, b in zip(leaves, leaves_c):
         assert rel_err(b.grad, a.grad) < 1e-2
