@@ -64,8 +64,13 @@ $(BUILD)/reference.o: reference.cpp reference.h | $(BUILD)
 	$(CXX) $(CXXFLAGS) -c reference.cpp -o $@
 $(BUILD)/test_main.o: tests/test_main.cpp | $(BUILD)
 	$(CXX) $(CXXFLAGS) $(DOCTEST_CFLAGS) -c tests/test_main.cpp -o $@
+# goat.o is rebuilt when the nvcc flags change (NVARCH, ...): they are kept in $(BUILD)/nvflags.txt
+$(BUILD)/nvflags.txt: FORCE | $(BUILD)
+	@echo '$(NVFLAGS) -Xcompiler -fPIC' | cmp -s - $@ || echo '$(NVFLAGS) -Xcompiler -fPIC' > $@
+FORCE:
+
 # (position-independent, so that the shared library below links the same object)
-$(BUILD)/goat.o: $(GOAT_DEPS) | $(BUILD)
+$(BUILD)/goat.o: $(GOAT_DEPS) $(BUILD)/nvflags.txt | $(BUILD)
 	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -Xptxas -v -c goat.cu -o $@ 2> $(BUILD)/goat.ptxas.txt || \
 	    (cat $(BUILD)/goat.ptxas.txt; false)
 
@@ -116,12 +121,9 @@ else
 	@./$(BUILD)/test_gpu; rc=$$?; \
 	if [ $$rc -eq 77 ]; then echo "GPU tests: SKIPPED (no CUDA device; not counted as passed)"; \
 	elif [ $$rc -ne 0 ]; then echo "GPU tests: FAILED"; exit $$rc; fi
+endif
 	@if python3 -c 'import torch, pytest' 2>/dev/null; then $(MAKE) --no-print-directory test-torch; \
 	else echo "PyTorch tests: SKIPPED (needs PyTorch and pytest; not counted as passed)"; fi
-endif
-ifeq ($(NVCC),)
-	@echo "PyTorch tests: SKIPPED (nvcc not found; not counted as passed)"
-endif
 
 # CPU tests under the sanitizers (CI runs this too)
 test-asan: $(BUILD)/test_cpu_asan
@@ -138,8 +140,16 @@ sanitize-gpu: $(BUILD)/test_gpu
 
 # the PyTorch binding: its library, then its tests (PyTorch and pytest; those that need a GPU say "skipped"
 # without one); `pip install ./python` does the first and installs the package
+# (without nvcc the library is not built and the tests that need it say "skipped")
+ifeq ($(NVCC),)
+TORCH_TEST_DEPS :=
+torch:
+	@echo "make torch: nvcc not found; libgoat.so needs the CUDA Toolkit"; false
+else
+TORCH_TEST_DEPS := $(TORCH_LIB)
 torch: $(TORCH_LIB)
-test-torch: $(TORCH_LIB)
+endif
+test-torch: $(TORCH_TEST_DEPS)
 	python3 -m pytest -q python/tests
 
 # benchmark (GPU machine)
@@ -160,4 +170,4 @@ experiments: $(BUILD)/train_tiny $(BUILD)/report
 clean:
 	rm -rf $(BUILD) $(TORCH_LIB)
 
-.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments clean
+.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments clean FORCE

@@ -16,7 +16,7 @@ struct GoatCArgs {
     int64_t B, H, L, d, L_k, H_kv;
     int64_t q_pos0, k_pos0;
     int64_t causal, dtype, version, deterministic, decode_splits;
-    int64_t device;           // the CUDA device the tensors live on (made current before the call)
+    int64_t device;           // the CUDA device the tensors live on (current during the call, then restored)
     double scale;
     int64_t strides[8][3];    // q, k, v, o, dout, dq, dk, dv: batch, head, row (elements)
     const void* q;
@@ -95,14 +95,29 @@ static bool fits_int(const GoatCArgs* a, char* msg, int msg_len) {
     return true;
 }
 
+// The tensors' device made current for the call, the caller's put back after it (the caller's framework keeps
+// its own notion of the current device; a call must not change it).
+struct DeviceScope {
+    int previous = -1;
+    cudaError_t err = cudaSuccess;
+    explicit DeviceScope(int64_t device) {
+        if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+        if (previous != (int)device) err = cudaSetDevice((int)device);
+        if (err != cudaSuccess) cudaGetLastError();
+    }
+    ~DeviceScope() {
+        int now = -1;
+        if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
+    }
+};
+
 static int run(const GoatCArgs* a, void* stream, char* msg, int msg_len, bool backward) {
     if (msg_len > 0) msg[0] = 0;
     if (!fits_int(a, msg, msg_len)) return 1;
-    cudaError_t err = cudaSetDevice((int)a->device);
-    if (err != cudaSuccess) {
+    DeviceScope scope(a->device);
+    if (scope.err != cudaSuccess) {
         snprintf(msg, (size_t)msg_len, "cudaSetDevice(%lld) failed: %s", (long long)a->device,
-                 cudaGetErrorString(err));
-        cudaGetLastError();
+                 cudaGetErrorString(scope.err));
         return 3;
     }
     const GoatParams p = to_params(a);
@@ -126,8 +141,9 @@ int goat_c_backward(const GoatCArgs* a, void* stream, char* msg, int msg_len) {
 
 uint64_t goat_c_forward_workspace_size(const GoatCArgs* a) {
     char msg[256];
-    if (!fits_int(a, msg, sizeof msg) || cudaSetDevice((int)a->device) != cudaSuccess) return 0;
-    return (uint64_t)goat_forward_workspace_size(to_params(a));
+    if (!fits_int(a, msg, sizeof msg)) return 0;
+    DeviceScope scope(a->device);
+    return scope.err == cudaSuccess ? (uint64_t)goat_forward_workspace_size(to_params(a)) : 0;
 }
 
 uint64_t goat_c_backward_workspace_size(const GoatCArgs* a) {
@@ -138,8 +154,9 @@ uint64_t goat_c_backward_workspace_size(const GoatCArgs* a) {
 
 int goat_c_resolve_version(const GoatCArgs* a) {
     char msg[256];
-    if (!fits_int(a, msg, sizeof msg) || cudaSetDevice((int)a->device) != cudaSuccess) return -1;
-    return goat_resolve_version(to_params(a));
+    if (!fits_int(a, msg, sizeof msg)) return -1;
+    DeviceScope scope(a->device);
+    return scope.err == cudaSuccess ? goat_resolve_version(to_params(a)) : -1;
 }
 
 const char* goat_c_version_name(int version) { return goat_version_name(version); }

@@ -5,6 +5,7 @@ import subprocess
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,6 +16,13 @@ class BuildWithLibrary(build_py):
         super().run()
 
 
+class BinaryDistribution(Distribution):
+    """The wheel carries libgoat.so: tag it for this platform, not as pure Python."""
+
+    def has_ext_modules(self):
+        return True
+
+
 setup(
     name="goat-torch",
     version="0.1.0",
@@ -22,5 +30,6 @@ setup(
     packages=["goat_torch"],
     package_data={"goat_torch": ["libgoat.so"]},
     cmdclass={"build_py": BuildWithLibrary},
+    distclass=BinaryDistribution,
     python_requires=">=3.9",
 )

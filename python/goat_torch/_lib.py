@@ -36,7 +36,7 @@ class GoatCArgs(ctypes.Structure):
     ]
 
 
-def _library_path() -> str:
+def library_path() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     return os.environ.get("GOAT_LIB", os.path.join(here, "libgoat.so"))
 
@@ -49,7 +49,7 @@ def lib():
     global _lib
     if _lib is not None:
         return _lib
-    path = _library_path()
+    path = library_path()
     if not os.path.exists(path):
         raise ImportError(f"goat_torch: {path} not found; build it with `make torch` in the repository root "
                           "(needs nvcc), or `pip install ./python`, or point GOAT_LIB at a built libgoat.so")

@@ -4,7 +4,7 @@ goat.GoatAttention) in its 1-D language subset, running on the fused kernel.
 Same constructor arguments, parameter and buffer names, initialisation and state_dict, so
 `ours.load_state_dict(official.state_dict())` works and gives the official outputs. The official module carves
 2R + 1 of each head's dims out for prior lanes (cos/sin features and a constant) and calls SDPA; here the prior
-becomes the kernel's tables (kappa, u from goat_torch.prior), and k with its lane dims zeroed (q is read as it is:
+becomes the kernel's tables (kappa, u from goat_torch.prior), and q with its lane dims zeroed (k is read as it is:
 its lane dims then meet zeros) gives exactly the official content scores with scale 1/sqrt(content_dim).
 
 What differs from the official module:
@@ -13,10 +13,13 @@ What differs from the official module:
   - refused with NotImplementedError: dropout > 0 while training, add_bias_kv, add_zero_attn, attn_mask (use
     is_causal and key_padding_mask), a key_padding_mask that is not right padding, prior_gate="query_norm",
     pos_encoding other than "1d".
-  - past_key_value holds this module's own cache (k, v of the kernel's head dim: content keys, no lanes), as
-    returned by return_present_kv=True; the cached keys sit right before the new ones. With training_seq_len
-    unset, the sink features of every key are normalised by the new chunk's length (the official module baked
-    each cached key's lanes in with its own chunk's length).
+  - past_key_value: (k, v) [N, kv_num_heads, S_past, width] as return_present_kv=True returns them (width: the
+    kernel's head dim, head_dim but for bf16 head dims other than 64 and 128); the official module's cache of the
+    same shape works too (its keys' lanes meet q's zeroed ones). The cached keys sit right before the new ones;
+    the prior of every key is computed from its position, so with training_seq_len unset the sink features are
+    normalised by the new chunk's length (the official module baked each cached key's lanes in with its own).
+  - causal with position offsets and no cache: the mask follows the positions (k_pos0 + j <= q_pos0 + i), as the
+    official module's explicit-mask path does (its SDPA fast path ignores the offsets).
 Layouts: batch_first or not, fused qkv or not, the kernel reads the projections in place through strides.
 """
 
@@ -200,8 +203,8 @@ class GoatAttention(nn.Module):
 
     def _cached(self, key, make):
         """What depends on the shape and positions only (the phases, the sink features), kept for the last few
-        shapes; recomputed inside torch.compile, which keeps no Python-side state."""
-        if torch.compiler.is_compiling():
+        shapes; recomputed inside torch.compile (which keeps no Python-side state) and under inference_mode."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():   # (inference tensors: unsavable)
             return make()
         hit = self._shape_cache.get(key)
         if hit is None:
@@ -235,8 +238,8 @@ class GoatAttention(nn.Module):
 
     def _heads(self, x: Tensor, n_heads: int, N: int, S: int, width: int, zero_lanes: bool) -> Tensor:
         """A [.., n_heads * head_dim] projection as the kernel's [N, n_heads, S, width] view, read in place through
-        strides where nothing changes. zero_lanes (keys): the dims past content_dim zeroed, so that whatever q holds
-        there never counts (a copy); the queries keep theirs, and their gradient there is then exactly 0."""
+        strides where nothing changes. zero_lanes (queries): the dims past content_dim zeroed (a copy), so that
+        whatever the keys hold there never counts, a cache's keys included; the keys' gradient there is then 0."""
         shape = (N, S, n_heads, self.head_dim) if self.batch_first else (S, N, n_heads, self.head_dim)
         x = x.view(shape)
         if zero_lanes and self.content_dim != self.head_dim:
@@ -288,8 +291,8 @@ class GoatAttention(nn.Module):
         width = self.head_dim
         if q.dtype == torch.bfloat16 and width not in (64, 128):
             width = 64 if width < 64 else 128
-        qh = self._heads(q, self.num_heads, N, L, width, zero_lanes=False)
-        kh = self._heads(k, self.kv_num_heads, N, S, width, zero_lanes=True)
+        qh = self._heads(q, self.num_heads, N, L, width, zero_lanes=True)
+        kh = self._heads(k, self.kv_num_heads, N, S, width, zero_lanes=False)
         vh = self._heads(v, self.kv_num_heads, N, S, width, zero_lanes=False)
 
         S_past = 0
@@ -297,7 +300,7 @@ class GoatAttention(nn.Module):
             k_past, v_past = past_key_value
             if k_past.shape[:2] != (N, self.kv_num_heads) or k_past.shape[-1] != width or k_past.shape != v_past.shape:
                 raise ValueError(f"past_key_value must be (k, v), each [N, {self.kv_num_heads}, S_past, {width}] "
-                                 "as this module returned it")
+                                 "(as return_present_kv=True returns them)")
             S_past = k_past.shape[2]
             kh = torch.cat([k_past.to(kh.dtype), kh], dim=2)
             vh = torch.cat([v_past.to(vh.dtype), vh], dim=2)

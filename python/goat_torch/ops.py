@@ -41,11 +41,13 @@ def _copy_back(pairs) -> None:
             out.copy_(written)
 
 
-def _table(t: Optional[Tensor], shape, name: str) -> Optional[Tensor]:
+def _table(t: Optional[Tensor], shape, name: str, device: torch.device) -> Optional[Tensor]:
     if t is None:
         return None
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (got {tuple(t.shape)})")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device} (got {t.device})")
     return t.to(torch.float32).contiguous()
 
 
@@ -164,6 +166,7 @@ class _EagerGoat(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         if dout is None:
             return (None,) * 12
@@ -185,9 +188,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kappa: Optional[Tensor] = None, u
     Returns o [B, H, L, d] in q's layout (and lse [B, H, L] float32, natural log, when return_lse).
     """
     _check(q, k, v, len_k)
-    H, L, L_k = q.shape[1], q.shape[2], k.shape[2]
-    kappa = _table(kappa, (H, L + L_k - 1), "kappa")
-    u = _table(u, (H, L_k), "u")
+    B, H, L, L_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if B * L == 0 or L_k == 0:   # no rows, or no keys: o = 0 and lse = -inf, as for a row with nothing visible
+        o = q * 0
+        lse = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
+        return (o, lse) if return_lse else o
+    kappa = _table(kappa, (H, L + L_k - 1), "kappa", q.device)
+    u = _table(u, (H, L_k), "u", q.device)
+    if len_k is not None:
+        len_k = len_k.contiguous()   # read as a packed [B] array
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     args = (q, k, v, kappa, u, len_k, bool(causal), float(scale), int(q_pos0), int(k_pos0), int(version),

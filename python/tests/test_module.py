@@ -8,13 +8,19 @@ each against the float64 judge (which the official fp32 module must match too, s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from goat_torch import _lib
+
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
+if not os.path.exists(_lib.library_path()):
+    pytest.skip(f"{_lib.library_path()} not built (make torch; needs nvcc)", allow_module_level=True)
 goat = pytest.importorskip("goat", reason="the official goat-attention package is not installed")
 
 from goat_torch import GoatAttention
@@ -138,7 +144,7 @@ def test_matches_official(cfg, causal):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_kv_cache_decoding(autocast):
     """Prefill 50 tokens, then 27 steps of one token through the cache: the outputs of a full causal forward and
-    the official module's own cached run."""
+    the official module's own cached run; and ours continuing from the official module's cache."""
     cfg = dict(pos_rank=4, kv_num_heads=2, fuse_qkv=True, batch_first=True, training_seq_len=64)
     official, ours = build(goat.GoatAttention, cfg, 3), build(GoatAttention, cfg, 3)
     with torch.no_grad():
@@ -161,8 +167,18 @@ def test_kv_cache_decoding(autocast):
                                   return_present_kv=True)
                 outs.append(out)
             steps[name] = torch.cat(outs, dim=1)
+        # the official module's cache (its keys carry prior lanes) taken over by ours after the prefill
+        xp = x[:, :50]
+        _, _, cache = official(xp, xp, xp, need_weights=False, is_causal=True, return_present_kv=True)
+        outs = []
+        for t in range(50, L):
+            xt = x[:, t:t + 1]
+            out, _, cache = ours(xt, xt, xt, is_causal=True, past_key_value=cache, return_present_kv=True)
+            outs.append(out)
+        handed_over = torch.cat(outs, dim=1)
     assert rel_err(steps["ours"], full) < tol
     assert rel_err(steps["ours"], steps["official"].float()) < tol
+    assert rel_err(handed_over, steps["official"][:, 50:].float()) < tol
 
 
 def test_full_head_content_and_padding():

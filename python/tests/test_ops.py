@@ -6,11 +6,17 @@ and backward (gradients to q, k, v, kappa, u), and compares with reference64.att
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from goat_torch import _lib
+
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
+if not os.path.exists(_lib.library_path()):
+    pytest.skip(f"{_lib.library_path()} not built (make torch; needs nvcc)", allow_module_level=True)
 
 import goat_torch
 from goat_torch import GoatError, attention
@@ -175,6 +181,8 @@ def test_bad_input_raises():
     with pytest.raises(GoatError, match="v4") as e:
         attention(q, k[:, :2], v[:, :2], version=4)
     assert e.value.code == 2
+    with pytest.raises(ValueError, match="device"):
+        attention(q, k, v, kappa.cpu(), u)
     # the bf16 kernels take d in {64, 128}
     with pytest.raises(GoatError, match="d in"):
         attention(q[..., :48], k[..., :48], v[..., :48])
@@ -198,3 +206,18 @@ def test_torch_compile_no_graph_break():
     assert abs(eager.item() - compiled.item()) <= 1e-4 + 1e-5 * abs(eager.item())
     for a, b in zip(leaves, leaves_c):
         assert rel_err(b.grad, a.grad) < 1e-2
+
+
+def test_empty_and_strided_lengths():
+    """No keys: o = 0, lse = -inf, zero gradients (no kernel call reads an empty view); no rows: empty outputs; a
+    strided len_k view is read as its values."""
+    q, k, v, kappa, u, dout = make_case(14, 3, 4, 4, 20, 20, 64, torch.bfloat16)
+    qg = q.clone().requires_grad_(True)
+    o, lse = attention(qg, k[:, :, :0], v[:, :, :0], return_lse=True)
+    assert o.shape == q.shape and (o == 0).all() and torch.isneginf(lse).all()
+    o.backward(dout)
+    assert (qg.grad == 0).all()
+    assert attention(q[:, :, :0], k, v).shape == (3, 4, 0, 64)
+    lens2d = torch.tensor([[5, 99], [20, 99], [0, 99]], dtype=torch.int32, device=DEV)
+    want = attention(q, k, v, kappa, u, causal=True, len_k=lens2d[:, 0].contiguous())
+    assert torch.equal(attention(q, k, v, kappa, u, causal=True, len_k=lens2d[:, 0]), want)
