@@ -447,15 +447,20 @@ static double frequency(double base, int r, int R) { return R == 1 ? 1.0 : std::
 static double softplus(double x) { return x > 30 ? x : std::log1p(std::exp(x)); }
 static double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// feat(t) = [cos(nu_m t) for m < M, sin(nu_m t) for m < M, t / T_train, log1p(t) / log1p(T_train)]
+// feat(t) = [cos(nu_m t) for m < M, sin(nu_m t) for m < M, t / T_train, log1p(t) / log1p(T_train)], or the part
+// of it that p.sink_features selects (GoatSinkFeatures, reference.h; the rest 0)
 static void sink_features(const GoatPrior& p, long long t, double* feat) {
+    const bool fourier = p.sink_features == GOAT_SINK_FEATURES_ALL || p.sink_features == GOAT_SINK_FEATURES_FOURIER ||
+                         p.sink_features == GOAT_SINK_FEATURES_HELD;
+    const bool ramps = p.sink_features == GOAT_SINK_FEATURES_ALL || p.sink_features == GOAT_SINK_FEATURES_HELD;
+    const double tr = p.sink_features == GOAT_SINK_FEATURES_HELD ? std::fmin((double)t, p.T_train - 1) : (double)t;
     for (int m = 0; m < p.M; ++m) {
         double nu = frequency(p.base, m, p.M);
-        feat[m] = std::cos(nu * t);
-        feat[p.M + m] = std::sin(nu * t);
+        feat[m] = fourier ? std::cos(nu * t) : 0.0;
+        feat[p.M + m] = fourier ? std::sin(nu * t) : 0.0;
     }
-    feat[2 * p.M] = (double)t / p.T_train;
-    feat[2 * p.M + 1] = std::log1p((double)t) / std::log1p(p.T_train);
+    feat[2 * p.M] = ramps ? tr / p.T_train : 0.0;
+    feat[2 * p.M + 1] = ramps ? std::log1p(tr) / std::log1p(p.T_train) : 0.0;
 }
 
 // The sink mlp on one position: pre-activations a (width 4), hidden h = silu(a), output W2 h + b2.
@@ -483,6 +488,8 @@ static void check_prior(const GoatPrior& p) {
             "prior mlp weights have the wrong size");
     require(p.gain.size() == (size_t)p.H && p.bump.size() == (size_t)p.H && p.slope_raw.size() == (size_t)p.H,
             "prior.gain/bump/slope_raw must have H entries");
+    require(p.sink_features >= GOAT_SINK_FEATURES_ALL && p.sink_features <= GOAT_SINK_FEATURES_NONE,
+            "prior.sink_features must be a GoatSinkFeatures value");
 }
 
 GoatPrior goat_prior_zeros_like(const GoatPrior& p) {
@@ -557,8 +564,8 @@ void goat_prior_tables_at(const GoatPrior& p, GoatWindow w, bool causal, double*
         sink_features(p, t, feat.data());
         double mlp = sink_mlp(p, feat.data(), a, hid);
         for (int h = 0; h < p.H; ++h)
-            u[(size_t)h * w.L_k + j] = p.gain[h] * mlp + (t == 0 ? p.bump[h] : 0.0) +
-                                       (causal ? softplus(p.slope_raw[h]) * (double)t : 0.0);
+            u[(size_t)h * w.L_k + j] = !p.sink ? 0.0 : p.gain[h] * mlp + (t == 0 ? p.bump[h] : 0.0) +
+                                                       (causal ? softplus(p.slope_raw[h]) * (double)t : 0.0);
     }
 }
 
@@ -609,7 +616,7 @@ void goat_prior_backward_at(const GoatPrior& p, GoatWindow w, bool causal, const
     const int F = p.n_features();
     std::vector<double> feat(F);
     double a[GOAT_MLP_WIDTH], hid[GOAT_MLP_WIDTH];
-    for (int j = 0; j < w.L_k; ++j) {
+    for (int j = 0; p.sink && j < w.L_k; ++j) {   // (no sink: u = 0, its parameters' gradients stay 0)
         const long long t = w.k_pos0 + j;
         sink_features(p, t, feat.data());
         double mlp = sink_mlp(p, feat.data(), a, hid);

@@ -125,9 +125,18 @@ struct GoatPrior {
     std::vector<double> gain;       // [H]
     std::vector<double> bump;       // [H]
     std::vector<double> slope_raw;  // [H], slope = softplus(slope_raw) >= 0, used only when causal
+    // ablations (train_tiny --sink, --sink-features); GOAT.md's prior is sink = true, GOAT_SINK_FEATURES_ALL
+    bool sink = true;               // false: u = 0, kappa alone (the sink's parameters get zero gradients)
+    int sink_features = 0;          // GoatSinkFeatures: which parts of feat(t) the sink mlp sees
 
     int n_features() const { return 2 * M + 2; }
 };
+
+// feat(t) = [cos(nu_m t), sin(nu_m t) (m < M), t / T_train, log1p(t) / log1p(T_train)], or a part of it (the
+// others read as 0; the parameter shapes do not change): the Fourier features only; all, with t held at
+// T_train - 1 in the last two beyond the training window; none (u is then the bump and the recency slope).
+enum GoatSinkFeatures { GOAT_SINK_FEATURES_ALL = 0, GOAT_SINK_FEATURES_FOURIER = 1, GOAT_SINK_FEATURES_HELD = 2,
+                        GOAT_SINK_FEATURES_NONE = 3 };
 
 // A small deterministic generator (splitmix64) so tests, demos and the trainer need no <random> state.
 struct Rng {

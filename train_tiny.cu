@@ -162,6 +162,10 @@ struct Options {
     std::string prior_init = "uniform"; // uniform | alibi (GOAT prior only)
     int pos_rank = 4;          // R: frequencies of kappa
     int abs_rank = 4;          // M: frequencies of the sink features
+    // ablations of the GOAT prior (docs/EXPERIMENTS.md; not stored in checkpoints)
+    std::string sink = "on";             // on | off (off: u = 0, kappa alone)
+    std::string sink_features = "all";   // all | fourier | held | none: what the sink mlp sees (reference.h)
+    double slope_init = -1;    // the recency slope's value at init (softplus(slope_raw)); < 0: the init's own
     // data
     std::string task = "text"; // text | copy
     std::string data;          // text file; empty = the embedded grammar corpus
@@ -212,6 +216,9 @@ std::vector<Flag> flag_table(Options* o) {
         {"--prior-init", 's', &o->prior_init, "GOAT prior init: uniform (standard attention) | alibi"},
         {"--pos-rank", 'i', &o->pos_rank, "R, Fourier frequencies of kappa (0: no kappa, the sink u only)"},
         {"--abs-rank", 'i', &o->abs_rank, "M, frequencies of the sink u's position features"},
+        {"--sink", 's', &o->sink, "ablation: on | off (off: u = 0, the GOAT prior is kappa alone)"},
+        {"--sink-features", 's', &o->sink_features, "ablation: all | fourier | held (t capped at T-1) | none"},
+        {"--slope-init", 'f', &o->slope_init, "ablation: recency slope at init, e.g. 0.01 (< 0: the init's own)"},
         {"--task", 's', &o->task, "text | copy (copy-mixture task of GOAT.md section 7)"},
         {"--data", 's', &o->data, "text file to train on (empty: the embedded grammar corpus)"},
         {"--val-frac", 'f', &o->val_frac, "fraction of the text held out for validation"},
@@ -316,6 +323,13 @@ bool parse_args(int argc, char** argv, Options* o) {
     one_of(o->prior_init, {"uniform", "alibi"}, "--prior-init");
     need(o->pos_rank >= 0 && o->pos_rank <= 64, "--pos-rank must be in 0..64 (0: no kappa, the sink u only)");
     need(o->abs_rank >= 1 && o->abs_rank <= 64, "--abs-rank must be in 1..64");
+    one_of(o->sink, {"on", "off"}, "--sink");
+    one_of(o->sink_features, {"all", "fourier", "held", "none"}, "--sink-features");
+    need(std::isfinite(o->slope_init) && o->slope_init < 1e3, "--slope-init must be finite and below 1e3");
+    const bool ablation = o->sink != "on" || o->sink_features != "all" || o->slope_init >= 0;
+    need(!(ablation && o->prior != "goat"), "--sink, --sink-features and --slope-init ablate the GOAT prior (--prior goat)");
+    need(!(ablation && (!o->save.empty() || !o->load.empty())),
+         "--sink, --sink-features and --slope-init are not stored in checkpoints: no --save / --load with them");
     one_of(o->task, {"text", "copy"}, "--task");
     need(!(o->task == "copy" && !o->data.empty()), "--data and --task copy cannot be combined");
     need(o->val_frac > 0 && o->val_frac < 1, "--val-frac must be in (0, 1)");
@@ -610,6 +624,8 @@ struct ModelConfig {
     int M = 0;        // abs_rank of the GOAT prior
     int T_train = 0;  // context the model was trained at: normalises the sink's position features (GOAT.md
                       // section 3). Equal to T, except in a model built to evaluate at a longer context T.
+    bool sink = true;       // ablations of the GOAT prior (GoatPrior::sink, sink_features)
+    int sink_features = GOAT_SINK_FEATURES_ALL;
 };
 
 ModelConfig model_config(const Options& o, int V) {
@@ -624,6 +640,10 @@ ModelConfig model_config(const Options& o, int V) {
     c.R = o.pos_rank;
     c.M = o.abs_rank;
     c.T_train = o.context;
+    c.sink = o.sink == "on";
+    const char* const features[] = {"all", "fourier", "held", "none"};   // GoatSinkFeatures order
+    for (int k = 0; k < 4; ++k)
+        if (o.sink_features == features[k]) c.sink_features = k;
     return c;
 }
 
@@ -644,6 +664,8 @@ GoatPrior unpack_prior(const ModelConfig& c, const real* x) {
     p.M = c.M;
     p.base = 1e4;
     p.T_train = c.T_train > 0 ? c.T_train : c.T;
+    p.sink = c.sink;
+    p.sink_features = c.sink_features;
     auto take = [&](std::vector<double>* v, size_t n) { v->assign(x, x + n); x += n; };
     const size_t H = c.n_head, W = GOAT_MLP_WIDTH;
     take(&p.lam_sym, H * c.R);
@@ -754,7 +776,8 @@ LayerParams<real> layer_params(const Params<real>& p, const ModelConfig& c, int 
 // GPT-2 style init from one seed: N(0, 0.02) matrices and embeddings, the two residual projections scaled by
 // 1/sqrt(2L), LayerNorm gains 1 and biases 0; each layer's GOAT prior from goat_prior_init (GOAT.md section 3)
 // with seed + 1000 + layer. The same host array starts both backends, so they begin bit-identical.
-std::vector<float> init_params(const ModelConfig& c, const std::string& prior_init, uint64_t seed) {
+std::vector<float> init_params(const ModelConfig& c, const std::string& prior_init, uint64_t seed,
+                               double slope_init = -1) {
     std::vector<float> params(num_params(c), 0.f);
     Params<float> p;
     point_params(&p, params.data(), c);
@@ -774,6 +797,8 @@ std::vector<float> init_params(const ModelConfig& c, const std::string& prior_in
     if (c.prior == PRIOR_GOAT)
         for (int l = 0; l < c.n_layer; ++l) {
             GoatPrior gp = goat_prior_init(c.n_head, c.R, c.M, c.T, prior_init, seed + 1000 + l);
+            if (slope_init >= 0)   // softplus^-1, with the gradient softplus' = sigmoid live from the first step
+                for (double& x : gp.slope_raw) x = slope_init > 30 ? slope_init : std::log(std::expm1(std::fmax(slope_init, 1e-30)));
             pack_prior(gp, layer_params(p, c, l).prior);
         }
     return params;
@@ -2844,7 +2869,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     const bool on_gpu = o.device == "gpu" || (o.device == "auto" && have_gpu);
 
     int step0 = 0;
-    std::vector<float> init = o.load.empty() ? init_params(c, o.prior_init, (uint64_t)o.seed)
+    std::vector<float> init = o.load.empty() ? init_params(c, o.prior_init, (uint64_t)o.seed, o.slope_init)
                                              : load_checkpoint(o.load, c, ds.vocab, &step0);
     OptimConfig opt;
     opt.lr = o.lr;
@@ -2856,6 +2881,9 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                 c.n_layer, c.n_head, c.C / c.n_head, c.C, c.T, c.V, num_params(c));
     std::printf("prior: %s", PRIOR_NAMES[c.prior]);
     if (c.prior == PRIOR_GOAT) std::printf(" (learned per layer: R = %d, M = %d, init %s, %zu parameters per layer)", c.R, c.M, o.prior_init.c_str(), prior_size(c));
+    if (c.prior == PRIOR_GOAT && (!c.sink || c.sink_features != GOAT_SINK_FEATURES_ALL || o.slope_init >= 0))
+        std::printf("\nablation: sink %s, sink features %s, recency slope at init %s", o.sink.c_str(),
+                    o.sink_features.c_str(), o.slope_init >= 0 ? strf("%g", o.slope_init).c_str() : "(the init's)");
     std::printf("\ndata: %s", ds.name.c_str());
     if (ds.task == TASK_TEXT) std::printf(", %zu train / %zu validation tokens", ds.train.size(), ds.val.size());
     std::printf("\n");

@@ -377,6 +377,72 @@ TEST_CASE("goat_prior_backward matches finite differences for every prior parame
     }
 }
 
+// The ablations of train_tiny (--sink-features, --sink off): each variant's gradients against finite differences,
+// and what each variant promises (the features it drops read 0; no sink: u = 0 and zero sink gradients).
+TEST_CASE("goat_prior ablations: tables and gradients") {
+    const int H = 2, L = 30, T_train = 12;
+    for (int variant = GOAT_SINK_FEATURES_ALL; variant <= GOAT_SINK_FEATURES_NONE + 1; ++variant) {
+        Rng rng(40 + variant);
+        GoatPrior p = goat_prior_init(H, 3, 2, T_train, "alibi", 41);
+        auto jiggle = [&](std::vector<double>& x) { for (double& y : x) y += 0.5 * rng.normal(); };
+        jiggle(p.W1); jiggle(p.b1); jiggle(p.W2); jiggle(p.gain); jiggle(p.bump); jiggle(p.slope_raw);
+        const bool sink_off = variant > GOAT_SINK_FEATURES_NONE;
+        p.sink = !sink_off;
+        p.sink_features = sink_off ? GOAT_SINK_FEATURES_ALL : variant;
+        std::vector<double> wk((size_t)H * (2 * L - 1)), wu((size_t)H * L);
+        for (double& x : wk) x = rng.normal();
+        for (double& x : wu) x = rng.normal();
+        auto tables = [&](const GoatPrior& x, std::vector<double>* kappa, std::vector<double>* u) {
+            kappa->assign(wk.size(), 0.0);
+            u->assign(wu.size(), 0.0);
+            goat_prior_tables(x, L, true, kappa->data(), u->data());
+        };
+        auto loss = [&](const GoatPrior& x) {
+            std::vector<double> kappa, u;
+            tables(x, &kappa, &u);
+            double l = 0;
+            for (size_t i = 0; i < wk.size(); ++i) l += wk[i] * kappa[i];
+            for (size_t i = 0; i < wu.size(); ++i) l += wu[i] * u[i];
+            return l;
+        };
+        std::vector<double> kappa, u;
+        tables(p, &kappa, &u);
+        if (sink_off) CHECK(max_abs_value(u.data(), u.size()) == 0.0);
+        if (variant == GOAT_SINK_FEATURES_NONE) {   // u = gain * mlp(0) + bump [t == 0] + slope t: the same mlp value
+            for (int h = 0; h < H; ++h)
+                for (int j = 2; j < L; ++j) {
+                    const double slope = std::log1p(std::exp(p.slope_raw[h]));
+                    CHECK(std::fabs((u[(size_t)h * L + j] - slope * j) - (u[(size_t)h * L + 1] - slope)) < 1e-12);
+                }
+        }
+        if (variant == GOAT_SINK_FEATURES_HELD) {   // the same u as all features inside the window, not beyond it
+            GoatPrior q = p;
+            q.sink_features = GOAT_SINK_FEATURES_ALL;
+            std::vector<double> kq, uq;
+            tables(q, &kq, &uq);
+            for (int h = 0; h < H; ++h) {
+                for (int j = 0; j < T_train; ++j) CHECK(u[(size_t)h * L + j] == uq[(size_t)h * L + j]);
+                CHECK(u[(size_t)h * L + L - 1] != uq[(size_t)h * L + L - 1]);
+            }
+        }
+        GoatPrior g;
+        goat_prior_backward(p, L, true, wk.data(), wu.data(), &g);
+        struct Param { const char* name; std::vector<double> GoatPrior::*x; };
+        Param params[] = {{"lam_sym", &GoatPrior::lam_sym}, {"W1", &GoatPrior::W1}, {"b1", &GoatPrior::b1},
+                          {"W2", &GoatPrior::W2}, {"gain", &GoatPrior::gain}, {"bump", &GoatPrior::bump},
+                          {"slope_raw", &GoatPrior::slope_raw}};
+        for (const Param& pa : params) {
+            const std::vector<double> fd = finite_differences(p, pa.x, loss, FD_H);
+            const double scale = std::fmax(max_abs_value(fd.data(), fd.size()), 1e-300);
+            const auto& an = g.*pa.x;
+            CompareResult r = compare(pa.name, an.data(), fd.data(), fd.size(), 0.0, TOL_FD * std::fmax(scale, 1e-9));
+            INFO(pa.name << " variant " << variant << ": max abs err " << r.max_abs << " scale " << scale);
+            CHECK(r.ok);
+            if (sink_off && std::string(pa.name) != "lam_sym") CHECK(max_abs_value(an.data(), an.size()) == 0.0);
+        }
+    }
+}
+
 TEST_CASE("ALiBi: the head slopes are the ALiBi paper's (its reference code's rule for H not a power of two)") {
     // the published values: H = 8 gives 2^-1 .. 2^-8; otherwise the largest power of two's slopes, then every other
     // slope of twice as many heads

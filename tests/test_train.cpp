@@ -88,8 +88,10 @@ HeadSnapshot tiny_head0_after_one_batch(const ModelConfig& c) {
     return s;
 }
 
-void gradient_check(int prior, int R = 3) {
-    const ModelConfig c = tiny_config(prior, R);
+void gradient_check(int prior, int R = 3, bool sink = true, int sink_features = GOAT_SINK_FEATURES_ALL) {
+    ModelConfig c = tiny_config(prior, R);
+    c.sink = sink;
+    c.sink_features = sink_features;
     const int B = 2;
     std::printf("gradient check, --prior %s, seed %llu, %zu parameters\n", PRIOR_NAMES[prior],
                 (unsigned long long)TEST_SEED, num_params(c));
@@ -211,6 +213,11 @@ TEST_CASE("train_tiny: full-model gradient check against finite differences, lea
 
 TEST_CASE("train_tiny: full-model gradient check against finite differences, GOAT prior with --pos-rank 0 (u only)") {
     gradient_check(PRIOR_GOAT, 0);
+}
+
+TEST_CASE("train_tiny: full-model gradient check against finite differences, ablations: no sink; held features") {
+    gradient_check(PRIOR_GOAT, 3, false);
+    gradient_check(PRIOR_GOAT, 3, true, GOAT_SINK_FEATURES_HELD);
 }
 
 TEST_CASE("train_tiny: full-model gradient check against finite differences, learned absolute positions") {
@@ -467,6 +474,12 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
         {{"--eval-contexts", "65"}, "multipliers"},
         {{"--context", "4096", "--eval-contexts", "1,16"}, "exceeds"},
         {{"--eval-seqs", "0"}, "--eval-seqs"},
+        {{"--sink", "maybe"}, "one of"},
+        {{"--sink-features", "t"}, "one of"},
+        {{"--slope-init", "inf"}, "finite"},
+        {{"--prior", "alibi", "--sink", "off"}, "ablate the GOAT prior"},
+        {{"--sink-features", "none", "--save", "x.ckpt"}, "not stored in checkpoints"},
+        {{"--slope-init", "0.01", "--load", "x.ckpt"}, "not stored in checkpoints"},
     };
     for (const auto& [args, needle] : bad) {
         Options x;
@@ -892,4 +905,27 @@ TEST_CASE("train_tiny: a checkpoint that fails to write leaves the old file as i
     CHECK(t.back() >= 3.0);
     // a file name that is not UTF-8 stays well-formed XML
     CHECK(xml_escape("caf\xe9 <x>") == "caf? &lt;x&gt;");
+}
+
+TEST_CASE("train_tiny: the ablation flags reach the prior: no sink, which features, the slope at init") {
+    Options o;
+    REQUIRE(parse({"--sink", "off", "--sink-features", "held", "--slope-init", "0.01"}, &o));
+    const ModelConfig c = model_config(o, 40);
+    CHECK_FALSE(c.sink);
+    CHECK(c.sink_features == GOAT_SINK_FEATURES_HELD);
+    std::vector<float> params = init_params(c, "uniform", 5, o.slope_init);
+    Params<float> p;
+    point_params(&p, params.data(), c);
+    const GoatPrior gp = unpack_prior(c, layer_params(p, c, 0).prior);
+    CHECK_FALSE(gp.sink);
+    CHECK(gp.sink_features == GOAT_SINK_FEATURES_HELD);
+    for (double x : gp.slope_raw) CHECK(std::log1p(std::exp(x)) == doctest::Approx(0.01).epsilon(1e-6));
+    std::vector<float> kappa((size_t)c.n_head * (2 * c.T - 1)), u((size_t)c.n_head * c.T, 1.f);
+    REQUIRE(prior_tables(c, layer_params(p, c, 0).prior, kappa.data(), u.data()));
+    for (float x : u) CHECK(x == 0.f);   // no sink: u = 0 even with a live slope
+    Options d;
+    REQUIRE(parse({}, &d));
+    const ModelConfig cd = model_config(d, 40);
+    CHECK(cd.sink);
+    CHECK(cd.sink_features == GOAT_SINK_FEATURES_ALL);
 }
