@@ -159,7 +159,8 @@ struct Options {
     int head_dim = 64;         // d; model width C = heads * head_dim
     int context = 256;         // T: tokens per sequence
     std::string prior = "goat";         // goat | none | alibi | abs
-    std::string prior_init = "uniform"; // uniform | alibi (GOAT prior only)
+    std::string prior_init = "alibi";   // alibi | uniform (GOAT prior only; alibi is the paper's and the official
+                                        // package's default, and the one that extrapolates: docs/EXPERIMENTS.md)
     int pos_rank = 4;          // R: frequencies of kappa
     int abs_rank = 4;          // M: frequencies of the sink features
     // ablations of the GOAT prior (docs/EXPERIMENTS.md; not stored in checkpoints)
@@ -213,7 +214,7 @@ std::vector<Flag> flag_table(Options* o) {
         {"--head-dim", 'i', &o->head_dim, "width d of one head (model width C = heads * head-dim)"},
         {"--context", 'i', &o->context, "context length T (tokens per training sequence)"},
         {"--prior", 's', &o->prior, "attention prior: goat (learned kappa + u) | none | alibi | abs (learned wpe)"},
-        {"--prior-init", 's', &o->prior_init, "GOAT prior init: uniform (standard attention) | alibi"},
+        {"--prior-init", 's', &o->prior_init, "GOAT prior init: alibi (ALiBi's slopes) | uniform (standard attention)"},
         {"--pos-rank", 'i', &o->pos_rank, "R, Fourier frequencies of kappa (0: no kappa, the sink u only)"},
         {"--abs-rank", 'i', &o->abs_rank, "M, frequencies of the sink u's position features"},
         {"--sink", 's', &o->sink, "ablation: on | off (off: u = 0, the GOAT prior is kappa alone)"},
