@@ -20,6 +20,8 @@
 #   alibi-feat-none ALiBi init, the sink mlp sees nothing
 #   none-slope-fast none-slope with the prior's learning rate x10 (the slope's gradient is damped by
 #                   softplus' = 0.01 at 0.01)
+#   uniform-fast    uniform with the prior's learning rate x10 (is the learning rate alone the fix?)
+#   alibi-fast      alibi-init with the prior's learning rate x10
 # Environment: TRAIN_TINY (default build/train_tiny), OUT_DIR (default build/ablation), JOBS (runs at a time,
 # default 2), MODEL (the size and budget; default a CPU size of about 1.5 min per run on one core), VARIANTS (a
 # subset of the names above).
@@ -33,7 +35,7 @@ JOBS="${JOBS:-2}"
 MODEL="${MODEL:---device cpu --layers 2 --heads 4 --head-dim 16 --context 64 --batch 16 --steps 800 --warmup 40}"
 MULTS="1,2,4,8,16"
 VARIANTS="${VARIANTS:-uniform alibi-init u-alone kappa-alone feat-fourier feat-held feat-none slope-live kappa-alibi
-            none-slope alibi-feat-none none-slope-fast}"
+            none-slope alibi-feat-none none-slope-fast uniform-fast alibi-fast}"
 mkdir -p "$OUT_DIR"
 
 flags_of() {
@@ -50,6 +52,8 @@ flags_of() {
         none-slope) echo "--prior-init uniform --sink-features none --slope-init 0.01" ;;
         alibi-feat-none) echo "--prior-init alibi --sink-features none" ;;
         none-slope-fast) echo "--prior-init uniform --sink-features none --slope-init 0.01 --prior-lr-mult 10" ;;
+        uniform-fast) echo "--prior-init uniform --prior-lr-mult 10" ;;
+        alibi-fast) echo "--prior-init alibi --prior-lr-mult 10" ;;
         *) echo "unknown variant $1" >&2; exit 2 ;;
     esac
 }
