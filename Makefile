@@ -11,6 +11,7 @@
 #   make test-torch the PyTorch binding's tests (PyTorch and pytest; the GPU ones skip without a device)
 #   make bench      GPU benchmark (validates each kernel version, then times it)
 #   make experiments   the paper's claims in miniature (GPU; SHAKESPEARE=path adds tinyshakespeare; README)
+#   make ablation   why GOAT from uniform init does not extrapolate (CPU; docs/EXPERIMENTS.md)
 #   make clean      remove build/
 
 CXX      ?= g++
@@ -167,7 +168,14 @@ $(BUILD)/report: experiments/report.cpp | $(BUILD)
 experiments: $(BUILD)/train_tiny $(BUILD)/report
 	bash experiments/run.sh $(SHAKESPEARE)
 
+# which part of the GOAT prior keeps uniform init from extrapolating (experiments/ablation.sh; a CPU size, about
+# 10 min per seed for every variant on 2 cores; ABLATION_DATA=file, default the embedded corpus; SEEDS="1 2 3")
+ABLATION_DATA ?= -
+SEEDS ?= 1
+ablation: $(BUILD)/train_tiny
+	TRAIN_TINY=$(BUILD)/train_tiny OUT_DIR=$(BUILD)/ablation bash experiments/ablation.sh $(ABLATION_DATA) "$(SEEDS)"
+
 clean:
 	rm -rf $(BUILD) $(TORCH_LIB)
 
-.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments clean FORCE
+.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments ablation clean FORCE

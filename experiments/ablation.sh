@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # experiments/ablation.sh: which part of the GOAT prior keeps a model trained from uniform init from extrapolating.
 #
-#   bash experiments/ablation.sh DATA_FILE [SEEDS]        (SEEDS default "1"; e.g. "1 2 3")
+#   bash experiments/ablation.sh DATA_FILE [SEEDS]        (SEEDS default "1"; e.g. "1 2 3"; DATA_FILE "-": the
+#                                                          embedded corpus)
 #
 # Trains one small model per variant below (train_tiny, the same data, size, steps and seed for each), evaluates
 # every model at 1x, 2x, 4x, 8x and 16x its training context, and prints a Markdown table of validation losses
@@ -27,7 +28,9 @@
 # subset of the names above).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA="${1:?usage: bash experiments/ablation.sh DATA_FILE [SEEDS]}"
+DATA="${1:?usage: bash experiments/ablation.sh DATA_FILE|- [SEEDS]}"
+DATA_FLAGS=(--data "$DATA")
+if [ "$DATA" = "-" ]; then DATA_FLAGS=(); fi
 SEEDS="${2:-1}"
 TRAIN_TINY="${TRAIN_TINY:-build/train_tiny}"
 OUT_DIR="${OUT_DIR:-build/ablation}"
@@ -62,7 +65,7 @@ run_one() {   # variant seed
     local log="$OUT_DIR/$1-seed$2.log"
     if [ -f "$log" ] && grep -q "mult=16 " "$log"; then return 0; fi   # done before: kept (the script resumes)
     # shellcheck disable=SC2046,SC2086
-    "$TRAIN_TINY" $MODEL --data "$DATA" --seed "$2" --val-every 0 --sample-len 0 $(flags_of "$1") \
+    "$TRAIN_TINY" $MODEL "${DATA_FLAGS[@]}" --seed "$2" --val-every 0 --sample-len 0 $(flags_of "$1") \
         --eval-contexts "$MULTS" --eval-seqs 32 --prior-csv "$OUT_DIR/$1-seed$2.prior.csv" > "$log" 2>&1 \
         || echo "run $1 seed $2 failed: see $log" >&2
 }
