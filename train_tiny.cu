@@ -326,11 +326,14 @@ bool parse_args(int argc, char** argv, Options* o) {
     need(o->abs_rank >= 1 && o->abs_rank <= 64, "--abs-rank must be in 1..64");
     one_of(o->sink, {"on", "off"}, "--sink");
     one_of(o->sink_features, {"all", "fourier", "held", "none"}, "--sink-features");
-    need(std::isfinite(o->slope_init) && o->slope_init < 1e3, "--slope-init must be finite and below 1e3");
-    const bool ablation = o->sink != "on" || o->sink_features != "all" || o->slope_init >= 0;
-    need(!(ablation && o->prior != "goat"), "--sink, --sink-features and --slope-init ablate the GOAT prior (--prior goat)");
+    need(std::isfinite(o->slope_init) && (o->slope_init == -1 || (o->slope_init >= 0 && o->slope_init < 1e3)),
+         "--slope-init must be in [0, 1e3) (or -1: the init's own)");
+    const bool ablation = o->sink != "on" || o->sink_features != "all";
+    need(!((ablation || o->slope_init >= 0) && o->prior != "goat"),
+         "--sink, --sink-features and --slope-init ablate the GOAT prior (--prior goat)");
     need(!(ablation && (!o->save.empty() || !o->load.empty())),
-         "--sink, --sink-features and --slope-init are not stored in checkpoints: no --save / --load with them");
+         "--sink and --sink-features are not stored in checkpoints: no --save / --load with them");
+    need(!(o->slope_init >= 0 && !o->load.empty()), "--slope-init sets an init; --load starts from a checkpoint");
     one_of(o->task, {"text", "copy"}, "--task");
     need(!(o->task == "copy" && !o->data.empty()), "--data and --task copy cannot be combined");
     need(o->val_frac > 0 && o->val_frac < 1, "--val-frac must be in (0, 1)");
@@ -2881,7 +2884,8 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     std::printf("train_tiny: %d layers, %d heads of %d (C = %d), T = %d, vocabulary %d, %zu parameters (tied head)\n",
                 c.n_layer, c.n_head, c.C / c.n_head, c.C, c.T, c.V, num_params(c));
     std::printf("prior: %s", PRIOR_NAMES[c.prior]);
-    if (c.prior == PRIOR_GOAT) std::printf(" (learned per layer: R = %d, M = %d, init %s, %zu parameters per layer)", c.R, c.M, o.prior_init.c_str(), prior_size(c));
+    if (c.prior == PRIOR_GOAT) std::printf(" (learned per layer: R = %d, M = %d, %s, %zu parameters per layer)", c.R, c.M,
+                                           o.load.empty() ? ("init " + o.prior_init).c_str() : "loaded", prior_size(c));
     if (c.prior == PRIOR_GOAT && (!c.sink || c.sink_features != GOAT_SINK_FEATURES_ALL || o.slope_init >= 0))
         std::printf("\nablation: sink %s, sink features %s, recency slope at init %s", o.sink.c_str(),
                     o.sink_features.c_str(), o.slope_init >= 0 ? strf("%g", o.slope_init).c_str() : "(the init's)");
@@ -3059,7 +3063,8 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
         else
             std::printf("sampled by a full forward per token: %d steps in %.3f s\n\n", rep.steps, rep.seconds);
     }
-    const std::string title = c.prior == PRIOR_GOAT ? "learned GOAT prior (init " + o.prior_init + ")" : "fixed prior (" + std::string(PRIOR_NAMES[c.prior]) + ")";
+    const std::string title = c.prior == PRIOR_GOAT ? "learned GOAT prior (" + (o.load.empty() ? "init " + o.prior_init : std::string("loaded")) + ")"
+                                                    : "fixed prior (" + std::string(PRIOR_NAMES[c.prior]) + ")";
     print_prior(c, params, title);
     if (has_prior_tables(c)) {
         if (o.svg.empty())

@@ -27,10 +27,13 @@
 # default 2), MODEL (the size and budget; default a CPU size of about 1.5 min per run on one core), VARIANTS (a
 # subset of the names above).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 DATA="${1:?usage: bash experiments/ablation.sh DATA_FILE|- [SEEDS]}"
-DATA_FLAGS=(--data "$DATA")
-if [ "$DATA" = "-" ]; then DATA_FLAGS=(); fi
+DATA_FLAG=""
+if [ "$DATA" != "-" ]; then
+    [ -r "$DATA" ] || { echo "ablation.sh: cannot read data file '$DATA'" >&2; exit 2; }
+    DATA_FLAG="--data=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")"   # absolute: the script moves on
+fi
+cd "$(dirname "$0")/.."
 SEEDS="${2:-1}"
 TRAIN_TINY="${TRAIN_TINY:-build/train_tiny}"
 OUT_DIR="${OUT_DIR:-build/ablation}"
@@ -40,6 +43,7 @@ MULTS="1,2,4,8,16"
 VARIANTS="${VARIANTS:-uniform alibi-init u-alone kappa-alone feat-fourier feat-held feat-none slope-live kappa-alibi
             none-slope alibi-feat-none none-slope-fast uniform-fast alibi-fast}"
 mkdir -p "$OUT_DIR"
+[ -x "$TRAIN_TINY" ] || { echo "ablation.sh: no train_tiny at '$TRAIN_TINY' (make build/train_tiny)" >&2; exit 2; }
 
 flags_of() {
     case "$1" in
@@ -61,13 +65,18 @@ flags_of() {
     esac
 }
 
+for v in $VARIANTS; do flags_of "$v" > /dev/null || exit 2; done   # every name known before anything runs
+
 run_one() {   # variant seed
-    local log="$OUT_DIR/$1-seed$2.log"
-    if [ -f "$log" ] && grep -q "mult=16 " "$log"; then return 0; fi   # done before: kept (the script resumes)
-    # shellcheck disable=SC2046,SC2086
-    "$TRAIN_TINY" $MODEL "${DATA_FLAGS[@]}" --seed "$2" --val-every 0 --sample-len 0 $(flags_of "$1") \
-        --eval-contexts "$MULTS" --eval-seqs 32 --prior-csv "$OUT_DIR/$1-seed$2.prior.csv" > "$log" 2>&1 \
-        || echo "run $1 seed $2 failed: see $log" >&2
+    local log="$OUT_DIR/$1-seed$2.log" line
+    # shellcheck disable=SC2046,SC2086   (MODEL and the variant's flags are lists of words)
+    local -a cmd=("$TRAIN_TINY" $MODEL ${DATA_FLAG:+"$DATA_FLAG"} --seed "$2" --val-every 0 --sample-len 0
+                  $(flags_of "$1") --eval-contexts "$MULTS" --eval-seqs 32 --prior-csv "$OUT_DIR/$1-seed$2.prior.csv")
+    line="# $(printf '%q ' "${cmd[@]}")"
+    # done before with this very command: kept (the script resumes); otherwise run (again)
+    if [ -f "$log" ] && [ "$(head -n 1 "$log")" = "$line" ] && grep -q "mult=16 " "$log"; then return 0; fi
+    echo "$line" > "$log"
+    "${cmd[@]}" >> "$log" 2>&1 || echo "run $1 seed $2 failed: see $log" >&2
 }
 
 start=$(date +%s)
@@ -86,9 +95,18 @@ echo "|---|---|---|---|---|---|"
 for v in $VARIANTS; do
     row="| $v |"
     for m in 1 2 4 8 16; do
-        cell=$(for s in $SEEDS; do sed -n "s/^eval ctx=[0-9]* mult=$m loss=\([0-9.]*\).*/\1/p" "$OUT_DIR/$v-seed$s.log" 2>/dev/null; done |
-               awk 'NF { n++; x += $1; if (n == 1 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1 }
-                    END { if (!n) print "missing"; else if (n == 1) printf "%.3f", x; else printf "%.3f (%.3f-%.3f)", x / n, lo, hi }')
+        # one value per seed: the loss, "nan"/"inf" for a diverged one, "-" for a missing one; a cell says n/N
+        # when fewer than all seeds have a finite loss
+        cell=$(for s in $SEEDS; do
+                   x=$(sed -n "s/^eval ctx=[0-9]* mult=$m loss=\([^ ]*\).*/\1/p" "$OUT_DIR/$v-seed$s.log" 2>/dev/null)
+                   echo "${x:--}"
+               done |
+               awk -v N="$(echo $SEEDS | wc -w)" '
+                    $1 ~ /^[0-9.]+$/ { n++; x += $1; if (n == 1 || $1 < lo) lo = $1; if (n == 1 || $1 > hi) hi = $1 }
+                    END { if (!n) { print "missing"; exit }
+                          out = n == 1 ? sprintf("%.3f", x) : sprintf("%.3f (%.3f-%.3f)", x / n, lo, hi)
+                          if (n < N) out = out sprintf(" [%d/%d seeds]", n, N)
+                          print out }')
         row="$row $cell |"
     done
     echo "$row"

@@ -479,7 +479,9 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
         {{"--slope-init", "inf"}, "finite"},
         {{"--prior", "alibi", "--sink", "off"}, "ablate the GOAT prior"},
         {{"--sink-features", "none", "--save", "x.ckpt"}, "not stored in checkpoints"},
-        {{"--slope-init", "0.01", "--load", "x.ckpt"}, "not stored in checkpoints"},
+        {{"--sink", "off", "--load", "x.ckpt"}, "not stored in checkpoints"},
+        {{"--slope-init", "0.01", "--load", "x.ckpt"}, "starts from a checkpoint"},
+        {{"--slope-init", "-0.5"}, "--slope-init"},
     };
     for (const auto& [args, needle] : bad) {
         Options x;
