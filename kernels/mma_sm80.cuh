@@ -117,6 +117,20 @@ static __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The sum of x over the four lanes of a quad (the lanes t = 0..3 that share a fragment row or column pair).
+static __device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    return x;
+}
+
+// Zero accumulators: n fragments of the mma's C layout.
+template <int N>
+static __device__ __forceinline__ void zero_frags(float (&c)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+}
+
 // The online softmax's new running max of one of a thread's two score rows (the 4 lanes of a quad share a row):
 // m_new = max(m, the quad's max of mx). Returns the value to subtract before exponentiating: m_new, or 0 while the
 // row has nothing visible (m_new = -inf), so that exp gives 0, never NaN.
@@ -194,6 +208,12 @@ static __device__ __forceinline__ uint32_t swz_chunk_addr(uint32_t base, int row
 template <int CH>
 static __device__ __forceinline__ void ldsm_A(uint32_t (&a)[4], uint32_t base, int m0, int kk, int lane) {
     ldsm_x4(a, swz_chunk_addr<CH>(base, m0 + (lane & 15), 2 * kk + (lane >> 4)));
+}
+// The A operand of rows m0..m0+15 over all D columns (D / 16 fragments, e.g. a warp's rows of Q), kept in registers.
+template <int D, int CH>
+static __device__ __forceinline__ void ldsm_A_rows(uint32_t (&a)[D / 16][4], uint32_t base, int m0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldsm_A<CH>(a[kk], base, m0, kk, lane);
 }
 // A operand, 16 x 16, from a [k][m] tile (A = T^T): rows m0.., columns 16 kk...
 template <int CH>

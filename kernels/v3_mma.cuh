@@ -207,12 +207,10 @@ __global__ void __launch_bounds__(B_r / 16 * 32, MIN_BLOCKS) v3_forward_kernel(B
     cp_async_wait_all();
     __syncthreads();
     uint32_t Q_frag[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldsm_A<CH>(Q_frag[kk], smem_u32(Q_s), 16 * warp, kk, lane);
+    ldsm_A_rows<D, CH>(Q_frag, smem_u32(Q_s), 16 * warp, lane);
 
     float O_acc[NT_O][4];
-#pragma unroll
-    for (int n = 0; n < NT_O; ++n) O_acc[n][0] = O_acc[n][1] = O_acc[n][2] = O_acc[n][3] = 0.f;
+    zero_frags(O_acc);
     float m[2] = {-INFINITY, -INFINITY};  // running max of z2 for rows g and g + 8 (log2 units)
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns only
     const float scale_log2 = a.scale * GOAT_LOG2E;
@@ -339,9 +337,7 @@ static __device__ __forceinline__ void bwd_store_du(const Bf16Args& a, const flo
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int j = j_row + 8 * hh;
-        float du_j = du_acc[hh];
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
+        const float du_j = quad_sum(du_acc[hh]);
         if (a.du != nullptr && t == 0 && j < a.L_k) {
             if (deterministic) a.du_part[((size_t)b * a.H + h) * a.L_k + j] = du_j;
             else atomicAdd(a.du + (size_t)h * a.L_k + j, du_j);

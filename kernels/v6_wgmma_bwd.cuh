@@ -84,9 +84,7 @@ static __device__ __forceinline__ void v6_store_keys_square(const Bf16Args& a, c
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int j = j_row + 8 * hh;
-        float du_j = du_acc[hh];
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 1);
-        du_j += __shfl_xor_sync(0xffffffffu, du_j, 2);
+        const float du_j = quad_sum(du_acc[hh]);
         if (j < a.L) {
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {

@@ -163,12 +163,10 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     cp_async_wait_n<C::NSTAGE - 1>();  // the Q group
     __syncthreads();
     uint32_t Q_frag[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldsm_A<CH>(Q_frag[kk], smem_u32(Q_s), 16 * wr, kk, lane);
+    ldsm_A_rows<D, CH>(Q_frag, smem_u32(Q_s), 16 * wr, lane);
 
     float O_acc[NT_O][4];
-#pragma unroll
-    for (int n = 0; n < NT_O; ++n) O_acc[n][0] = O_acc[n][1] = O_acc[n][2] = O_acc[n][3] = 0.f;
+    zero_frags(O_acc);
     float m[2] = {-INFINITY, -INFINITY};  // running max of z2 (log2 units) of this warp's keys
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns
     const float scale_log2 = a.scale * GOAT_LOG2E;
