@@ -80,8 +80,9 @@ $(TORCH_LIB): python/goat_capi.cpp $(BUILD)/goat.o goat.h
 	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -shared python/goat_capi.cpp $(BUILD)/goat.o -o $@
 
 # GPU tests: every kernel version against its CPU twin
-$(BUILD)/test_gpu: $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o tests/test_util.h tests/gpu_problem.h reference.h goat.h
-	$(NVCC) $(NVFLAGS) $(DOCTEST_CFLAGS) -I. $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o -o $@
+# (tests/test_gpu_train.cu includes train_tiny.cu, hence cuBLAS)
+$(BUILD)/test_gpu: $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o tests/test_util.h tests/gpu_problem.h reference.h goat.h train_tiny.cu
+	$(NVCC) $(NVFLAGS) $(DOCTEST_CFLAGS) -I. $(GPU_TEST_SRC) $(BUILD)/goat.o $(BUILD)/reference.o $(BUILD)/test_main.o -lcublas -o $@
 
 # benchmark harness
 $(BUILD)/bench: bench/bench.cu $(BUILD)/goat.o $(BUILD)/reference.o reference.h goat.h

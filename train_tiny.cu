@@ -192,6 +192,7 @@ struct Options {
     int check = 0;             // every N steps print the Sinkhorn / closed form / kernel agreement (0 = off)
     int compare = 0;           // run N steps on CPU and GPU side by side and exit (0 = off)
     std::string device = "auto";  // auto | gpu | cpu
+    std::string precision = "fp32";   // fp32 | bf16 (GPU: bf16 tensor cores for the dense layers and attention)
     // after training: the experiments of experiments/run.sh (README, "Reproducing the paper's claims")
     std::string eval_contexts; // multipliers m, e.g. "1,2,4,8": validation loss at context T*m (empty = off)
     int eval_seqs = 64;        // validation sequences per multiplier
@@ -243,6 +244,7 @@ std::vector<Flag> flag_table(Options* o) {
         {"--check", 'i', &o->check, "every N steps: Sinkhorn vs closed form vs fused kernel on layer 0, head 0 (PASS/FAIL; a FAIL exits 1)"},
         {"--compare", 'i', &o->compare, "run N steps on CPU and GPU from the same init, print both losses, exit"},
         {"--device", 's', &o->device, "auto | gpu | cpu (auto: the GPU when this build and machine have one)"},
+        {"--precision", 's', &o->precision, "fp32 | bf16 (GPU only: bf16 tensor cores, fp32 master weights and statistics)"},
         {"--eval-contexts", 's', &o->eval_contexts, "after training, validation loss at context T*m for each m of a list like 1,2,4,8"},
         {"--eval-seqs", 'i', &o->eval_seqs, "validation sequences per --eval-contexts multiplier"},
         {"--sink-stats", 's', &o->sink_stats, "CSV: per layer, head, query: mass on token 0 and content range (empty = none)"},
@@ -354,6 +356,14 @@ bool parse_args(int argc, char** argv, Options* o) {
     need(o->compare >= 0, "--compare must be >= 0");
     one_of(o->device, {"auto", "gpu", "cpu"}, "--device");
     need(!(o->compare > 0 && o->device == "cpu"), "--compare runs both backends; it cannot be used with --device cpu");
+    one_of(o->precision, {"fp32", "bf16"}, "--precision");
+    if (o->precision == "bf16") {
+        need(o->device != "cpu", "--precision bf16 runs on the GPU; the CPU backend is fp32 (--device cpu)");
+        need(o->compare == 0 && o->check == 0,
+             "--compare and --check hold the GPU to the CPU's fp32 answer: run them with --precision fp32");
+        need(o->head_dim == 64 || o->head_dim == 128, "--precision bf16 needs --head-dim 64 or 128 (the bf16 "
+                                                      "attention kernels' head sizes)");
+    }
     need(o->eval_seqs >= 1 && o->eval_seqs <= 4096, "--eval-seqs must be in 1..4096");
     o->eval_mults.clear();
     if (!o->eval_contexts.empty()) {   // "1,2,4,8": positive integers, T*m within what the buffers allow
@@ -1342,8 +1352,10 @@ double cpu_update(CpuModel<real>* m, const OptimConfig& o, double lr) {
 // ----------------------------------------------------------------------------------------------------------
 // GPU kernels
 //
-// fp32 throughout. Each kernel is the twin of the CPU layer of the same name, same argument order. Simple
-// grid-stride or one-warp-per-row kernels: the dense layers (cuBLAS) and attention (goat.cu) are the work.
+// Each kernel is the twin of the CPU layer of the same name, same argument order. Simple grid-stride or
+// one-warp-per-row kernels: the dense layers (cuBLAS) and attention (goat.cu) are the work. fp32 throughout for
+// --precision fp32; with bf16 the kernels that feed a matmul or the attention write bf16 (the templates below),
+// while the residual stream, LayerNorm statistics, softmax and cross-entropy stay fp32.
 
 // Every CUDA runtime call, launch and cuBLAS call is checked; a failure names the statement, file and line.
 #define CUDA_CHECK(stmt)                                                                                   \
@@ -1378,6 +1390,18 @@ constexpr int THREADS = 256;
 unsigned grid_for(size_t n) { return (unsigned)std::min<size_t>((n + THREADS - 1) / THREADS, 65535u * 8); }
 unsigned warps_grid(size_t rows) { return (unsigned)((rows + THREADS / 32 - 1) / (THREADS / 32)); }
 
+using bf16 = __nv_bfloat16;
+
+// Loads and gradient stores for either element type. A backward kernel adds into a float gradient (the CPU
+// twins' rule: a tensor read twice collects both contributions) and overwrites a bf16 one (bf16 gradients are
+// scratch buffers, each written once and read by the next matmul).
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ float load(const bf16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(bf16* p, float x) { *p = __float2bfloat16(x); }
+__device__ __forceinline__ void store_grad(float* p, float g) { *p += g; }
+__device__ __forceinline__ void store_grad(bf16* p, float g) { *p = __float2bfloat16(g); }
+
 __device__ float warp_sum(float x) {
     for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
     return x;
@@ -1409,7 +1433,8 @@ __global__ void encoder_backward_kernel(float* dwte, float* dwpe, const float* d
 }
 
 // one warp per row: out (N,C), mean, rstd (N)
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w,
+template <typename T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const float* inp, const float* w,
                                          const float* b, int N, int C) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -1420,7 +1445,7 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
     float s2 = 0.f;
     for (int c = lane; c < C; c += 32) s2 += (x[c] - mu) * (x[c] - mu);
     const float rs = rsqrtf(warp_sum(s2) / C + (float)LN_EPS);
-    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = (x[c] - mu) * rs * w[c] + b[c];
+    for (int c = lane; c < C; c += 32) store(&out[(size_t)row * C + c], (x[c] - mu) * rs * w[c] + b[c]);
     if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
 }
 
@@ -1493,18 +1518,21 @@ __global__ void merge_heads_backward_kernel(float* dout_heads, const float* dy, 
     }
 }
 
-__global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
+template <typename T>
+__global__ void gelu_forward_kernel(T* out, const T* inp, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float x = inp[i];
-        out[i] = 0.5f * x * (1.f + tanhf((float)GELU_S * (x + 0.044715f * x * x * x)));
+        float x = load(&inp[i]);
+        store(&out[i], 0.5f * x * (1.f + tanhf((float)GELU_S * (x + 0.044715f * x * x * x))));
     }
 }
 
-__global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, size_t n) {
+// (bf16: dinp may be dout, the gradient replaced in place)
+template <typename T>
+__global__ void gelu_backward_kernel(T* dinp, const T* inp, const T* dout, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float x = inp[i], th = tanhf((float)GELU_S * (x + 0.044715f * x * x * x));
+        float x = load(&inp[i]), th = tanhf((float)GELU_S * (x + 0.044715f * x * x * x));
         float grad = 0.5f * (1.f + th) + 0.5f * x * (1.f - th * th) * (float)GELU_S * (1.f + 3.f * 0.044715f * x * x);
-        dinp[i] += grad * dout[i];
+        store_grad(&dinp[i], grad * load(&dout[i]));
     }
 }
 
@@ -1513,10 +1541,12 @@ __global__ void residual_forward_kernel(float* out, const float* a, const float*
         out[i] = a[i] + b[i];
 }
 
-__global__ void residual_backward_kernel(float* da, float* db, const float* dout, size_t n) {
+// (bf16: db is the branch's gradient as the next matmul reads it)
+template <typename T>
+__global__ void residual_backward_kernel(float* da, T* db, const float* dout, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         da[i] += dout[i];
-        db[i] += dout[i];
+        store_grad(&db[i], dout[i]);
     }
 }
 
@@ -1541,14 +1571,15 @@ __global__ void crossentropy_forward_kernel(float* losses, const float* logits, 
 }
 
 // one warp per row: dlogits (N,V) += (softmax - onehot) * dloss
-__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, int N, int V, float dloss) {
+template <typename T>
+__global__ void crossentropy_backward_kernel(T* dlogits, const float* logits, const int* targets, int N, int V, float dloss) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const float* z = logits + (size_t)row * V;
     float m, s;
     row_softmax_stats(z, V, lane, &m, &s);
     for (int v = lane; v < V; v += 32)
-        dlogits[(size_t)row * V + v] += (expf(z[v] - m) / s - (v == targets[row] ? 1.f : 0.f)) * dloss;
+        store_grad(&dlogits[(size_t)row * V + v], (expf(z[v] - m) / s - (v == targets[row] ? 1.f : 0.f)) * dloss);
 }
 
 __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
@@ -1562,19 +1593,201 @@ __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v
     }
 }
 
-// *out += sum of x^2 (block partial sums in double, one atomic per block)
-__global__ void sumsq_kernel(double* out, const float* x, size_t n) {
+// The sum of one value per thread over a block of THREADS threads, in a fixed order (the same bits every run);
+// thread 0 gets it.
+__device__ double block_sum(double x) {
     __shared__ double partial[THREADS];
-    double s = 0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        s += (double)x[i] * x[i];
-    partial[threadIdx.x] = s;
+    partial[threadIdx.x] = x;
     __syncthreads();
-    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+    for (int k = THREADS / 2; k > 0; k >>= 1) {
         if ((int)threadIdx.x < k) partial[threadIdx.x] += partial[threadIdx.x + k];
         __syncthreads();
     }
-    if (threadIdx.x == 0) atomicAdd(out, partial[0]);
+    const double total = partial[0];
+    __syncthreads();   // partial is reused by the next call
+    return total;
+}
+
+// *out += sum of x^2 (block partial sums in double, one atomic per block)
+__global__ void sumsq_kernel(double* out, const float* x, size_t n) {
+    double s = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+// --precision bf16: the weights as the tensor cores read them, cast from the fp32 master copy after each update
+__global__ void float_to_bf16_kernel(bf16* dst, const float* src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(src[i]);
+}
+
+// ---- the GOAT prior's tables on the device
+//
+// Twins of prior_tables / prior_tables_backward (reference.cpp's goat_prior_tables and goat_prior_backward,
+// causal, window 0..T-1), in double like them, so that no step waits for the host. Every sum runs in a fixed
+// order (block_sum): the same bits every run.
+
+// Where one layer's packed prior (pack_prior's order) keeps each field, and the constants the formulas need.
+struct PriorLayout {
+    int H, R, M, F, W, T, P;   // T: the tables' context; P = prior_size
+    double base, T_train;
+    bool sink;
+    int sink_features;
+    int lam_sym, lam_asym, W1, b1, W2, b2, gain, bump, slope_raw;   // offsets of the fields in P
+};
+
+PriorLayout prior_layout(const ModelConfig& c) {
+    std::vector<float> zeros(prior_size(c), 0.f);
+    const GoatPrior g = unpack_prior(c, zeros.data());   // the constants exactly as the CPU builds them
+    PriorLayout s;
+    s.H = c.n_head; s.R = c.R; s.M = c.M; s.F = g.n_features(); s.W = GOAT_MLP_WIDTH; s.T = c.T;
+    s.P = (int)prior_size(c);
+    s.base = g.base; s.T_train = g.T_train; s.sink = g.sink; s.sink_features = g.sink_features;
+    s.lam_sym = 0;
+    s.lam_asym = s.H * s.R;
+    s.W1 = 2 * s.H * s.R;
+    s.b1 = s.W1 + s.W * s.F;
+    s.W2 = s.b1 + s.W;
+    s.b2 = s.W2 + s.W;
+    s.gain = s.b2 + 1;
+    s.bump = s.gain + s.H;
+    s.slope_raw = s.bump + s.H;
+    return s;
+}
+
+__device__ double prior_frequency(double base, int r, int R) { return R == 1 ? 1.0 : pow(base, -(double)r / (R - 1)); }
+__device__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+__device__ double softplus_d(double x) { return x > 30 ? x : log1p(exp(x)); }
+
+// Feature f of the sink mlp's input feat(t) (reference.cpp's sink_features, with its ablations).
+__device__ double sink_feature(const PriorLayout& s, int f, long long t) {
+    const bool fourier = s.sink_features != GOAT_SINK_FEATURES_NONE;
+    const bool ramps = s.sink_features == GOAT_SINK_FEATURES_ALL || s.sink_features == GOAT_SINK_FEATURES_HELD;
+    const double tr = s.sink_features == GOAT_SINK_FEATURES_HELD ? fmin((double)t, s.T_train - 1) : (double)t;
+    if (f < 2 * s.M) {
+        if (!fourier) return 0.0;
+        const double arg = prior_frequency(s.base, f % s.M, s.M) * (double)t;
+        return f < s.M ? cos(arg) : sin(arg);
+    }
+    if (!ramps) return 0.0;
+    return f == 2 * s.M ? tr / s.T_train : log1p(tr) / log1p(s.T_train);
+}
+
+// The sink mlp at position t on one layer's parameters x: pre-activations a, hidden silu(a), output.
+__device__ double sink_mlp_at(const PriorLayout& s, const float* x, long long t, double a[GOAT_MLP_WIDTH],
+                              double hid[GOAT_MLP_WIDTH]) {
+    for (int c = 0; c < GOAT_MLP_WIDTH; ++c) a[c] = x[s.b1 + c];
+    for (int f = 0; f < s.F; ++f) {
+        const double ft = sink_feature(s, f, t);
+        for (int c = 0; c < GOAT_MLP_WIDTH; ++c) a[c] += (double)x[s.W1 + c * s.F + f] * ft;
+    }
+    double out = x[s.b2];
+    for (int c = 0; c < GOAT_MLP_WIDTH; ++c) {
+        hid[c] = a[c] * sigmoid_d(a[c]);
+        out += (double)x[s.W2 + c] * hid[c];
+    }
+    return out;
+}
+
+// kappa (L,H,2T-1) = sum_r lam_sym cos(w_r delta) + lam_asym sin(w_r delta), delta = x - (T - 1); a thread per entry
+__global__ void kappa_table_kernel(float* kappa, const float* prior, PriorLayout s, int L) {
+    const size_t nd = 2 * (size_t)s.T - 1, n = (size_t)L * s.H * nd;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t lh = i / nd;
+        const int l = (int)(lh / s.H), h = (int)(lh % s.H);
+        const double delta = (double)(i % nd) - (s.T - 1);
+        const float* x = prior + (size_t)l * s.P;
+        double K = 0;
+        for (int r = 0; r < s.R; ++r) {
+            const double w = prior_frequency(s.base, r, s.R);
+            K += (double)x[s.lam_sym + h * s.R + r] * cos(w * delta) + (double)x[s.lam_asym + h * s.R + r] * sin(w * delta);
+        }
+        kappa[i] = (float)K;
+    }
+}
+
+// u (L,H,T) = gain_h mlp(feat(t)) + bump_h [t == 0] + softplus(slope_raw_h) t; a thread per (layer, key t)
+__global__ void sink_table_kernel(float* u, const float* prior, PriorLayout s, int L) {
+    const size_t n = (size_t)L * s.T;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int l = (int)(i / s.T), t = (int)(i % s.T);
+        const float* x = prior + (size_t)l * s.P;
+        double a[GOAT_MLP_WIDTH], hid[GOAT_MLP_WIDTH];
+        const double mlp = s.sink ? sink_mlp_at(s, x, t, a, hid) : 0.0;
+        for (int h = 0; h < s.H; ++h)
+            u[((size_t)l * s.H + h) * s.T + t] =
+                !s.sink ? 0.f : (float)(x[s.gain + h] * mlp + (t == 0 ? x[s.bump + h] : 0.0) +
+                                        softplus_d(x[s.slope_raw + h]) * t);
+    }
+}
+
+// dlam_sym, dlam_asym: a block per (layer, head, frequency), the sum over the 2T-1 diagonals of dkappa
+__global__ void kappa_table_backward_kernel(float* dprior, const float* dkappa, PriorLayout s) {
+    const int l = blockIdx.x / (s.H * s.R), h = blockIdx.x / s.R % s.H, r = blockIdx.x % s.R;
+    const int nd = 2 * s.T - 1;
+    const double w = prior_frequency(s.base, r, s.R);
+    const float* dk = dkappa + ((size_t)l * s.H + h) * nd;
+    double gs = 0, ga = 0;
+    for (int x = threadIdx.x; x < nd; x += THREADS) {
+        const double delta = (double)x - (s.T - 1);
+        gs += (double)dk[x] * cos(w * delta);
+        ga += (double)dk[x] * sin(w * delta);
+    }
+    gs = block_sum(gs);
+    ga = block_sum(ga);
+    if (threadIdx.x == 0) {
+        dprior[(size_t)l * s.P + s.lam_sym + h * s.R + r] = (float)gs;
+        dprior[(size_t)l * s.P + s.lam_asym + h * s.R + r] = (float)ga;
+    }
+}
+
+// The sink's backward, first half, a thread per (layer, key t): the mlp's output and hidden values at t, and the
+// signal dmlp = sum_h du_h(t) gain_h with its pre-activation gradients da. scratch (L,T,SINK_SCRATCH) doubles:
+// mlp, dmlp, hid[W], da[W].
+constexpr int SINK_SCRATCH = 2 + 2 * GOAT_MLP_WIDTH;
+__global__ void sink_backward_positions_kernel(double* scratch, const float* prior, const float* du, PriorLayout s, int L) {
+    const size_t n = (size_t)L * s.T;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int l = (int)(i / s.T), t = (int)(i % s.T);
+        const float* x = prior + (size_t)l * s.P;
+        double a[GOAT_MLP_WIDTH], hid[GOAT_MLP_WIDTH];
+        const double mlp = sink_mlp_at(s, x, t, a, hid);
+        double dmlp = 0;
+        for (int h = 0; h < s.H; ++h) dmlp += (double)du[((size_t)l * s.H + h) * s.T + t] * x[s.gain + h];
+        double* out = scratch + i * SINK_SCRATCH;
+        out[0] = mlp;
+        out[1] = dmlp;
+        for (int c = 0; c < GOAT_MLP_WIDTH; ++c) {
+            const double sg = sigmoid_d(a[c]);
+            out[2 + c] = hid[c];
+            out[2 + GOAT_MLP_WIDTH + c] = dmlp * x[s.W2 + c] * sg * (1 + a[c] * (1 - sg));   // silu' = s (1 + a (1 - s))
+        }
+    }
+}
+
+// The sink's backward, second half: a block per (layer, sink parameter), its gradient summed over the keys.
+// The sink's parameters are the tail of the packing, W1 .. slope_raw.
+__global__ void sink_backward_sums_kernel(float* dprior, const double* scratch, const float* prior, const float* du,
+                                          PriorLayout s) {
+    const int n_sink = s.P - s.W1;
+    const int l = blockIdx.x / n_sink, k = s.W1 + blockIdx.x % n_sink;
+    const float* x = prior + (size_t)l * s.P;
+    const float* du_l = du + (size_t)l * s.H * s.T;
+    double g = 0;
+    for (int t = threadIdx.x; t < s.T; t += THREADS) {
+        const double* e = scratch + ((size_t)l * s.T + t) * SINK_SCRATCH;   // mlp, dmlp, hid[W], da[W]
+        if (k < s.b1) g += e[2 + GOAT_MLP_WIDTH + (k - s.W1) / s.F] * sink_feature(s, (k - s.W1) % s.F, t);
+        else if (k < s.W2) g += e[2 + GOAT_MLP_WIDTH + (k - s.b1)];
+        else if (k < s.b2) g += e[1] * e[2 + (k - s.W2)];
+        else if (k == s.b2) g += e[1];
+        else if (k < s.bump) g += du_l[(size_t)(k - s.gain) * s.T + t] * e[0];
+        else if (k < s.slope_raw) g += t == 0 ? du_l[(size_t)(k - s.bump) * s.T + t] : 0.0;
+        else g += du_l[(size_t)(k - s.slope_raw) * s.T + t] * (double)t * sigmoid_d(x[k]);   // softplus' = sigmoid
+    }
+    g = block_sum(g);
+    if (threadIdx.x == 0) dprior[(size_t)l * s.P + k] = (float)g;
 }
 
 // Dense layers with cuBLAS. cuBLAS is column-major: our row-major (N,OC) out is its (OC x N) matrix out^T, so
@@ -1592,6 +1805,30 @@ void matmul_backward_gpu(cublasHandle_t h, float* dinp, float* dw, const float* 
     CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, C, dout, OC, &one, dw, C));
 }
 
+// The same dense layers for --precision bf16: bf16 operands on the tensor cores, fp32 accumulation, the output
+// in float (what joins the residual stream) or bf16 (what the next matmul or the attention reads). The dinp of
+// the backward is overwritten (beta = 0: each bf16 model input gradient has one producer); dw is added into the
+// fp32 gradients.
+cudaDataType_t cuda_type(const float*) { return CUDA_R_32F; }
+cudaDataType_t cuda_type(const bf16*) { return CUDA_R_16BF; }
+
+template <typename Tout>
+void matmul_forward_bf16(cublasHandle_t h, Tout* out, const bf16* inp, const bf16* w, int N, int C, int OC) {
+    const float one = 1.f, zero = 0.f;
+    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, w, CUDA_R_16BF, C, inp, CUDA_R_16BF, C,
+                              &zero, out, cuda_type(out), OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+template <typename Tdinp>
+void matmul_backward_bf16(cublasHandle_t h, Tdinp* dinp, float* dw, const bf16* dout, const bf16* inp,
+                          const bf16* w, int N, int C, int OC) {
+    const float one = 1.f, zero = 0.f;
+    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, w, CUDA_R_16BF, C, dout, CUDA_R_16BF, OC,
+                              &zero, dinp, cuda_type(dinp), C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, CUDA_R_16BF, C, dout, CUDA_R_16BF, OC,
+                              &one, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // GPU model
 
@@ -1601,9 +1838,42 @@ bool gpu_available() {
     return n > 0;
 }
 
+// --precision bf16: the bf16 activations, as pointers into one allocation. The forward's are (L, ...) stacked
+// like Activations and kept for the backward; the backward's hold one layer at a time. Each starts on a 16-byte
+// boundary (the attention kernels' rule).
+struct Bf16Acts {
+    bf16* ln1;       // (L,B,T,C)
+    bf16* qkv;       // (L,B,T,3C) the attention reads q, k, v in place: [B][T][3][H][d]
+    bf16* atty;      // (L,B,T,C) attention output, written as [B][T][H][d]: the heads already merged
+    bf16* ln2;       // (L,B,T,C)
+    bf16* fch;       // (L,B,T,4C)
+    bf16* fch_gelu;  // (L,B,T,4C)
+    bf16* lnf;       // (B,T,C)
+    bf16* dlogits;   // (B,T,V)
+    bf16* dres;      // (B,T,C) a residual branch's gradient (fcproj's, then attproj's)
+    bf16* dfch;      // (B,T,4C) d fch_gelu, then d fch in place
+    bf16* datty;     // (B,T,C)
+    bf16* dqkv;      // (B,T,3C)
+};
+
+size_t point_bf16_acts(Bf16Acts* a, bf16* base, const ModelConfig& c, int B) {
+    const size_t N = (size_t)B * c.T, C = c.C, L = c.n_layer;
+    const size_t sizes[] = {L * N * C, L * N * 3 * C, L * N * C, L * N * C, L * N * 4 * C, L * N * 4 * C, N * C,
+                            N * c.V, N * C, N * 4 * C, N * C, N * 3 * C};
+    bf16** ptrs[] = {&a->ln1, &a->qkv, &a->atty, &a->ln2, &a->fch, &a->fch_gelu, &a->lnf,
+                     &a->dlogits, &a->dres, &a->dfch, &a->datty, &a->dqkv};
+    size_t off = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
+        *ptrs[i] = base ? base + off : nullptr;
+        off += (sizes[i] + 7) / 8 * 8;
+    }
+    return off;
+}
+
 struct GpuModel {
     ModelConfig cfg;
     int B = 0;
+    bool use_bf16 = false;                   // --precision bf16
     size_t n_params = 0;
     float *params = nullptr, *grads = nullptr, *m = nullptr, *v = nullptr;   // (n_params) device
     Params<float> p{}, g{};                  // device pointers into params / grads
@@ -1613,18 +1883,24 @@ struct GpuModel {
     int *inputs = nullptr, *targets = nullptr;   // (B,T) device
     float *kappa = nullptr, *u = nullptr;        // (L,H,2T-1), (L,H,T) device prior tables
     float *dkappa = nullptr, *du = nullptr;      // (L,H,2T-1), (L,H,T) device
+    double* prior_scratch = nullptr;             // (L,T,SINK_SCRATCH) the sink's backward
+    PriorLayout prior_layout{};
     double* sumsq = nullptr;                     // (1) device
     void* goat_ws = nullptr;                     // goat_backward workspace
     size_t goat_ws_bytes = 0;
     cublasHandle_t cublas = nullptr;
     bool tables = false;
-    // host mirrors for the prior (O(H T R) host work per step, per layer; see gpu_forward)
-    std::vector<float> h_prior, h_dprior;    // (L,P)
-    std::vector<float> h_kappa, h_u, h_dkappa, h_du;
     std::vector<float> h_losses;             // (B,T)
     int t = 0;
+    // --precision bf16
+    bf16* params_bf16 = nullptr;             // (n_params) the weights cast after each update (the matrices are read)
+    Params<bf16> pb{};
+    bf16* acts_bf16 = nullptr;
+    Bf16Acts hb{};
 };
 
+// Layer l's attention call. fp32: the split heads (B,H,T,d) of the activations. bf16: q, k, v read in place from
+// the qkv projection ([B][T][3][H][d]), o written with its heads merged ([B][T][H][d]), the gradients likewise.
 GoatParams attention_params(const GpuModel* m, int l, int B) {
     const ModelConfig& c = m->cfg;
     LayerActs<float> la = layer_acts(m->a, c, m->B, l), ld = layer_acts(m->da, c, m->B, l);
@@ -1636,19 +1912,35 @@ GoatParams attention_params(const GpuModel* m, int l, int B) {
     gp.d = c.C / c.n_head;
     gp.scale = (float)(1.0 / std::sqrt((double)gp.d));
     gp.causal = true;
-    gp.dtype = GOAT_F32;
+    gp.dtype = m->use_bf16 ? GOAT_BF16 : GOAT_F32;
     gp.version = GOAT_AUTO;
-    gp.q = la.q;
-    gp.k = la.k;
-    gp.v = la.v;
+    if (m->use_bf16) {
+        const size_t NC = (size_t)m->B * c.T * c.C;
+        const GoatStrides fused{(long long)c.T * 3 * c.C, gp.d, 3LL * c.C}, merged{(long long)c.T * c.C, gp.d, c.C};
+        const bf16* qkv = m->hb.qkv + l * 3 * NC;
+        gp.q = qkv;
+        gp.k = qkv + c.C;
+        gp.v = qkv + 2 * c.C;
+        gp.o = m->hb.atty + l * NC;
+        gp.dout = m->hb.datty;
+        gp.dq = m->hb.dqkv;
+        gp.dk = m->hb.dqkv + c.C;
+        gp.dv = m->hb.dqkv + 2 * c.C;
+        gp.q_stride = gp.k_stride = gp.v_stride = gp.dq_stride = gp.dk_stride = gp.dv_stride = fused;
+        gp.o_stride = gp.dout_stride = merged;
+    } else {
+        gp.q = la.q;
+        gp.k = la.k;
+        gp.v = la.v;
+        gp.o = la.atto;
+        gp.dout = ld.atto;
+        gp.dq = ld.q;
+        gp.dk = ld.k;
+        gp.dv = ld.v;
+    }
+    gp.lse = la.lse;
     gp.kappa = m->tables ? m->kappa + l * nk : nullptr;
     gp.u = m->tables ? m->u + l * nu : nullptr;
-    gp.o = la.atto;
-    gp.lse = la.lse;
-    gp.dout = ld.atto;
-    gp.dq = ld.q;
-    gp.dk = ld.k;
-    gp.dv = ld.v;
     gp.dkappa = c.prior == PRIOR_GOAT ? m->dkappa + l * nk : nullptr;   // only a learned prior needs them
     gp.du = c.prior == PRIOR_GOAT ? m->du + l * nu : nullptr;
     gp.workspace = m->goat_ws;
@@ -1656,9 +1948,10 @@ GoatParams attention_params(const GpuModel* m, int l, int B) {
     return gp;
 }
 
-void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector<float>& init) {
+void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector<float>& init, bool bf16) {
     m->cfg = c;
     m->B = B;
+    m->use_bf16 = bf16;
     m->n_params = num_params(c);
     if (init.size() != m->n_params) throw RunError("build_gpu_model: parameter count mismatch");
     const size_t pb = m->n_params * sizeof(float);
@@ -1684,19 +1977,26 @@ void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector
     CUDA_CHECK(cudaMalloc(&m->dkappa, nk * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&m->du, nu * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&m->sumsq, sizeof(double)));
-    m->h_prior.assign((size_t)c.n_layer * prior_size(c), 0.f);
-    m->h_dprior.assign(m->h_prior.size(), 0.f);
-    m->h_kappa.assign(nk, 0.f);
-    m->h_u.assign(nu, 0.f);
-    m->h_dkappa.assign(nk, 0.f);
-    m->h_du.assign(nu, 0.f);
     m->h_losses.assign((size_t)B * c.T, 0.f);
     m->tables = has_prior_tables(c);
-    if (c.prior == PRIOR_ALIBI) {   // fixed: build and upload once
+    if (c.prior == PRIOR_GOAT) {
+        m->prior_layout = prior_layout(c);
+        CUDA_CHECK(cudaMalloc(&m->prior_scratch, (size_t)c.n_layer * c.T * SINK_SCRATCH * sizeof(double)));
+    }
+    if (c.prior == PRIOR_ALIBI) {   // fixed: build on the host and upload once
+        std::vector<float> h_kappa(nk), h_u(nu);
         for (int l = 0; l < c.n_layer; ++l)
-            prior_tables(c, (const float*)nullptr, m->h_kappa.data() + l * nk / c.n_layer, m->h_u.data() + l * nu / c.n_layer);
-        CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), nk * sizeof(float), cudaMemcpyHostToDevice));
-        CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), nu * sizeof(float), cudaMemcpyHostToDevice));
+            prior_tables(c, (const float*)nullptr, h_kappa.data() + l * nk / c.n_layer, h_u.data() + l * nu / c.n_layer);
+        CUDA_CHECK(cudaMemcpy(m->kappa, h_kappa.data(), nk * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(m->u, h_u.data(), nu * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    if (bf16) {
+        CUDA_CHECK(cudaMalloc(&m->params_bf16, m->n_params * sizeof(bf16)));
+        point_params(&m->pb, m->params_bf16, c);
+        LAUNCH_CHECK((float_to_bf16_kernel<<<grid_for(m->n_params), THREADS>>>(m->params_bf16, m->params, m->n_params)));
+        const size_t n = point_bf16_acts(&m->hb, nullptr, c, B);
+        CUDA_CHECK(cudaMalloc(&m->acts_bf16, n * sizeof(bf16)));
+        point_bf16_acts(&m->hb, m->acts_bf16, c, B);
     }
     m->goat_ws_bytes = goat_backward_workspace_size(attention_params(m, 0, B));
     if (m->goat_ws_bytes) CUDA_CHECK(cudaMalloc(&m->goat_ws, m->goat_ws_bytes));
@@ -1708,36 +2008,65 @@ void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector
 void free_gpu_model(GpuModel* m) {
     for (void* x : {(void*)m->params, (void*)m->grads, (void*)m->m, (void*)m->v, (void*)m->acts, (void*)m->dacts,
                     (void*)m->inputs, (void*)m->targets, (void*)m->kappa, (void*)m->u, (void*)m->dkappa,
-                    (void*)m->du, (void*)m->sumsq, m->goat_ws})
+                    (void*)m->du, (void*)m->sumsq, m->goat_ws, (void*)m->prior_scratch, (void*)m->params_bf16,
+                    (void*)m->acts_bf16})
         if (x) CUDA_CHECK(cudaFree(x));
     if (m->cublas) CUBLAS_CHECK(cublasDestroy(m->cublas));
     *m = GpuModel();
 }
 
-// The learned prior's tables of every layer from its current parameters: built on the host (copied down, L*P
-// floats) and uploaded. Fixed priors were uploaded once by build_gpu_model.
-void upload_prior_tables(GpuModel* m) {
+// The learned prior's tables of every layer from its current parameters, on the device. Fixed priors were
+// uploaded once by build_gpu_model.
+void build_prior_tables_gpu(GpuModel* m) {
     const ModelConfig& c = m->cfg;
     if (c.prior != PRIOR_GOAT) return;
-    const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T;
-    CUDA_CHECK(cudaMemcpy(m->h_prior.data(), m->p.prior, m->h_prior.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    for (int l = 0; l < c.n_layer; ++l)
-        prior_tables(c, m->h_prior.data() + l * prior_size(c), m->h_kappa.data() + l * nk, m->h_u.data() + l * nu);
-    CUDA_CHECK(cudaMemcpy(m->kappa, m->h_kappa.data(), c.n_layer * nk * sizeof(float), cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(m->u, m->h_u.data(), c.n_layer * nu * sizeof(float), cudaMemcpyHostToDevice));
+    const PriorLayout& s = m->prior_layout;
+    const int L = c.n_layer;
+    LAUNCH_CHECK((kappa_table_kernel<<<grid_for((size_t)L * c.n_head * (2 * c.T - 1)), THREADS>>>(m->kappa, m->p.prior, s, L)));
+    LAUNCH_CHECK((sink_table_kernel<<<grid_for((size_t)L * c.T), THREADS>>>(m->u, m->p.prior, s, L)));
 }
 
-// The same forward as cpu_forward, line for line, on the device. The GOAT prior tables are built on the host
-// (upload_prior_tables): O(H T R) host work per layer per step, small next to the attention's O(B H T^2 d).
+// From the tables' gradients dkappa, du (summed over the batch by goat_backward) to every layer's prior
+// parameters, written into the gradients (which start at zero: a part the prior lacks stays 0).
+void prior_backward_gpu(GpuModel* m) {
+    const ModelConfig& c = m->cfg;
+    if (c.prior != PRIOR_GOAT) return;
+    const PriorLayout& s = m->prior_layout;
+    const int L = c.n_layer;
+    if (s.R > 0) LAUNCH_CHECK((kappa_table_backward_kernel<<<L * s.H * s.R, THREADS>>>(m->g.prior, m->dkappa, s)));
+    if (!s.sink) return;   // u = 0: the sink's parameters get no gradient
+    LAUNCH_CHECK((sink_backward_positions_kernel<<<grid_for((size_t)L * c.T), THREADS>>>(m->prior_scratch, m->p.prior, m->du, s, L)));
+    LAUNCH_CHECK((sink_backward_sums_kernel<<<L * (s.P - s.W1), THREADS>>>(m->g.prior, m->prior_scratch, m->p.prior, m->du, s)));
+}
+
+// A batch's tokens to the device (targets may be null: a forward for logits only).
+void upload_batch(GpuModel* m, const int* inputs, const int* targets, int N) {
+    CUDA_CHECK(cudaMemcpy(m->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets) CUDA_CHECK(cudaMemcpy(m->targets, targets, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
+}
+
+// The batch's mean cross-entropy from the logits (summed on the host in double).
+double mean_loss_gpu(GpuModel* m, int N) {
+    LAUNCH_CHECK((crossentropy_forward_kernel<<<warps_grid(N), THREADS>>>(m->a.losses, m->a.logits, m->targets, N, m->cfg.V)));
+    CUDA_CHECK(cudaMemcpy(m->h_losses.data(), m->a.losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
+    double loss = 0;
+    for (int n = 0; n < N; ++n) loss += m->h_losses[n];
+    return loss / N;
+}
+
+double gpu_forward_bf16(GpuModel* m, const int* inputs, const int* targets, int B);
+void gpu_backward_bf16(GpuModel* m, int B);
+
+// The same forward as cpu_forward, line for line, on the device (--precision bf16: gpu_forward_bf16).
 double gpu_forward(GpuModel* m, const int* inputs, const int* targets, int B) {
+    if (m->use_bf16) return gpu_forward_bf16(m, inputs, targets, B);
     const ModelConfig& c = m->cfg;
     const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
     Params<float>& p = m->p;
     Activations<float>& a = m->a;
     if (B > m->B) throw RunError("gpu_forward: batch larger than the buffers");
-    CUDA_CHECK(cudaMemcpy(m->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
-    if (targets) CUDA_CHECK(cudaMemcpy(m->targets, targets, (size_t)N * sizeof(int), cudaMemcpyHostToDevice));
-    upload_prior_tables(m);
+    upload_batch(m, inputs, targets, N);
+    build_prior_tables_gpu(m);
 
     LAUNCH_CHECK((encoder_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
         a.encoded, m->inputs, p.wte, c.prior == PRIOR_ABS ? p.wpe : nullptr, B, T, C)));
@@ -1761,19 +2090,14 @@ double gpu_forward(GpuModel* m, const int* inputs, const int* targets, int B) {
     }
     LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb, N, C)));
     matmul_forward_gpu(m->cublas, a.logits, a.lnf, p.wte, N, C, V);
-    if (!targets) return 0;
-    LAUNCH_CHECK((crossentropy_forward_kernel<<<warps_grid(N), THREADS>>>(a.losses, a.logits, m->targets, N, V)));
-    CUDA_CHECK(cudaMemcpy(m->h_losses.data(), a.losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
-    double loss = 0;
-    for (int n = 0; n < N; ++n) loss += m->h_losses[n];
-    return loss / N;
+    return targets ? mean_loss_gpu(m, N) : 0;
 }
 
-// The same backward as cpu_backward. dkappa, du come back to the host for goat_prior_backward (O(H T R)).
+// The same backward as cpu_backward (--precision bf16: gpu_backward_bf16).
 void gpu_backward(GpuModel* m, int B) {
+    if (m->use_bf16) return gpu_backward_bf16(m, B);
     const ModelConfig& c = m->cfg;
     const int T = c.T, C = c.C, H = c.n_head, d = C / H, V = c.V, L = c.n_layer, N = B * T;
-    const size_t nk = (size_t)H * (2 * T - 1), nu = (size_t)H * T;
     Params<float>&p = m->p, &g = m->g;
     Activations<float>&a = m->a, &da = m->da;
     CUDA_CHECK(cudaMemset(m->grads, 0, m->n_params * sizeof(float)));
@@ -1806,15 +2130,99 @@ void gpu_backward(GpuModel* m, int B) {
     }
     LAUNCH_CHECK((encoder_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
         g.wte, c.prior == PRIOR_ABS ? g.wpe : nullptr, da.encoded, m->inputs, B, T, C)));
-    if (c.prior == PRIOR_GOAT) {   // the prior's parameters: on the host, from the tables' gradients
-        CUDA_CHECK(cudaMemcpy(m->h_dkappa.data(), m->dkappa, L * nk * sizeof(float), cudaMemcpyDeviceToHost));
-        CUDA_CHECK(cudaMemcpy(m->h_du.data(), m->du, L * nu * sizeof(float), cudaMemcpyDeviceToHost));
-        const size_t P = prior_size(c);
-        for (int l = 0; l < L; ++l)
-            prior_tables_backward(c, m->h_prior.data() + l * P, m->h_dkappa.data() + l * nk, m->h_du.data() + l * nu,
-                                  m->h_dprior.data() + l * P);
-        CUDA_CHECK(cudaMemcpy(g.prior, m->h_dprior.data(), L * P * sizeof(float), cudaMemcpyHostToDevice));
+    prior_backward_gpu(m);
+}
+
+// --precision bf16: the model of gpu_forward on the tensor cores. The residual stream x, LayerNorm statistics,
+// logits and losses stay fp32; what a matmul or the attention reads is bf16 (Bf16Acts), written by the kernel
+// before it (LayerNorm, GELU) or by the matmul itself; the attention reads q, k, v in place and writes o with
+// the heads merged, so there is no split or merge. Weights: the bf16 copy (pb) of the fp32 master weights.
+double gpu_forward_bf16(GpuModel* m, const int* inputs, const int* targets, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, V = c.V, L = c.n_layer, N = B * T;
+    const size_t NC = (size_t)m->B * T * C;   // layer stride of the (L,B,T,C) buffers
+    const Params<float>& p = m->p;
+    const Params<bf16>& pb = m->pb;
+    Activations<float>& a = m->a;
+    const Bf16Acts& hb = m->hb;
+    if (B > m->B) throw RunError("gpu_forward: batch larger than the buffers");
+    upload_batch(m, inputs, targets, N);
+    build_prior_tables_gpu(m);
+
+    LAUNCH_CHECK((encoder_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
+        a.encoded, m->inputs, p.wte, c.prior == PRIOR_ABS ? p.wpe : nullptr, B, T, C)));
+    const float* x = a.encoded;
+    for (int l = 0; l < L; ++l) {
+        LayerParams<float> lp = layer_params(p, c, l);
+        LayerParams<bf16> lb = layer_params(pb, c, l);
+        LayerActs<float> la = layer_acts(a, c, m->B, l);
+        bf16 *ln1 = hb.ln1 + l * NC, *qkv = hb.qkv + l * 3 * NC, *atty = hb.atty + l * NC, *ln2 = hb.ln2 + l * NC;
+        bf16 *fch = hb.fch + l * 4 * NC, *fch_gelu = hb.fch_gelu + l * 4 * NC;
+        LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(ln1, la.ln1_mean, la.ln1_rstd, x, lp.ln1w, lp.ln1b, N, C)));
+        matmul_forward_bf16(m->cublas, qkv, ln1, lb.wqkv, N, C, 3 * C);
+        GOAT_CHECK(goat_forward(attention_params(m, l, B), 0));   // reads qkv, writes atty
+        matmul_forward_bf16(m->cublas, la.attproj, atty, lb.wo, N, C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.resid2, x, la.attproj, (size_t)N * C)));
+        LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(ln2, la.ln2_mean, la.ln2_rstd, la.resid2, lp.ln2w, lp.ln2b, N, C)));
+        matmul_forward_bf16(m->cublas, fch, ln2, lb.wfc, N, C, 4 * C);
+        LAUNCH_CHECK((gelu_forward_kernel<<<grid_for((size_t)N * 4 * C), THREADS>>>(fch_gelu, fch, (size_t)N * 4 * C)));
+        matmul_forward_bf16(m->cublas, la.fcproj, fch_gelu, lb.wproj, N, 4 * C, C);
+        LAUNCH_CHECK((residual_forward_kernel<<<grid_for((size_t)N * C), THREADS>>>(la.resid3, la.resid2, la.fcproj, (size_t)N * C)));
+        x = la.resid3;
     }
+    LAUNCH_CHECK((layernorm_forward_kernel<<<warps_grid(N), THREADS>>>(hb.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb, N, C)));
+    matmul_forward_bf16(m->cublas, a.logits, hb.lnf, pb.wte, N, C, V);
+    return targets ? mean_loss_gpu(m, N) : 0;
+}
+
+// The backward of gpu_forward_bf16. The fp32 gradients of the residual stream collect their contributions as in
+// gpu_backward; each bf16 gradient is written once by the kernel or matmul before the one that reads it.
+void gpu_backward_bf16(GpuModel* m, int B) {
+    const ModelConfig& c = m->cfg;
+    const int T = c.T, C = c.C, V = c.V, L = c.n_layer, N = B * T;
+    const size_t NC = (size_t)m->B * T * C;
+    const Params<float>&p = m->p, &g = m->g;
+    const Params<bf16>& pb = m->pb;
+    const Activations<float>&a = m->a, &da = m->da;
+    const Bf16Acts& hb = m->hb;
+    CUDA_CHECK(cudaMemset(m->grads, 0, m->n_params * sizeof(float)));
+    // the fp32 gradients that are added into: the embedding's and every layer's residual stream
+    CUDA_CHECK(cudaMemset(da.encoded, 0, (size_t)N * C * sizeof(float)));
+    for (int l = 0; l < L; ++l) {
+        LayerActs<float> ld = layer_acts(da, c, m->B, l);
+        CUDA_CHECK(cudaMemset(ld.resid2, 0, (size_t)N * C * sizeof(float)));
+        CUDA_CHECK(cudaMemset(ld.resid3, 0, (size_t)N * C * sizeof(float)));
+    }
+
+    const float* x_last = layer_acts(a, c, m->B, L - 1).resid3;
+    float* dx_last = layer_acts(da, c, m->B, L - 1).resid3;
+    LAUNCH_CHECK((crossentropy_backward_kernel<<<warps_grid(N), THREADS>>>(hb.dlogits, a.logits, m->targets, N, V, 1.f / N)));
+    matmul_backward_bf16(m->cublas, da.lnf, g.wte, hb.dlogits, hb.lnf, pb.wte, N, C, V);
+    LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(dx_last, g.lnfw, g.lnfb, da.lnf, x_last, p.lnfw, a.lnf_mean, a.lnf_rstd, N, C)));
+    for (int l = L - 1; l >= 0; --l) {
+        LayerParams<float> lp = layer_params(p, c, l), lg = layer_params(g, c, l);
+        LayerParams<bf16> lb = layer_params(pb, c, l);
+        LayerActs<float> la = layer_acts(a, c, m->B, l), ld = layer_acts(da, c, m->B, l);
+        const float* x = l == 0 ? a.encoded : layer_acts(a, c, m->B, l - 1).resid3;
+        float* dx = l == 0 ? da.encoded : layer_acts(da, c, m->B, l - 1).resid3;
+        const bf16 *ln1 = hb.ln1 + l * NC, *atty = hb.atty + l * NC, *ln2 = hb.ln2 + l * NC;
+        const bf16 *fch = hb.fch + l * 4 * NC, *fch_gelu = hb.fch_gelu + l * 4 * NC;
+        // mlp
+        LAUNCH_CHECK((residual_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(ld.resid2, hb.dres, ld.resid3, (size_t)N * C)));
+        matmul_backward_bf16(m->cublas, hb.dfch, lg.wproj, hb.dres, fch_gelu, lb.wproj, N, 4 * C, C);
+        LAUNCH_CHECK((gelu_backward_kernel<<<grid_for((size_t)N * 4 * C), THREADS>>>(hb.dfch, fch, hb.dfch, (size_t)N * 4 * C)));
+        matmul_backward_bf16(m->cublas, ld.ln2, lg.wfc, hb.dfch, ln2, lb.wfc, N, C, 4 * C);
+        LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(ld.resid2, lg.ln2w, lg.ln2b, ld.ln2, la.resid2, lp.ln2w, la.ln2_mean, la.ln2_rstd, N, C)));
+        // attention
+        LAUNCH_CHECK((residual_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(dx, hb.dres, ld.resid2, (size_t)N * C)));
+        matmul_backward_bf16(m->cublas, hb.datty, lg.wo, hb.dres, atty, lb.wo, N, C, C);
+        GOAT_CHECK(goat_backward(attention_params(m, l, B), 0));   // reads datty, writes dqkv
+        matmul_backward_bf16(m->cublas, ld.ln1, lg.wqkv, hb.dqkv, ln1, lb.wqkv, N, C, 3 * C);
+        LAUNCH_CHECK((layernorm_backward_kernel<<<warps_grid(N), THREADS>>>(dx, lg.ln1w, lg.ln1b, ld.ln1, x, lp.ln1w, la.ln1_mean, la.ln1_rstd, N, C)));
+    }
+    LAUNCH_CHECK((encoder_backward_kernel<<<grid_for((size_t)N * C), THREADS>>>(
+        g.wte, c.prior == PRIOR_ABS ? g.wpe : nullptr, da.encoded, m->inputs, B, T, C)));
+    prior_backward_gpu(m);
 }
 
 double gpu_update(GpuModel* m, const OptimConfig& o, double lr) {
@@ -1839,6 +2247,7 @@ double gpu_update(GpuModel* m, const OptimConfig& o, double lr) {
                      sizes[i], (float)lr_i, (float)o.beta1, (float)o.beta2, (float)o.eps,
                      (float)(PARAM_DECAY[i] ? o.weight_decay : 0.0), (float)scale, (float)bc1, (float)bc2)));
     }
+    if (m->use_bf16) LAUNCH_CHECK((float_to_bf16_kernel<<<grid_for(m->n_params), THREADS>>>(m->params_bf16, m->params, m->n_params)));
     return norm;
 }
 
@@ -1888,7 +2297,7 @@ void build_gpu_decoder(GpuDecoder* dec, GpuModel* m) {
     CUDA_CHECK(cudaMalloc(&dec->u, nt * 4));
     CUDA_CHECK(cudaMalloc(&dec->token, sizeof(int)));
     dec->pos = 0;
-    upload_prior_tables(m);   // the tables of the weights being sampled from
+    build_prior_tables_gpu(m);   // the tables of the weights being sampled from
 }
 
 void free_gpu_decoder(GpuDecoder* dec) {
@@ -1965,6 +2374,7 @@ bool gpu_available() { return false; }
 
 struct Trainer {
     bool on_gpu = false;
+    bool use_bf16 = false;    // --precision bf16 (GPU only)
     double last_loss = NAN;   // the loss of trainer_step's last forward, kept if its backward throws
     ModelConfig cfg;
     CpuModel<float> cpu;
@@ -1973,11 +2383,14 @@ struct Trainer {
 #endif
 };
 
-void build_trainer(Trainer* tr, const ModelConfig& c, int B, const std::vector<float>& init, bool on_gpu) {
+void build_trainer(Trainer* tr, const ModelConfig& c, int B, const std::vector<float>& init, bool on_gpu,
+                   bool bf16 = false) {
+    if (bf16 && !on_gpu) throw RunError("--precision bf16 runs on the GPU only");
     tr->on_gpu = on_gpu;
+    tr->use_bf16 = bf16;
     tr->cfg = c;
 #ifdef __CUDACC__
-    if (on_gpu) { build_gpu_model(&tr->gpu, c, B, init); return; }
+    if (on_gpu) { build_gpu_model(&tr->gpu, c, B, init, bf16); return; }
 #endif
     build_cpu_model(&tr->cpu, c, B, init);
 }
@@ -2073,9 +2486,9 @@ HeadSnapshot trainer_head0(Trainer* tr) {
         CUDA_CHECK(cudaMemcpy(s.v.data(), a.v, n * sizeof(float), cudaMemcpyDeviceToHost));
         CUDA_CHECK(cudaMemcpy(s.o.data(), a.atto, n * sizeof(float), cudaMemcpyDeviceToHost));
         CUDA_CHECK(cudaMemcpy(s.lse.data(), a.lse, s.T * sizeof(float), cudaMemcpyDeviceToHost));
-        if (tables) {
-            std::copy(tr->gpu.h_kappa.begin(), tr->gpu.h_kappa.begin() + (2 * s.T - 1), s.kappa.begin());
-            std::copy(tr->gpu.h_u.begin(), tr->gpu.h_u.begin() + s.T, s.u.begin());
+        if (tables) {   // the tables of the last forward, layer 0, head 0
+            CUDA_CHECK(cudaMemcpy(s.kappa.data(), tr->gpu.kappa, s.kappa.size() * sizeof(float), cudaMemcpyDeviceToHost));
+            CUDA_CHECK(cudaMemcpy(s.u.data(), tr->gpu.u, s.u.size() * sizeof(float), cudaMemcpyDeviceToHost));
         }
         return s;
     }
@@ -2566,7 +2979,7 @@ struct ContextEval {
 // or drawn from fixed seeds (copy), in batches of at most batch_cap. Learned absolute positions (wpe) end at
 // T_train: for prior abs and mult > 1 the result says "not available" instead of inventing positions.
 ContextEval eval_at_context(const ModelConfig& c, const Dataset& ds, const std::vector<float>& params, int mult,
-                            int n_seqs, int batch_cap, bool on_gpu) {
+                            int n_seqs, int batch_cap, bool on_gpu, bool bf16 = false) {
     ContextEval e;
     e.mult = mult;
     e.context = c.T * mult;
@@ -2579,7 +2992,7 @@ ContextEval eval_at_context(const ModelConfig& c, const Dataset& ds, const std::
         throw RunError(strf("eval at context %d: the validation split has only %zu tokens", e.context, ds.val.size()));
     const int B = eval_batch_size(n_seqs, batch_cap), n_batches = n_seqs / B;
     Trainer tr;
-    build_trainer(&tr, ce, B, params, on_gpu);
+    build_trainer(&tr, ce, B, params, on_gpu, bf16);
     Batch b;
     resize_batch(&b, B, ce.T);
     e.loss = validation_loss(&tr, ds, n_batches, &b);
@@ -2609,13 +3022,30 @@ void trainer_layer_qk(Trainer* tr, int l, int nb, std::vector<float>* q, std::ve
     kappa->clear();
     u->clear();
 #ifdef __CUDACC__
-    if (tr->on_gpu) {   // the layer's (B_alloc,H,T,d) slice starts with sequence 0
-        LayerActs<float> la = layer_acts(tr->gpu.a, c, tr->gpu.B, l);
-        CUDA_CHECK(cudaMemcpy(q->data(), la.q, n * sizeof(float), cudaMemcpyDeviceToHost));
-        CUDA_CHECK(cudaMemcpy(k->data(), la.k, n * sizeof(float), cudaMemcpyDeviceToHost));
-        if (tr->gpu.tables) {   // the host mirrors of the tables the last forward uploaded
-            kappa->assign(tr->gpu.h_kappa.begin() + l * nk, tr->gpu.h_kappa.begin() + (l + 1) * nk);
-            u->assign(tr->gpu.h_u.begin() + l * nu, tr->gpu.h_u.begin() + (l + 1) * nu);
+    if (tr->on_gpu) {
+        const GpuModel& m = tr->gpu;
+        if (m.use_bf16) {   // from the layer's qkv projection (B_alloc,T,3C), bf16, into (nb,H,T,d)
+            const int T = c.T, C = c.C, H = c.n_head, d = C / H;
+            std::vector<bf16> qkv((size_t)nb * T * 3 * C);
+            CUDA_CHECK(cudaMemcpy(qkv.data(), m.hb.qkv + (size_t)l * m.B * T * 3 * C, qkv.size() * sizeof(bf16),
+                                  cudaMemcpyDeviceToHost));
+            for (size_t bt = 0; bt < (size_t)nb * T; ++bt)
+                for (int h = 0; h < H; ++h)
+                    for (int e = 0; e < d; ++e) {
+                        const size_t dst = ((bt / T * H + h) * T + bt % T) * d + e, src = bt * 3 * C + (size_t)h * d + e;
+                        (*q)[dst] = __bfloat162float(qkv[src]);
+                        (*k)[dst] = __bfloat162float(qkv[src + C]);
+                    }
+        } else {   // the layer's (B_alloc,H,T,d) slice starts with sequence 0
+            LayerActs<float> la = layer_acts(m.a, c, m.B, l);
+            CUDA_CHECK(cudaMemcpy(q->data(), la.q, n * sizeof(float), cudaMemcpyDeviceToHost));
+            CUDA_CHECK(cudaMemcpy(k->data(), la.k, n * sizeof(float), cudaMemcpyDeviceToHost));
+        }
+        if (m.tables) {   // the tables of the last forward
+            kappa->resize(nk);
+            u->resize(nu);
+            CUDA_CHECK(cudaMemcpy(kappa->data(), m.kappa + l * nk, nk * sizeof(float), cudaMemcpyDeviceToHost));
+            CUDA_CHECK(cudaMemcpy(u->data(), m.u + l * nu, nu * sizeof(float), cudaMemcpyDeviceToHost));
         }
         return;
     }
@@ -2871,6 +3301,8 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     if ((o.device == "gpu" || o.compare > 0) && !have_gpu)
         throw RunError(std::string(o.compare > 0 ? "--compare" : "--device gpu") + " needs a GPU: " + no_gpu);
     const bool on_gpu = o.device == "gpu" || (o.device == "auto" && have_gpu);
+    const bool bf16 = o.precision == "bf16";
+    if (bf16 && !on_gpu) throw RunError(std::string("--precision bf16 needs a GPU: ") + no_gpu);
 
     int step0 = 0;
     std::vector<float> init = o.load.empty() ? init_params(c, o.prior_init, (uint64_t)o.seed, o.slope_init)
@@ -2906,10 +3338,13 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     if (on_gpu || o.compare > 0) {
         cudaDeviceProp prop;
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-        GoatParams gp;
-        gp.dtype = GOAT_F32;
-        std::printf("device: GPU %s; attention: goat.cu %s; dense layers: cuBLAS sgemm (fp32)\n", prop.name,
-                    goat_version_name(goat_resolve_version(gp)));
+        GoatParams gp;   // the kernel AUTO picks for the training shapes
+        gp.B = o.batch; gp.H = c.n_head; gp.L = c.T; gp.d = c.C / c.n_head; gp.causal = true;
+        gp.dtype = bf16 ? GOAT_BF16 : GOAT_F32;
+        std::printf("device: GPU %s; attention: goat.cu %s; dense layers: %s\n", prop.name,
+                    goat_version_name(goat_resolve_version(gp)),
+                    bf16 ? "cuBLAS bf16 tensor cores, fp32 accumulation (fp32 master weights, AdamW, statistics)"
+                         : "cuBLAS sgemm (fp32)");
     }
     if (o.compare > 0) return run_compare(o, c, ds, init, opt);
 #endif
@@ -2917,7 +3352,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     std::fflush(stdout);
 
     Trainer tr;
-    build_trainer(&tr, c, o.batch, init, on_gpu);
+    build_trainer(&tr, c, o.batch, init, on_gpu, bf16);
     Batch batch, vbatch;
     resize_batch(&batch, o.batch, c.T);
     resize_batch(&vbatch, o.batch, c.T);
@@ -3094,7 +3529,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                     "(no window), %d validation sequences per context\n", on_gpu ? "GPU (goat_forward)" : "CPU", o.eval_seqs);
         const double t_eval = now_seconds();
         for (int m : o.eval_mults) {
-            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu), c.T);
+            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu, bf16), c.T);
             std::fflush(stdout);
         }
         std::printf("evaluation took %.1f s\n", now_seconds() - t_eval);

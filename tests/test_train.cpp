@@ -455,6 +455,10 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
     Options e;
     CHECK(parse({"--context", "128", "--eval-contexts", "1,2,4,8"}, &e));
     CHECK(e.eval_mults == std::vector<int>{1, 2, 4, 8});
+    CHECK(d.precision == "fp32");   // the CPU's answer; bf16 is asked for
+    Options h;
+    CHECK(parse({"--precision", "bf16", "--head-dim", "128"}, &h));
+    CHECK(h.precision == "bf16");
     const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
         {{"--bogus"}, "unknown flag"},
         {{"--layers"}, "needs a value"},
@@ -482,6 +486,11 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
         {{"--sink", "off", "--load", "x.ckpt"}, "not stored in checkpoints"},
         {{"--slope-init", "0.01", "--load", "x.ckpt"}, "starts from a checkpoint"},
         {{"--slope-init", "-0.5"}, "--slope-init"},
+        {{"--precision", "fp16"}, "one of"},
+        {{"--precision", "bf16", "--device", "cpu"}, "runs on the GPU"},
+        {{"--precision", "bf16", "--compare", "5"}, "--precision fp32"},
+        {{"--precision", "bf16", "--check", "10"}, "--precision fp32"},
+        {{"--precision", "bf16", "--head-dim", "32"}, "--head-dim 64 or 128"},
     };
     for (const auto& [args, needle] : bad) {
         Options x;
@@ -907,6 +916,19 @@ TEST_CASE("train_tiny: a checkpoint that fails to write leaves the old file as i
     CHECK(t.back() >= 3.0);
     // a file name that is not UTF-8 stays well-formed XML
     CHECK(xml_escape("caf\xe9 <x>") == "caf? &lt;x&gt;");
+}
+
+TEST_CASE("train_tiny: --precision bf16 without a GPU is an error that says so, before any training") {
+    std::string out;
+    const std::vector<std::string> args = {"--precision", "bf16", "--layers", "1", "--context", "8", "--steps", "2"};
+    if (!gpu_available()) {
+        expect_error<RunError>([&] { run_main(args, &out); }, "--precision bf16 needs a GPU");
+        CHECK(out.find("step ") == std::string::npos);
+    }
+    Trainer tr;   // the trainer refuses it too, whatever the flags said
+    const ModelConfig c = tiny_config(PRIOR_GOAT);
+    expect_error<RunError>([&] { build_trainer(&tr, c, 2, init_params(c, "alibi", TEST_SEED), false, true); },
+                           "runs on the GPU only");
 }
 
 TEST_CASE("train_tiny: the ablation flags reach the prior: no sink, which features, the slope at init") {

@@ -1,0 +1,179 @@
+// tests/test_gpu_train.cu: GPU tests of train_tiny.cu, the tiny GOAT transformer (doctest).
+//
+// The trainer is included whole with its main guarded out, as tests/test_train.cpp does on the CPU, and compiled
+// by nvcc, so these tests see the GPU code the program runs. Read in this order:
+//   1. the GOAT prior's tables and their backward built on the device against the host's (prior_tables and
+//      prior_tables_backward, which reference.cpp's goat_prior_tables / goat_prior_backward compute), for every
+//      ablation of the prior;
+//   2. --precision bf16 against fp32 on the same weights and batch: the loss, every parameter group's gradient,
+//      and a short training run, for each prior kind.
+// Fresh random parameters from a printed seed (GOAT_TEST_SEED replays a run).
+#define TRAIN_TINY_NO_MAIN
+#include "train_tiny.cu"
+
+#include "tests/gpu_problem.h"   // next_seed
+
+#include <doctest/doctest.h>
+
+namespace {
+
+template <typename T>
+std::vector<T> to_host(const T* dev, size_t n) {
+    std::vector<T> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+double max_abs(const std::vector<float>& x) {
+    double m = 0;
+    for (float v : x) m = std::max(m, (double)std::fabs(v));
+    return m;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// 1. the prior's tables on the device
+
+// Both sides compute in double from the same float parameters and round the result to float, so they differ by
+// about one float rounding (6e-8 relative) and the order of a few double sums; 1e-6 of the tensor's largest
+// entry (at least 1) leaves a wide margin, while a wrong term, index or feature moves entries by 1e-2 and more.
+constexpr double PRIOR_TOL = 1e-6;
+
+struct PriorCase {
+    const char* name;
+    int H, R, M, T;
+    bool sink;
+    int features;
+};
+
+TEST_CASE("train_tiny GPU: the prior's tables and their backward on the device equal the host's") {
+    const uint64_t seed = next_seed();
+    const PriorCase cases[] = {
+        {"default shape", 4, 4, 4, 64, true, GOAT_SINK_FEATURES_ALL},
+        {"R = 0 (no kappa)", 4, 0, 4, 64, true, GOAT_SINK_FEATURES_ALL},
+        {"R = 1, H = 3, odd T", 3, 1, 2, 37, true, GOAT_SINK_FEATURES_ALL},
+        {"no sink", 2, 3, 2, 40, false, GOAT_SINK_FEATURES_ALL},
+        {"sink features fourier", 2, 3, 3, 300, true, GOAT_SINK_FEATURES_FOURIER},
+        {"sink features held", 2, 3, 3, 300, true, GOAT_SINK_FEATURES_HELD},
+        {"sink features none", 2, 3, 3, 300, true, GOAT_SINK_FEATURES_NONE},
+    };
+    for (const PriorCase& pc : cases) {
+        CAPTURE(pc.name);
+        ModelConfig c;
+        c.V = 5; c.T = pc.T; c.n_layer = 2; c.n_head = pc.H; c.C = pc.H * 4;
+        c.prior = PRIOR_GOAT; c.R = pc.R; c.M = pc.M; c.T_train = pc.T * 3 / 4;   // also past the training window
+        c.sink = pc.sink; c.sink_features = pc.features;
+        std::vector<float> params = init_params(c, "alibi", seed);
+        Params<float> hp;
+        point_params(&hp, params.data(), c);
+        Rng rng(seed + 1);
+        for (size_t i = 0; i < c.n_layer * prior_size(c); ++i) hp.prior[i] = (float)(0.5 * rng.normal());   // mlp live
+        GpuModel m;
+        build_gpu_model(&m, c, 1, params, false);
+        build_prior_tables_gpu(&m);
+        const size_t nk = (size_t)c.n_head * (2 * c.T - 1), nu = (size_t)c.n_head * c.T, P = prior_size(c);
+        const std::vector<float> kappa = to_host(m.kappa, c.n_layer * nk), u = to_host(m.u, c.n_layer * nu);
+        // random table gradients in, the parameters' gradients out
+        std::vector<float> dkappa(kappa.size()), du(u.size());
+        for (float& x : dkappa) x = (float)rng.normal();
+        for (float& x : du) x = (float)rng.normal();
+        CUDA_CHECK(cudaMemcpy(m.dkappa, dkappa.data(), dkappa.size() * 4, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(m.du, du.data(), du.size() * 4, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemset(m.grads, 0, m.n_params * 4));
+        prior_backward_gpu(&m);
+        const std::vector<float> dprior = to_host(m.g.prior, c.n_layer * P);
+        free_gpu_model(&m);
+        for (int l = 0; l < c.n_layer; ++l) {
+            std::vector<float> hk(nk), hu(nu), hd(P);
+            prior_tables(c, hp.prior + l * P, hk.data(), hu.data());
+            prior_tables_backward(c, hp.prior + l * P, dkappa.data() + l * nk, du.data() + l * nu, hd.data());
+            const std::vector<float> gk(kappa.begin() + l * nk, kappa.begin() + (l + 1) * nk);
+            const std::vector<float> gu(u.begin() + l * nu, u.begin() + (l + 1) * nu);
+            const std::vector<float> gd(dprior.begin() + l * P, dprior.begin() + (l + 1) * P);
+            struct Pair { const char* what; const std::vector<float>& gpu; const std::vector<float>& host; };
+            for (const Pair& p : {Pair{"kappa", gk, hk}, Pair{"u", gu, hu}, Pair{"dprior", gd, hd}}) {
+                double err = 0;
+                for (size_t i = 0; i < p.host.size(); ++i) err = std::max(err, (double)std::fabs(p.gpu[i] - p.host[i]));
+                const double scale = std::max(1.0, max_abs(p.host));
+                INFO(pc.name << " layer " << l << " " << p.what << ": max |gpu - host| = " << err << ", scale " << scale);
+                CHECK(err <= PRIOR_TOL * scale);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// 2. --precision bf16 against fp32
+
+// bf16 keeps 8 significant bits: each rounding of an activation moves it by up to 2^-9 relative, and a matmul
+// over C terms averages those errors. On a 2-layer model the loss moves by well under 1%, and each group's
+// gradient by a few percent of its norm (both printed); a wrong or missing term (a transposed operand, a stride
+// of the fused q/k/v view, a lost residual contribution) moves them by tens of percent.
+constexpr double BF16_LOSS_TOL = 1e-2;   // relative
+constexpr double BF16_GRAD_TOL = 0.1;    // ||g_bf16 - g_fp32|| / ||g_fp32|| per parameter group
+constexpr double BF16_TRAIN_TOL = 0.02;  // relative difference of the losses after a short run
+
+TEST_CASE("train_tiny GPU: --precision bf16 gives the fp32 model's loss, gradients and training") {
+    const uint64_t seed = next_seed();
+    for (int prior : {PRIOR_GOAT, PRIOR_ALIBI, PRIOR_NONE, PRIOR_ABS}) {
+        CAPTURE(PRIOR_NAMES[prior]);
+        ModelConfig c;
+        c.V = 29; c.T = 128; c.n_layer = 2; c.n_head = 2; c.C = 128;   // d = 64
+        c.prior = prior; c.R = 4; c.M = 4; c.T_train = c.T;
+        const int B = 8;
+        const std::vector<float> init = init_params(c, "alibi", seed);
+        GpuModel m32, m16;
+        build_gpu_model(&m32, c, B, init, false);
+        build_gpu_model(&m16, c, B, init, true);
+        // a learnable batch: each target is the input two places back, so a short run makes real progress
+        Batch b;
+        resize_batch(&b, B, c.T);
+        Rng rng(seed + 2);
+        for (size_t i = 0; i < b.inputs.size(); ++i) b.inputs[i] = (int)(rng.next() % c.V);
+        for (size_t i = 0; i < b.inputs.size(); ++i) b.targets[i] = b.inputs[i % c.T >= 2 ? i - 2 : i];
+        const double l32 = gpu_forward(&m32, b.inputs.data(), b.targets.data(), B);
+        const double l16 = gpu_forward(&m16, b.inputs.data(), b.targets.data(), B);
+        INFO("loss fp32 " << l32 << ", bf16 " << l16);
+        CHECK(std::fabs(l16 - l32) <= BF16_LOSS_TOL * l32);
+        gpu_backward(&m32, B);
+        gpu_backward(&m16, B);
+        const std::vector<float> g32 = to_host(m32.grads, m32.n_params), g16 = to_host(m16.grads, m16.n_params);
+        size_t sizes[NUM_PARAM_TENSORS], offsets[NUM_PARAM_TENSORS];
+        param_sizes(c, sizes);
+        Params<float> unused;
+        point_params(&unused, (float*)nullptr, c, offsets);
+        for (int i = 0; i < NUM_PARAM_TENSORS; ++i) {
+            if (sizes[i] == 0) continue;
+            double diff = 0, norm = 0;
+            for (size_t k = offsets[i]; k < offsets[i] + sizes[i]; ++k) {
+                diff += ((double)g16[k] - g32[k]) * ((double)g16[k] - g32[k]);
+                norm += (double)g32[k] * g32[k];
+            }
+            const double rel = std::sqrt(diff / std::max(norm, 1e-300));
+            INFO(PRIOR_NAMES[prior] << " gradient of " << PARAM_NAMES[i] << ": relative difference " << rel
+                                    << " (norm " << std::sqrt(norm) << ")");
+            CHECK(norm > 0);
+            CHECK(rel <= BF16_GRAD_TOL);
+        }
+        // 40 AdamW steps on the batch: both learn it, to the same loss
+        OptimConfig o;
+        double first = l32, last32 = 0, last16 = 0;
+        for (int step = 0; step < 40; ++step) {
+            const double lr = learning_rate(step, 40, 5, 3e-3, 0.1);
+            last32 = gpu_forward(&m32, b.inputs.data(), b.targets.data(), B);
+            gpu_backward(&m32, B);
+            gpu_update(&m32, o, lr);
+            last16 = gpu_forward(&m16, b.inputs.data(), b.targets.data(), B);
+            gpu_backward(&m16, B);
+            gpu_update(&m16, o, lr);
+        }
+        std::printf("bf16 vs fp32, prior %s: loss at init %.5f vs %.5f, after 40 steps %.5f vs %.5f\n",
+                    PRIOR_NAMES[prior], l16, l32, last16, last32);
+        INFO("after 40 steps: fp32 " << last32 << ", bf16 " << last16 << " (from " << first << ")");
+        CHECK(last32 < 0.8 * first);
+        CHECK(std::fabs(last16 - last32) <= BF16_TRAIN_TOL * last32);
+        free_gpu_model(&m32);
+        free_gpu_model(&m16);
+    }
+}
+
+}  // namespace
