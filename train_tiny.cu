@@ -1948,10 +1948,10 @@ GoatParams attention_params(const GpuModel* m, int l, int B) {
     return gp;
 }
 
-void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector<float>& init, bool bf16) {
+void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector<float>& init, bool use_bf16) {
     m->cfg = c;
     m->B = B;
-    m->use_bf16 = bf16;
+    m->use_bf16 = use_bf16;
     m->n_params = num_params(c);
     if (init.size() != m->n_params) throw RunError("build_gpu_model: parameter count mismatch");
     const size_t pb = m->n_params * sizeof(float);
@@ -1990,7 +1990,7 @@ void build_gpu_model(GpuModel* m, const ModelConfig& c, int B, const std::vector
         CUDA_CHECK(cudaMemcpy(m->kappa, h_kappa.data(), nk * sizeof(float), cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(m->u, h_u.data(), nu * sizeof(float), cudaMemcpyHostToDevice));
     }
-    if (bf16) {
+    if (use_bf16) {
         CUDA_CHECK(cudaMalloc(&m->params_bf16, m->n_params * sizeof(bf16)));
         point_params(&m->pb, m->params_bf16, c);
         LAUNCH_CHECK((float_to_bf16_kernel<<<grid_for(m->n_params), THREADS>>>(m->params_bf16, m->params, m->n_params)));
@@ -2384,13 +2384,13 @@ struct Trainer {
 };
 
 void build_trainer(Trainer* tr, const ModelConfig& c, int B, const std::vector<float>& init, bool on_gpu,
-                   bool bf16 = false) {
-    if (bf16 && !on_gpu) throw RunError("--precision bf16 runs on the GPU only");
+                   bool use_bf16 = false) {
+    if (use_bf16 && !on_gpu) throw RunError("--precision bf16 runs on the GPU only");
     tr->on_gpu = on_gpu;
-    tr->use_bf16 = bf16;
+    tr->use_bf16 = use_bf16;
     tr->cfg = c;
 #ifdef __CUDACC__
-    if (on_gpu) { build_gpu_model(&tr->gpu, c, B, init, bf16); return; }
+    if (on_gpu) { build_gpu_model(&tr->gpu, c, B, init, use_bf16); return; }
 #endif
     build_cpu_model(&tr->cpu, c, B, init);
 }
@@ -2979,7 +2979,7 @@ struct ContextEval {
 // or drawn from fixed seeds (copy), in batches of at most batch_cap. Learned absolute positions (wpe) end at
 // T_train: for prior abs and mult > 1 the result says "not available" instead of inventing positions.
 ContextEval eval_at_context(const ModelConfig& c, const Dataset& ds, const std::vector<float>& params, int mult,
-                            int n_seqs, int batch_cap, bool on_gpu, bool bf16 = false) {
+                            int n_seqs, int batch_cap, bool on_gpu, bool use_bf16 = false) {
     ContextEval e;
     e.mult = mult;
     e.context = c.T * mult;
@@ -2992,7 +2992,7 @@ ContextEval eval_at_context(const ModelConfig& c, const Dataset& ds, const std::
         throw RunError(strf("eval at context %d: the validation split has only %zu tokens", e.context, ds.val.size()));
     const int B = eval_batch_size(n_seqs, batch_cap), n_batches = n_seqs / B;
     Trainer tr;
-    build_trainer(&tr, ce, B, params, on_gpu, bf16);
+    build_trainer(&tr, ce, B, params, on_gpu, use_bf16);
     Batch b;
     resize_batch(&b, B, ce.T);
     e.loss = validation_loss(&tr, ds, n_batches, &b);
@@ -3301,8 +3301,8 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     if ((o.device == "gpu" || o.compare > 0) && !have_gpu)
         throw RunError(std::string(o.compare > 0 ? "--compare" : "--device gpu") + " needs a GPU: " + no_gpu);
     const bool on_gpu = o.device == "gpu" || (o.device == "auto" && have_gpu);
-    const bool bf16 = o.precision == "bf16";
-    if (bf16 && !on_gpu) throw RunError(std::string("--precision bf16 needs a GPU: ") + no_gpu);
+    const bool use_bf16 = o.precision == "bf16";
+    if (use_bf16 && !on_gpu) throw RunError(std::string("--precision bf16 needs a GPU: ") + no_gpu);
 
     int step0 = 0;
     std::vector<float> init = o.load.empty() ? init_params(c, o.prior_init, (uint64_t)o.seed, o.slope_init)
@@ -3340,10 +3340,10 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
         GoatParams gp;   // the kernel AUTO picks for the training shapes
         gp.B = o.batch; gp.H = c.n_head; gp.L = c.T; gp.d = c.C / c.n_head; gp.causal = true;
-        gp.dtype = bf16 ? GOAT_BF16 : GOAT_F32;
+        gp.dtype = use_bf16 ? GOAT_BF16 : GOAT_F32;
         std::printf("device: GPU %s; attention: goat.cu %s; dense layers: %s\n", prop.name,
                     goat_version_name(goat_resolve_version(gp)),
-                    bf16 ? "cuBLAS bf16 tensor cores, fp32 accumulation (fp32 master weights, AdamW, statistics)"
+                    use_bf16 ? "cuBLAS bf16 tensor cores, fp32 accumulation (fp32 master weights, AdamW, statistics)"
                          : "cuBLAS sgemm (fp32)");
     }
     if (o.compare > 0) return run_compare(o, c, ds, init, opt);
@@ -3352,7 +3352,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     std::fflush(stdout);
 
     Trainer tr;
-    build_trainer(&tr, c, o.batch, init, on_gpu, bf16);
+    build_trainer(&tr, c, o.batch, init, on_gpu, use_bf16);
     Batch batch, vbatch;
     resize_batch(&batch, o.batch, c.T);
     resize_batch(&vbatch, o.batch, c.T);
@@ -3529,7 +3529,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                     "(no window), %d validation sequences per context\n", on_gpu ? "GPU (goat_forward)" : "CPU", o.eval_seqs);
         const double t_eval = now_seconds();
         for (int m : o.eval_mults) {
-            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu, bf16), c.T);
+            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu, use_bf16), c.T);
             std::fflush(stdout);
         }
         std::printf("evaluation took %.1f s\n", now_seconds() - t_eval);

@@ -10,6 +10,9 @@
 //                                         the sink picture (GOAT.md section 6): mass on token 0 against the
 //                                         content range of each query, GOAT next to no-prior attention, and a
 //                                         summary by content-range quartile on stdout
+//   report curves OUT_SVG TITLE LOG LABEL [LOG LABEL ...]
+//                                         validation loss against the step, one line per train_tiny log (runs
+//                                         with the same --val-every), and each run's last value on stdout
 //
 // Inputs: RESULTS_TSV has one line per run and context, "data prior seed mult ctx loss" separated by tabs
 // (loss may be "n/a"), written by run.sh from train_tiny's "eval ctx=... mult=... loss=..." lines. PRIOR_CSV
@@ -100,9 +103,12 @@ struct Svg {
     }
 };
 
-// Line plot of several series over x = 0..n-1 in the box (x0, y0, w, h), with the y range written at the left.
+// Line plot of several series over x = 0..n-1 in the box (x0, y0, w, h), with the y range written at the left;
+// the series are named "head k" unless labels are given, and the x axis runs 0..n-1 unless x_start, x_end say
+// otherwise.
 void line_panel(Svg* svg, int x0, int y0, int w, int h, const std::string& title, const std::string& xlabel,
-                const std::vector<std::vector<double>>& series) {
+                const std::vector<std::vector<double>>& series, const std::vector<std::string>& labels = {},
+                const std::string& x_start = "0", const std::string& x_end = "") {
     double lo = 1e300, hi = -1e300;
     size_t n = 0;
     for (const auto& s : series) {
@@ -114,15 +120,17 @@ void line_panel(Svg* svg, int x0, int y0, int w, int h, const std::string& title
     svg->add("<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", x0, y0, w, h);
     svg->add("<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + 10, hi);
     svg->add("<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.2f</text>\n", x0 - 4, y0 + h, lo);
-    svg->add("<text x=\"%d\" y=\"%d\">0</text><text x=\"%d\" y=\"%d\" text-anchor=\"end\">%zu</text>\n", x0, y0 + h + 13,
-             x0 + w, y0 + h + 13, n - 1);
+    svg->add("<text x=\"%d\" y=\"%d\">%s</text><text x=\"%d\" y=\"%d\" text-anchor=\"end\">%s</text>\n", x0, y0 + h + 13,
+             x_start.c_str(), x0 + w, y0 + h + 13, x_end.empty() ? std::to_string(n - 1).c_str() : x_end.c_str());
     svg->add("<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", x0 + w / 2, y0 + h + 13, xlabel.c_str());
     for (size_t k = 0; k < series.size(); ++k) {
         svg->add("<polyline fill=\"none\" stroke-width=\"1.5\" stroke=\"%s\" points=\"", HEAD_COLOURS[k % 8]);
         for (size_t x = 0; x < series[k].size(); ++x)
             svg->add("%.1f,%.1f ", x0 + (double)w * x / std::max<size_t>(1, n - 1), y0 + h - h * (series[k][x] - lo) / (hi - lo));
         svg->add("\"/>\n");
-        svg->add("<text x=\"%d\" y=\"%d\" fill=\"%s\">head %zu</text>\n", x0 + w - 48, y0 + 14 + 12 * (int)k, HEAD_COLOURS[k % 8], k);
+        const std::string name = k < labels.size() ? labels[k] : "head " + std::to_string(k);
+        svg->add("<text x=\"%d\" y=\"%d\" fill=\"%s\" text-anchor=\"end\">%s</text>\n", x0 + w - 6, y0 + 14 + 12 * (int)k,
+                 HEAD_COLOURS[k % 8], name.c_str());
     }
 }
 
@@ -396,10 +404,50 @@ int cmd_sink(const std::string& goat_csv, const std::string& none_csv, const std
     return 0;
 }
 
+// ----------------------------------------------------------------------------------------------------------
+// curves: validation loss against the step, from train_tiny's progress lines ("step N/M | ... | val X | ...")
+
+int cmd_curves(const std::string& out, const std::string& title, const std::vector<std::string>& logs,
+               const std::vector<std::string>& labels) {
+    std::vector<std::vector<double>> series;
+    int first_step = 1 << 30, last_step = 0;
+    for (const std::string& path : logs) {
+        std::ifstream in(path);
+        if (!in) fail("cannot read '" + path + "'");
+        std::vector<double> vals;
+        std::string line;
+        while (std::getline(in, line)) {
+            int step = 0, total = 0;
+            double val = 0;
+            const size_t v = line.find("| val ");
+            if (std::sscanf(line.c_str(), "step %d/%d", &step, &total) != 2 || v == std::string::npos ||
+                std::sscanf(line.c_str() + v, "| val %lf", &val) != 1)
+                continue;   // not a progress line, or one without a fresh validation loss
+            vals.push_back(val);
+            first_step = std::min(first_step, step);
+            last_step = std::max(last_step, step);
+        }
+        if (vals.empty()) fail("no validation losses in '" + path + "' (train_tiny's progress lines with --val-every)");
+        series.push_back(vals);
+    }
+    Svg svg;
+    line_panel(&svg, 60, 40, 560, 300, title, "step", series, labels, std::to_string(first_step),
+               std::to_string(last_step));
+    svg.save(out, 660, 380);
+    for (size_t k = 0; k < series.size(); ++k)
+        std::printf("%s: last validation loss %.4f (%zu points)\n", labels[k].c_str(), series[k].back(), series[k].size());
+    if (series.size() == 2)
+        std::printf("relative difference of the last values: %.2f%%\n",
+                    100 * (series[1].back() - series[0].back()) / series[0].back());
+    std::printf("curves written to %s\n", out.c_str());
+    return 0;
+}
+
 void usage() {
     std::fprintf(stderr, "usage: report table RESULTS_TSV\n"
                          "       report prior PRIOR_CSV OUT_SVG LAYER TITLE\n"
-                         "       report sink GOAT_CSV NONE_CSV OUT_SVG TITLE\n");
+                         "       report sink GOAT_CSV NONE_CSV OUT_SVG TITLE\n"
+                         "       report curves OUT_SVG TITLE LOG LABEL [LOG LABEL ...]\n");
 }
 
 }  // namespace
@@ -412,6 +460,11 @@ int main(int argc, char** argv) {
     if (cmd == "table" && argc == 3) return cmd_table(argv[2]);
     if (cmd == "prior" && argc == 6) return cmd_prior(argv[2], argv[3], (int)to_number(argv[4], "LAYER"), argv[5]);
     if (cmd == "sink" && argc == 6) return cmd_sink(argv[2], argv[3], argv[4], argv[5]);
+    if (cmd == "curves" && argc >= 6 && argc % 2 == 0) {
+        std::vector<std::string> logs, labels;
+        for (int i = 4; i < argc; i += 2) { logs.push_back(argv[i]); labels.push_back(argv[i + 1]); }
+        return cmd_curves(argv[2], argv[3], logs, labels);
+    }
     usage();
     return 2;
 }

@@ -104,18 +104,19 @@ TEST_CASE("train_tiny GPU: the prior's tables and their backward on the device e
 // ----------------------------------------------------------------------------------------------------------
 // 2. --precision bf16 against fp32
 
-// bf16 keeps 8 significant bits: each rounding of an activation moves it by up to 2^-9 relative, and a matmul
-// over C terms averages those errors. On a 2-layer model the loss moves by well under 1%, and each group's
-// gradient by a few percent of its norm (both printed); a wrong or missing term (a transposed operand, a stride
-// of the fused q/k/v view, a lost residual contribution) moves them by tens of percent.
-constexpr double BF16_LOSS_TOL = 1e-2;   // relative
-constexpr double BF16_GRAD_TOL = 0.1;    // ||g_bf16 - g_fp32|| / ||g_fp32|| per parameter group
-constexpr double BF16_TRAIN_TOL = 0.02;  // relative difference of the losses after a short run
+// bf16 keeps 8 significant bits: each rounding of an activation moves it by up to 2^-9 (0.2%) relative, and the
+// errors of independent roundings partly cancel in every sum. So the loss moves by far less than 0.1%, and each
+// group's gradient by a percent or less of its norm (every value is printed); the bounds below leave a margin of
+// five or more over that, while a wrong or missing term (a transposed operand, a wrong stride of the fused
+// q/k/v view, a lost residual contribution, a buffer too small) moves them by tens of percent.
+constexpr double BF16_LOSS_TOL = 1e-3;   // relative
+constexpr double BF16_GRAD_TOL = 0.05;   // ||g_bf16 - g_fp32|| / ||g_fp32|| per parameter group
+constexpr double BF16_TRAIN_TOL = 0.01;  // relative difference of the losses after a short run
 
 TEST_CASE("train_tiny GPU: --precision bf16 gives the fp32 model's loss, gradients and training") {
     const uint64_t seed = next_seed();
     for (int prior : {PRIOR_GOAT, PRIOR_ALIBI, PRIOR_NONE, PRIOR_ABS}) {
-        CAPTURE(PRIOR_NAMES[prior]);
+        CAPTURE(std::string(PRIOR_NAMES[prior]));
         ModelConfig c;
         c.V = 29; c.T = 128; c.n_layer = 2; c.n_head = 2; c.C = 128;   // d = 64
         c.prior = prior; c.R = 4; c.M = 4; c.T_train = c.T;
@@ -149,8 +150,9 @@ TEST_CASE("train_tiny GPU: --precision bf16 gives the fp32 model's loss, gradien
                 norm += (double)g32[k] * g32[k];
             }
             const double rel = std::sqrt(diff / std::max(norm, 1e-300));
-            INFO(PRIOR_NAMES[prior] << " gradient of " << PARAM_NAMES[i] << ": relative difference " << rel
-                                    << " (norm " << std::sqrt(norm) << ")");
+            std::printf("bf16 vs fp32, prior %s: gradient of %s: relative difference %.3g (norm %.3g)\n",
+                        PRIOR_NAMES[prior], PARAM_NAMES[i], rel, std::sqrt(norm));
+            INFO(std::string(PRIOR_NAMES[prior]) << " gradient of " << std::string(PARAM_NAMES[i]));
             CHECK(norm > 0);
             CHECK(rel <= BF16_GRAD_TOL);
         }
@@ -158,13 +160,14 @@ TEST_CASE("train_tiny GPU: --precision bf16 gives the fp32 model's loss, gradien
         OptimConfig o;
         double first = l32, last32 = 0, last16 = 0;
         for (int step = 0; step < 40; ++step) {
-            const double lr = learning_rate(step, 40, 5, 3e-3, 0.1);
+            const double lr = learning_rate(step, 40, 10, 1e-3, 0.1);
             last32 = gpu_forward(&m32, b.inputs.data(), b.targets.data(), B);
             gpu_backward(&m32, B);
             gpu_update(&m32, o, lr);
             last16 = gpu_forward(&m16, b.inputs.data(), b.targets.data(), B);
             gpu_backward(&m16, B);
             gpu_update(&m16, o, lr);
+            if (step % 10 == 0) std::printf("  step %d: loss fp32 %.5f, bf16 %.5f\n", step, last32, last16);
         }
         std::printf("bf16 vs fp32, prior %s: loss at init %.5f vs %.5f, after 40 steps %.5f vs %.5f\n",
                     PRIOR_NAMES[prior], l16, l32, last16, last32);
