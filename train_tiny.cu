@@ -3529,7 +3529,8 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
                     "(no window), %d validation sequences per context\n", on_gpu ? "GPU (goat_forward)" : "CPU", o.eval_seqs);
         const double t_eval = now_seconds();
         for (int m : o.eval_mults) {
-            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, o.batch, on_gpu, use_bf16), c.T);
+            // batches of at most the training step's tokens: the activations then fit wherever training did
+            print_context_eval(eval_at_context(c, ds, params, m, o.eval_seqs, std::max(1, o.batch / m), on_gpu, use_bf16), c.T);
             std::fflush(stdout);
         }
         std::printf("evaluation took %.1f s\n", now_seconds() - t_eval);

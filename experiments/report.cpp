@@ -337,7 +337,7 @@ void sink_summary(const std::string& name, const std::vector<SinkPoint>& pts) {
 
 int cmd_sink(const std::string& goat_csv, const std::string& none_csv, const std::string& out, const std::string& title) {
     const std::vector<SinkPoint> models[2] = {read_sink(goat_csv), read_sink(none_csv)};
-    const char* names[2] = {"GOAT (learned prior, uniform init)", "no prior (standard attention)"};
+    const char* names[2] = {"GOAT (learned prior)", "no prior (standard attention)"};
     sink_summary("goat", models[0]);
     sink_summary("none", models[1]);
     double xmax = 0;
