@@ -184,6 +184,7 @@ struct Options {
     // evaluation and output
     int val_every = 250;       // steps between validation losses (0 = only at the end)
     int val_batches = 8;       // batches per validation loss
+    int keep_best = 0;         // 1: after training, use the weights of the best validation (early stopping)
     int log_every = 0;         // steps between progress lines when stdout is not a terminal (0 = auto)
     int sample_len = 300;      // characters to generate at the end
     double temperature = 0.8;  // sampling temperature (0 = greedy)
@@ -235,6 +236,7 @@ std::vector<Flag> flag_table(Options* o) {
         {"--seed", 'l', &o->seed, "seed of the weights; batches use seed+1, sampling seed+2"},
         {"--val-every", 'i', &o->val_every, "steps between validation losses (0 = at the end only)"},
         {"--val-batches", 'i', &o->val_batches, "batches per validation loss"},
+        {"--keep-best", 'i', &o->keep_best, "1: end with the weights of the lowest validation loss (early stopping; needs --val-every)"},
         {"--log-every", 'i', &o->log_every, "steps between progress lines when not on a terminal (0 = auto)"},
         {"--sample-len", 'i', &o->sample_len, "characters generated at the end (0 = none)"},
         {"--temperature", 'f', &o->temperature, "sampling temperature (0 = greedy)"},
@@ -349,6 +351,8 @@ bool parse_args(int argc, char** argv, Options* o) {
     need(o->clip >= 0, "--clip must be >= 0");
     need(o->val_every >= 0, "--val-every must be >= 0");
     need(o->val_batches >= 1, "--val-batches must be >= 1");
+    need(o->keep_best == 0 || o->keep_best == 1, "--keep-best must be 0 or 1");
+    need(!(o->keep_best && o->val_every == 0), "--keep-best needs --val-every N > 0 (validations to choose from)");
     need(o->log_every >= 0, "--log-every must be >= 0");
     need(o->sample_len >= 0, "--sample-len must be >= 0");
     need(o->temperature >= 0, "--temperature must be >= 0");
@@ -2449,6 +2453,22 @@ void trainer_logits(Trainer* tr, const int* tokens, int pos, float* out) {
     std::copy(tr->cpu.a.logits + (size_t)pos * V, tr->cpu.a.logits + (size_t)(pos + 1) * V, out);
 }
 
+// Replaces the weights (the optimiser state stays): what --keep-best goes back to.
+void trainer_set_params(Trainer* tr, const std::vector<float>& params) {
+#ifdef __CUDACC__
+    if (tr->on_gpu) {
+        GpuModel* m = &tr->gpu;
+        if (params.size() != m->n_params) throw RunError("trainer_set_params: parameter count mismatch");
+        CUDA_CHECK(cudaMemcpy(m->params, params.data(), params.size() * sizeof(float), cudaMemcpyHostToDevice));
+        if (m->use_bf16)
+            LAUNCH_CHECK((float_to_bf16_kernel<<<grid_for(m->n_params), THREADS>>>(m->params_bf16, m->params, m->n_params)));
+        return;
+    }
+#endif
+    if (params.size() != tr->cpu.params.size()) throw RunError("trainer_set_params: parameter count mismatch");
+    std::copy(params.begin(), params.end(), tr->cpu.params.begin());
+}
+
 std::vector<float> trainer_params(Trainer* tr) {
 #ifdef __CUDACC__
     if (tr->on_gpu) {
@@ -3365,6 +3385,9 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     int safe_step = -1;
     double safe_val = NAN;
     if (!o.save.empty() && !o.load.empty()) { safe_params = init; safe_step = 0; }
+    std::vector<float> best_params;   // --keep-best: the weights of the lowest validation loss so far
+    int best_step = -1;
+    double best_val = INFINITY;
     int validations_run = 0;
 
     const bool tty = isatty(1);
@@ -3428,6 +3451,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
             if (!std::isfinite(val_loss)) diverged(step + 1, "validation loss = " + number_or_nan(val_loss));
             ++validations_run;
             if (!o.save.empty() && val_loss < chance_loss) { safe_params = trainer_params(&tr); safe_step = step + 1; safe_val = val_loss; }
+            if (o.keep_best && val_loss < best_val) { best_params = trainer_params(&tr); best_step = step + 1; best_val = val_loss; }
         }
         const double ms = timed_steps ? 1e3 * step_time / timed_steps : 1e3 * dt;
         const double elapsed = now_seconds() - t_start;
@@ -3454,6 +3478,12 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     }
     if (o.steps == 0) val_loss = validation_loss(&tr, ds, o.val_batches, &vbatch);
     std::vector<float> params = trainer_params(&tr);
+    int params_step = o.steps;   // the step whose weights everything below uses
+    if (o.keep_best && best_step >= 0 && best_step < o.steps) {
+        params = best_params;
+        params_step = best_step;
+        trainer_set_params(&tr, params);
+    }
 
     // Outputs: the checkpoint first, so that nothing after it can cost it; a file that cannot be written is
     // reported and the others are still written (the exit status is then 1).
@@ -3468,14 +3498,17 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
     };
     if (!o.save.empty())
         attempt([&] {
-            save_checkpoint(o.save, c, ds.vocab, params, step0 + o.steps);
-            std::printf("checkpoint of step %d written to %s\n", step0 + o.steps, o.save.c_str());
+            save_checkpoint(o.save, c, ds.vocab, params, step0 + params_step);
+            std::printf("checkpoint of step %d written to %s\n", step0 + params_step, o.save.c_str());
         });
 
     std::printf("\nfinal: train loss %s (last batch), validation loss %.4f (%d batches), %.1f ms/step, %.1fk tokens/s, %s total\n",
                 std::isnan(train_loss) ? "-" : strf("%.4f", train_loss).c_str(), val_loss, o.val_batches, timed_steps ? 1e3 * step_time / timed_steps : 0.0,
                 timed_steps ? (double)o.batch * c.T * timed_steps / step_time / 1e3 : 0.0,
                 format_duration(now_seconds() - t_start).c_str());
+    if (o.keep_best && best_step >= 0)
+        std::printf("--keep-best: from here on the weights of step %d, validation loss %.4f (the lowest of the run)\n",
+                    best_step, best_val);
     if (timed_steps) {
         // Model FLOPs of one training step (forward + backward), the usual count: 6 per weight per token for the
         // dense layers (qkv, out, mlp: 12 C^2 per layer, and the tied V x C head), plus attention by the
@@ -3506,7 +3539,7 @@ std::string number_or_nan(double x) { return std::isnan(x) ? "nan" : strf("%g", 
             std::printf("(--svg FILE draws these curves, e.g. --svg build/prior.svg)\n");
         else
             attempt([&] {
-                write_prior_svg(o.svg, c, params, title + strf(", %s, %d steps", ds.name.c_str(), step0 + o.steps));
+                write_prior_svg(o.svg, c, params, title + strf(", %s, %d steps", ds.name.c_str(), step0 + params_step));
                 std::printf("prior drawn in %s\n", o.svg.c_str());
             });
     }

@@ -487,6 +487,8 @@ TEST_CASE("train_tiny: flags: --help, defaults, and bad flags or values are usag
         {{"--slope-init", "0.01", "--load", "x.ckpt"}, "starts from a checkpoint"},
         {{"--slope-init", "-0.5"}, "--slope-init"},
         {{"--precision", "fp16"}, "one of"},
+        {{"--keep-best", "1", "--val-every", "0"}, "needs --val-every"},
+        {{"--keep-best", "2"}, "0 or 1"},
         {{"--precision", "bf16", "--device", "cpu"}, "runs on the GPU"},
         {{"--precision", "bf16", "--compare", "5"}, "--precision fp32"},
         {{"--precision", "bf16", "--check", "10"}, "--precision fp32"},
@@ -929,6 +931,36 @@ TEST_CASE("train_tiny: --precision bf16 without a GPU is an error that says so, 
     const ModelConfig c = tiny_config(PRIOR_GOAT);
     expect_error<RunError>([&] { build_trainer(&tr, c, 2, init_params(c, "alibi", TEST_SEED), false, true); },
                            "runs on the GPU only");
+}
+
+TEST_CASE("train_tiny: --keep-best ends with the weights of the lowest validation loss") {
+    std::string out;
+    const std::string ckpt = temp_path("best.ckpt");
+    // a toy run whose validation loss is lowest early (found by trying learning rates), so the run goes back
+    REQUIRE(run_main(toy_run({"--steps", "60", "--lr", "0.05", "--warmup", "0", "--val-every", "5", "--keep-best", "1",
+                              "--save", ckpt}), &out) == 0);
+    double best = INFINITY;
+    int best_step = -1;
+    for (size_t pos = 0; (pos = out.find("\nstep ", pos)) != std::string::npos; ++pos) {   // the progress lines
+        int step = 0, total = 0;
+        double val = 0;
+        const size_t v = out.find("| val ", pos);
+        if (std::sscanf(out.c_str() + pos + 1, "step %d/%d", &step, &total) == 2 && v != std::string::npos &&
+            v < out.find('\n', pos + 1) && std::sscanf(out.c_str() + v, "| val %lf", &val) == 1 && val < best) {
+            best = val;
+            best_step = step;
+        }
+    }
+    INFO(out);
+    REQUIRE(best_step > 0);
+    REQUIRE(best_step < 60);   // else this test would not see the weights go back
+    CHECK(out.find(strf("--keep-best: from here on the weights of step %d, validation loss %.4f", best_step, best)) !=
+          std::string::npos);
+    CHECK(out.find(strf("checkpoint of step %d written", best_step)) != std::string::npos);
+    // the checkpoint holds those weights: their validation loss (same batches) is the best one
+    std::string again;
+    REQUIRE(run_main(toy_run({"--steps", "0", "--load", ckpt}), &again) == 0);
+    CHECK(again.find(strf("validation loss %.4f", best)) != std::string::npos);
 }
 
 TEST_CASE("train_tiny: the ablation flags reach the prior: no sink, which features, the slope at init") {
