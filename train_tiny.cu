@@ -1,6 +1,8 @@
 // train_tiny.cu: a tiny character-level transformer with GOAT attention, trained on the CPU (with the
 // reference.cpp functions and plain loops) or on the GPU (with the goat.cu fused kernels and cuBLAS), from the
-// same weights, on the same batches, so the two can be compared step by step.
+// same weights, on the same batches, so the two can be compared step by step. On the GPU it trains in fp32 (the
+// CPU's twin, what --compare and --check hold to it) or, with --precision bf16, on the fast path: bf16 tensor
+// cores for the dense layers and attention, fp32 master weights.
 //
 // Model (GPT-2 shape, no biases in the dense layers):
 //   tokens (B,T) -> token embedding wte (+ learned absolute position embedding wpe with --prior abs)
@@ -25,8 +27,10 @@
 //   CPU layers       one function per layer, forward and backward; the CPU twins of the GPU kernels
 //   CPU model        build_cpu_model / cpu_forward / cpu_backward / cpu_update (templated: float trains,
 //                    double is used by the finite-difference test)
-//   GPU kernels      (nvcc only) the same layers as CUDA kernels, same argument order as their twins
-//   GPU model        (nvcc only) build_gpu_model / gpu_forward / gpu_backward / gpu_update / free_gpu_model
+//   GPU kernels      (nvcc only) the same layers as CUDA kernels, same argument order as their twins (templated
+//                    on float / bf16 where --precision bf16 needs it); the GOAT prior's tables on the device
+//   GPU model        (nvcc only) build_gpu_model / gpu_forward / gpu_backward / gpu_update / free_gpu_model;
+//                    gpu_forward_bf16 / gpu_backward_bf16, the same model on the fast path
 //   trainer          the one switch between the two backends
 //   agreement        --check (Sinkhorn vs closed form vs kernel) and --compare (CPU vs GPU losses)
 //   output           progress line, samples, the learned prior in the terminal and as an SVG
@@ -36,21 +40,12 @@
 //   checkpoints      --save / --load (checksummed, format version 2)
 //   main
 //
-// Measured (seed 1337, defaults unless named):
-//   H200, --device gpu (goat.cu v2 tiled fp32 + cuBLAS sgemm): 10.2-10.8 ms/step, 760-800k tokens/s, 170 GFLOP
-//     of model FLOPs per step (15.8 TFLOP/s, fp32 without TF32); validation loss 0.50 after 1500 steps (17 s; it
-//     is at 0.507 by step 750: the grammar's entropy is the floor). On tinyshakespeare (--data): validation
-//     1.55 after 12 s (step 1050), 1.56 at the end. ncu: kernels are ~70% of the step time (see README).
-//   --compare 20 --layers 2 --context 64 --batch 4 on the H200: largest relative loss difference 9.7e-8.
-//   2-core CPU, `make demo` config (2 layers, 4 x 16, T = 64, B = 8, 600 steps): 95 ms/step, validation
-//     loss 0.66 in about a minute.
-//   --task copy (defaults, 600 steps, H200): u_h(0) - mean u_h(1..) = +3.5 in layer 0 (the first-token spike
-//     of GOAT.md section 7); kappa shows only a weak recency slope (copying the current token needs no
-//     attention: the residual stream already holds it).
-//   experiments/run.sh (31 runs of 3 layers, 4 x 32, T = 128, B = 32, 600 steps, eval at 1x-8x T, H200): 59 s
-//     in all; 1.7 ms/step with a fixed prior, 2.6-3.2 ms/step with GOAT's (likely the host-side prior tables;
-//     not profiled). README, "Reproducing the paper's claims in miniature".
-//
+// Measured (seed 1337, defaults unless named; docs/EXPERIMENTS.md has the commands and the history):
+//   H200, --device gpu, fp32 (goat.cu v2 + cuBLAS sgemm, TF32 off): about 8 ms/step, 1.0M tokens/s; bf16: about
+//     2.6 ms/step, 3.1M tokens/s; validation loss 0.50 after 1500 steps either way (the grammar's entropy is the
+//     floor). --compare 20 --layers 2 --context 64 --batch 4: largest relative loss difference ~1e-7.
+//   2-core CPU, `make demo` config (2 layers, 4 x 16, T = 64, B = 8, 600 steps): about 90 ms/step, a minute.
+//   --task copy: u grows the first-token spike of GOAT.md section 7.
 // Rules it keeps: every tensor states its shape; fixed seeds, printed; every CUDA and cuBLAS call checked by
 // a macro that names the statement, file and line; bad flags, files and checkpoints give a message and a
 // non-zero exit, never a crash; nothing is written unless a flag names the file, and every such path is checked
