@@ -63,8 +63,11 @@ def run(mode, a):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = TinyGoat(a.vocab, a.heads * a.head_dim, a.heads, a.layers, a.context, a.pos_rank, a.abs_rank).cuda()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "prior" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "prior" not in n)]
+    # weight decay on the matrices and the embedding, as train_tiny: not on LayerNorm or the prior's parameters
+    prior_names = ("lambda_", "sink_", "recency_", "prior_gate", "key_bias")
+    decayed = lambda n, p: p.dim() >= 2 and not any(k in n for k in prior_names)
+    decay = [p for n, p in model.named_parameters() if decayed(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decayed(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     bf16 = mode.endswith("bf16")

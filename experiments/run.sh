@@ -23,10 +23,11 @@
 # Then the copy-mixture task (GOAT, default init, seed 1) for the learned-prior picture, and build/report: the
 # Markdown table (mean and min-max over seeds), the sink pictures, the prior picture.
 #
-# Resumable: each run's log starts with its name and exact command; a log with the same two lines and a final line
-# counts as done and is not run again, so a run cut short by EXP_DEADLINE_S (or a lost machine) is finished by
-# running the script again on the same OUT_DIR. results.tsv is rebuilt from the finished logs each time, and the
-# summary names every run still missing.
+# Resumable: each run writes NAME.log.part and renames it NAME.log only when train_tiny exits 0, every output
+# written; a log starts with the run's name and exact command, and one with the same two lines counts as done and
+# is not run again. So a run cut short by EXP_DEADLINE_S, a failure or a lost machine is redone by running the
+# script again on the same OUT_DIR. results.tsv is rebuilt from the finished logs each time, and the summary names
+# every run still missing. Data paths are relative to the repository root (or absolute), without spaces.
 #
 # Environment: OUT_DIR (default build/experiments), TRAIN_TINY (default build/train_tiny), REPORT (default
 # build/report), EXP_DEADLINE_S (0 = none: no run starts after this many seconds), DATASETS (which of "embedded
@@ -41,6 +42,7 @@ OUT_DIR="${OUT_DIR:-build/experiments}"
 TRAIN_TINY="${TRAIN_TINY:-build/train_tiny}"
 REPORT="${REPORT:-build/report}"
 DEADLINE="${EXP_DEADLINE_S:-0}"
+case "$DEADLINE" in ''|*[!0-9]*) echo "run.sh: EXP_DEADLINE_S must be a whole number of seconds (got '$DEADLINE')" >&2; exit 1 ;; esac
 SEEDS="1 2 3"
 MULTS="1,2,4,8,16"
 
@@ -114,11 +116,12 @@ START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 log_of() { echo "$OUT_DIR/logs/$1.log"; }
 header_of() { printf '# run %s\n# command %s %s\n' "$1" "$TRAIN_TINY" "$COMMON $2"; }
-# done NAME FLAGS: the run's log exists, was written by this very command, and finished
+# finished NAME FLAGS: the run's log exists (renamed from .part after exit status 0) and was written by this very
+# command
 finished() {
     local log
     log=$(log_of "$1")
-    [ -f "$log" ] && [ "$(head -2 "$log")" = "$(header_of "$1" "$2")" ] && grep -q '^final:' "$log"
+    [ -f "$log" ] && [ "$(head -2 "$log")" = "$(header_of "$1" "$2")" ]
 }
 
 RAN=0 FAILED=0 SKIPPED=0 EARLIER=0
@@ -135,15 +138,17 @@ for item in "${PLAN[@]}"; do
     fi
     log=$(log_of "$name")
     t0=$(date +%s)
-    header_of "$name" "$flags" > "$log"
+    header_of "$name" "$flags" > "$log.part"
     # shellcheck disable=SC2086  # COMMON and the flags are word lists on purpose
-    if "$TRAIN_TINY" $COMMON $flags >> "$log" 2>&1; then
+    if "$TRAIN_TINY" $COMMON $flags >> "$log.part" 2>&1; then
+        mv "$log.part" "$log"
         RAN=$(( RAN + 1 ))
         final=$(grep '^final:' "$log" | sed 's/^final: //; s/ (last batch)//; s/, [0-9:]* total$//')
-        echo "$name: $final | $(( $(date +%s) - t0 )) s, $(elapsed) s elapsed"
+        best=$(grep -o 'weights of step [0-9]*, validation loss [0-9.]*' "$log" || true)
+        echo "$name: $final${best:+; evaluated with the $best} | $(( $(date +%s) - t0 )) s, $(elapsed) s elapsed"
     else
-        echo "$name: FAILED (exit $?); the end of $log:"
-        tail -5 "$log" | sed 's/^/    /'
+        echo "$name: FAILED (exit $?); the end of $log.part:"
+        tail -5 "$log.part" | sed 's/^/    /'
         FAILED=$(( FAILED + 1 ))
     fi
 done
@@ -205,7 +210,7 @@ SUMMARY="$OUT_DIR/summary.txt"
     for item in "${PLAN[@]}"; do
         IFS='|' read -r name _ <<< "$item"
         log=$(log_of "$name")
-        [ -f "$log" ] && echo "$name: $(grep '^final:' "$log" || echo 'no final line')"
+        [ -f "$log" ] && echo "$name: $(grep '^final:' "$log")$(grep -o '; --keep-best: .*' <(sed 's/^--keep-best/; --keep-best/' "$log") || true)"
     done
 } > "$SUMMARY" 2>&1
 cat "$SUMMARY"
