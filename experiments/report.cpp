@@ -10,6 +10,9 @@
 //                                         the sink picture (GOAT.md section 6): mass on token 0 against the
 //                                         content range of each query, GOAT next to no-prior attention, and a
 //                                         summary by content-range quartile on stdout
+//   report contexts RESULTS_TSV OUT_SVG TITLE
+//                                         loss against the context multiplier m, one line per prior (mean over
+//                                         seeds), one panel per data set
 //   report curves OUT_SVG TITLE LOG LABEL [LOG LABEL ...]
 //                                         validation loss against the step, one line per train_tiny log (runs
 //                                         with the same --val-every), and each run's last value on stdout
@@ -405,6 +408,54 @@ int cmd_sink(const std::string& goat_csv, const std::string& none_csv, const std
 }
 
 // ----------------------------------------------------------------------------------------------------------
+// contexts: validation loss against the context multiplier, per prior, a panel per data set
+
+int cmd_contexts(const std::string& path, const std::string& out, const std::string& title) {
+    std::vector<std::string> datas, priors;
+    std::vector<int> mults;
+    std::map<std::string, std::map<int, std::vector<double>>> losses;   // "data\tprior" -> mult -> per seed
+    for (const auto& r : read_table(path, '\t')) {
+        if (r.size() != 6) fail("'" + path + "': expected 6 tab-separated columns: data prior seed mult ctx loss");
+        if (std::find(datas.begin(), datas.end(), r[0]) == datas.end()) datas.push_back(r[0]);
+        if (std::find(priors.begin(), priors.end(), r[1]) == priors.end()) priors.push_back(r[1]);
+        const int m = (int)to_number(r[3], path);
+        if (std::find(mults.begin(), mults.end(), m) == mults.end()) mults.push_back(m);
+        if (r[5] != "n/a") losses[r[0] + "\t" + r[1]][m].push_back(to_number(r[5], path));
+    }
+    if (datas.empty()) fail("'" + path + "' holds no results");
+    std::sort(mults.begin(), mults.end());
+    const int pw = 330, ph = 260, gap = 70, top = 60;
+    Svg svg;
+    svg.add("<text x=\"10\" y=\"20\" font-size=\"14\">%s</text>\n", title.c_str());
+    svg.add("<text x=\"10\" y=\"36\">mean over seeds at L = T_train x m, m = %d .. %d (evenly spaced: a log scale); "
+            "a prior with one context (learned positions) is left out</text>\n", mults.front(), mults.back());
+    for (size_t k = 0; k < datas.size(); ++k) {
+        std::vector<std::vector<double>> series;
+        std::vector<std::string> labels;
+        for (const std::string& p : priors) {
+            const auto& by_mult = losses[datas[k] + "\t" + p];
+            std::vector<double> line;
+            for (int m : mults) {
+                auto it = by_mult.find(m);
+                if (it == by_mult.end() || it->second.empty()) break;
+                double sum = 0;
+                for (double x : it->second) sum += x;
+                line.push_back(sum / it->second.size());
+            }
+            if (line.size() < 2) continue;
+            series.push_back(line);
+            labels.push_back(p);
+        }
+        if (series.empty()) continue;
+        line_panel(&svg, 60 + (int)k * (pw + gap), top, pw, ph, datas[k], "context multiplier m", series, labels,
+                   std::to_string(mults.front()) + "x", std::to_string(mults.back()) + "x");
+    }
+    svg.save(out, 60 + (int)datas.size() * (pw + gap), top + ph + 30);
+    std::printf("loss against context written to %s\n", out.c_str());
+    return 0;
+}
+
+// ----------------------------------------------------------------------------------------------------------
 // curves: validation loss against the step, from train_tiny's progress lines ("step N/M | ... | val X | ...")
 
 int cmd_curves(const std::string& out, const std::string& title, const std::vector<std::string>& logs,
@@ -447,6 +498,7 @@ void usage() {
     std::fprintf(stderr, "usage: report table RESULTS_TSV\n"
                          "       report prior PRIOR_CSV OUT_SVG LAYER TITLE\n"
                          "       report sink GOAT_CSV NONE_CSV OUT_SVG TITLE\n"
+                         "       report contexts RESULTS_TSV OUT_SVG TITLE\n"
                          "       report curves OUT_SVG TITLE LOG LABEL [LOG LABEL ...]\n");
 }
 
@@ -460,6 +512,7 @@ int main(int argc, char** argv) {
     if (cmd == "table" && argc == 3) return cmd_table(argv[2]);
     if (cmd == "prior" && argc == 6) return cmd_prior(argv[2], argv[3], (int)to_number(argv[4], "LAYER"), argv[5]);
     if (cmd == "sink" && argc == 6) return cmd_sink(argv[2], argv[3], argv[4], argv[5]);
+    if (cmd == "contexts" && argc == 5) return cmd_contexts(argv[2], argv[3], argv[4]);
     if (cmd == "curves" && argc >= 6 && argc % 2 == 0) {
         std::vector<std::string> logs, labels;
         for (int i = 4; i < argc; i += 2) { logs.push_back(argv[i]); labels.push_back(argv[i + 1]); }

@@ -21,7 +21,7 @@
 #                         get it and why this text)
 #   seeds   1 2 3; seed 1 of goat, goat-uniform and none also writes the sink statistics (--sink-stats)
 # Then the copy-mixture task (GOAT, default init, seed 1) for the learned-prior picture, and build/report: the
-# Markdown table (mean and min-max over seeds), the sink pictures, the prior picture.
+# Markdown table (mean and min-max over seeds), loss against context, the sink pictures, the prior picture.
 #
 # Resumable: each run writes NAME.log.part and renames it NAME.log only when train_tiny exits 0, every output
 # written; a log starts with the run's name and exact command, and one with the same two lines counts as done and
@@ -188,6 +188,10 @@ echo "== report ($(elapsed) s elapsed)"
 cat "$OUT_DIR/results.md"
 SUMMARY="$OUT_DIR/summary.txt"
 {
+    if [ -s "$RESULTS" ]; then
+        "$REPORT" contexts "$RESULTS" "$OUT_DIR/contexts.svg" \
+            "Validation loss against context, $CONTEXT x m, mean over seeds: $(echo $MODEL | sed 's/--device [a-z]* //')"
+    fi
     for data in embedded shakespeare debian; do
         for label in goat goat-uniform; do
             g="$OUT_DIR/sink_${data}_${label}.csv" n="$OUT_DIR/sink_${data}_none.csv"
