@@ -327,6 +327,19 @@ void sink_summary(const std::string& name, const std::vector<SinkPoint>& pts) {
                     s[b - 1].range);
     }
     std::printf("\n");
+    // the sink metric of Gu et al. (2024, "When attention sink emerges"): the share of heads whose mean attention on
+    // the first token, over their queries, exceeds 0.3
+    std::map<std::pair<int, int>, std::pair<double, int>> heads;
+    for (const SinkPoint& p : pts) { heads[{p.layer, p.head}].first += p.mass0; heads[{p.layer, p.head}].second += 1; }
+    int sinks = 0;
+    double top = 0;
+    for (const auto& h : heads) {
+        const double m = h.second.first / h.second.second;
+        sinks += m > 0.3;
+        top = std::max(top, m);
+    }
+    std::printf("sink %-5s heads whose mean mass on token 0 exceeds 0.3: %d of %zu (largest head mean %.3f)\n",
+                name.c_str(), sinks, heads.size(), top);
     int L = 0;
     for (const SinkPoint& p : pts) L = std::max(L, p.layer + 1);
     for (int l = 0; l < L; ++l) {
