@@ -12,6 +12,7 @@
 #   make bench      GPU benchmark (validates each kernel version, then times it)
 #   make experiments   the paper's claims at a 10M-parameter scale (GPU; docs/EXPERIMENTS.md)
 #   make ablation   why GOAT from uniform init does not extrapolate (CPU; docs/EXPERIMENTS.md)
+#   make sinks      whether standard attention forms a sink at a trainable size (GPU; docs/EXPERIMENTS.md)
 #   make clean      remove build/
 
 CXX      ?= g++
@@ -170,6 +171,12 @@ experiments: $(BUILD)/train_tiny $(BUILD)/report
 	SHAKESPEARE="$(SHAKESPEARE)" DEBIAN_TEXT="$(DEBIAN_TEXT)" TRAIN_TINY=$(BUILD)/train_tiny REPORT=$(BUILD)/report \
 	    bash experiments/run.sh
 
+# does standard attention form an attention sink at a size we can train, and does GOAT's u take the job over
+# (GPU machine; experiments/sinks.sh: largest setting first; SINK_DATA=file, default the embedded corpus)
+SINK_DATA ?=
+sinks: $(BUILD)/train_tiny $(BUILD)/report
+	TRAIN_TINY=$(BUILD)/train_tiny REPORT=$(BUILD)/report OUT_DIR=$(BUILD)/sinks bash experiments/sinks.sh $(SINK_DATA)
+
 # which part of the GOAT prior keeps uniform init from extrapolating (experiments/ablation.sh; a CPU size, about
 # 10 min per seed for every variant on 2 cores; ABLATION_DATA=file, default the embedded corpus; SEEDS="1 2 3")
 ABLATION_DATA ?= -
@@ -180,4 +187,4 @@ ablation: $(BUILD)/train_tiny
 clean:
 	rm -rf $(BUILD) $(TORCH_LIB)
 
-.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments ablation clean FORCE
+.PHONY: all demo test test-asan test-gpu sanitize-gpu torch test-torch bench experiments sinks ablation clean FORCE
