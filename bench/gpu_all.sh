@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_all.sh: everything the GPU machine checks, in one call: GPU tests, compute-sanitizer on the small
 # cases, the benchmark (validates, then times; the square table, the general shapes, decoding), the PyTorch peers in
-# the same run, and the trainer's CPU/GPU agreement. Uses the binaries in build/ (build them with `make` first, e.g. where doctest is installed).
+# the same run, and the trainer's CPU/GPU agreement and its fp32 and bf16 speed. Uses the binaries in build/ (build them with `make` first, e.g. where doctest is installed).
 # Logs go to $OUT (or build/gpu_logs) and a short summary is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,6 +28,11 @@ step "trainer: CPU vs GPU, 20 steps; sampling through the key/value cache"
 tail -3 "$LOG/compare.log"
 ./build/train_tiny --steps 300 --sample-len 300 > "$LOG/train_sample.log" 2>&1 || status=1
 grep "sampled" "$LOG/train_sample.log"
+step "trainer speed: fp32 and bf16, the default model, 400 steps"
+for p in fp32 bf16; do
+    ./build/train_tiny --precision $p --steps 400 --val-every 0 --sample-len 0 > "$LOG/train_$p.log" 2>&1 || status=1
+    echo "$p: $(grep -E '^final:' "$LOG/train_$p.log" | sed 's/^final: //')"
+done
 
 step "bench (v2 fp32; v3, v5, v6 bf16)"
 ./build/bench --versions ${BENCH_VERSIONS:-2356} > "$LOG/bench.log" 2>&1 || status=1
