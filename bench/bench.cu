@@ -26,6 +26,10 @@
 // Buffers are allocated per shape and freed after; inputs rotate as above. --quick: the first shape of each kind,
 // d = 64.
 //
+// --grid: the same table for square self-attention, causal and not ("causal" and "full" rows), over the shapes of
+// the speed goal (grid_shapes: d in {64, 128}, L = 512 .. 32768, H in {8, 16, 32} with B*H = 16, 128, 1024), so
+// that every number of that comparison comes from one call (peers.py --grid times cuDNN and flash on its rows).
+//
 // --decode: generation steps as GOAT_AUTO runs them (v7, or the square path's forward where v7_preferred says so):
 // L in {1, 4, 16} new queries (causal, at the end
 // of the cache) against caches of L_k in {1k, 8k, 32k, 128k}, B in {1, 8, 64}, H = 32, H_kv in {32, 8}, d in {128,
@@ -344,10 +348,19 @@ static Row time_version(int version, GoatDtype dtype, int d, int L) {
 // ----------------------------------------------------------------------------------------------------------
 // general shapes (--general): GOAT_AUTO, bf16, on grouped-query, cross-attention and chunked-prefill shapes
 
-enum class Kind { gqa_blhd, cross, prefill };
+// (causal and full: square self-attention, packed, causal or not: the --grid rows)
+enum class Kind { gqa_blhd, cross, prefill, causal, full };
 static const char* kind_name(Kind k) {
-    return k == Kind::gqa_blhd ? "gqa-blhd" : k == Kind::cross ? "cross" : "prefill";
+    switch (k) {
+        case Kind::gqa_blhd: return "gqa-blhd";
+        case Kind::cross: return "cross";
+        case Kind::prefill: return "prefill";
+        case Kind::causal: return "causal";
+        case Kind::full: return "full";
+    }
+    return "?";
 }
+static bool is_square(Kind k) { return k == Kind::causal || k == Kind::full; }
 
 struct GeneralShape {
     Kind kind;
@@ -368,8 +381,8 @@ static GoatParams general_params(const GeneralShape& s, int version) {
     GoatParams p;
     p.B = s.B; p.H = s.H; p.L = s.L; p.d = s.d; p.scale = 1.0f / std::sqrt((float)s.d);
     p.dtype = GOAT_BF16; p.version = version;
-    p.L_k = s.L_k; p.H_kv = s.H_kv;
-    p.causal = s.kind != Kind::cross;
+    if (!is_square(s.kind)) { p.L_k = s.L_k; p.H_kv = s.H_kv; }   // square: the fields stay 0, as a square call has them
+    p.causal = s.kind != Kind::cross && s.kind != Kind::full;
     if (s.kind == Kind::prefill) p.q_pos0 = s.L_k - s.L;   // the queries are the last L positions; k_pos0 = 0
     if (s.kind == Kind::gqa_blhd) {
         p.q_stride = p.o_stride = p.dout_stride = p.dq_stride = blhd_strides(s.H, s.L, s.d);
@@ -385,6 +398,8 @@ static double general_fwd_flops(const GeneralShape& s) {
         case Kind::cross: return bhd4 * s.L * (double)s.L_k;
         case Kind::prefill:   // every query sees the cache and the new keys up to itself
             return bhd4 * ((double)s.L * (s.L_k - s.L) + (double)s.L * (s.L + 1) / 2);
+        case Kind::causal: return bhd4 * s.L * (double)s.L / 2;
+        case Kind::full: return bhd4 * s.L * (double)s.L;
     }
     return 0;
 }
@@ -402,9 +417,27 @@ static std::vector<GeneralShape> general_shapes(Kind kind, int d, bool quick) {
     return v;
 }
 
+// --grid: square self-attention, causal and not, d in {64, 128}, L = 512 .. 32768, (H, B*H) in {(8, 16), (16, 128),
+// (32, 1024)}, leaving out shapes of more than 2^22 (row, head) pairs (their tensors pass 1 GB at d = 128); quick:
+// d = 64, L in {1024, 8192}, H = 16.
+static std::vector<GeneralShape> grid_shapes(bool quick) {
+    std::vector<GeneralShape> v;
+    const std::vector<int> ds = quick ? std::vector<int>{64} : std::vector<int>{64, 128};
+    const std::vector<int> Ls = quick ? std::vector<int>{1024, 8192}
+                                      : std::vector<int>{512, 1024, 2048, 4096, 8192, 16384, 32768};
+    const std::vector<std::pair<int, int>> heads = quick ? std::vector<std::pair<int, int>>{{16, 128}}
+                                                         : std::vector<std::pair<int, int>>{{8, 16}, {16, 128}, {32, 1024}};
+    for (Kind kind : {Kind::causal, Kind::full})
+        for (int d : ds)
+            for (int L : Ls)
+                for (const auto& [H, BH] : heads)
+                    if ((long long)BH * L <= (1LL << 22)) v.push_back({kind, d, H, H, L, L, BH / H});
+    return v;
+}
+
 // The small instance of a kind that validation runs (B = 2, so the batch stride is exercised).
 static GeneralShape general_small(Kind kind, int d) {
-    if (kind == Kind::gqa_blhd) return {kind, d, 4, 2, 100, 100, 2};
+    if (kind == Kind::gqa_blhd || is_square(kind)) return {kind, d, 4, kind == Kind::gqa_blhd ? 2 : 4, 100, 100, 2};
     return {kind, d, 4, 4, 100, 300, 2};
 }
 
@@ -577,36 +610,32 @@ static GeneralRow time_general(const GeneralShape& s) {
     return row;
 }
 
-// The whole --general run: validate per (d, kind, version picked), time, print the table.
-static void run_general(bool quick) {
-    const std::vector<int> ds = quick ? std::vector<int>{64} : std::vector<int>{64, 128};
+// Validate per (d, kind, version picked), time every shape in order, print the table under `header` (peers.py
+// finds the rows by it: the kind's name first, then integers, "vN", then the numbers).
+static void run_table(const char* header, const std::vector<GeneralShape>& shapes, const char* legend) {
+    struct Validated { int d; Kind kind; int version; bool ok; };
+    std::vector<Validated> validated;   // AUTO may pick per shape
     std::vector<GeneralRow> rows;
-    for (int d : ds) {
-        for (Kind kind : {Kind::gqa_blhd, Kind::cross, Kind::prefill}) {
-            std::vector<std::pair<int, bool>> validated;   // (version, ok): AUTO may pick per shape
-            for (const GeneralShape& s : general_shapes(kind, d, quick)) {
-                const int version = goat_resolve_version(general_params(s, GOAT_AUTO));
-                auto it = std::find_if(validated.begin(), validated.end(),
-                                       [&](const std::pair<int, bool>& e) { return e.first == version; });
-                if (it == validated.end()) {
-                    validated.push_back({version, validate_general(general_small(kind, d), version)});
-                    it = validated.end() - 1;
-                }
-                if (it->second) {
-                    rows.push_back(time_general(s));
-                } else {   // never time a version that is wrong
-                    GeneralRow row;
-                    row.s = s;
-                    row.version = version;
-                    row.not_timed = "validation failed";
-                    rows.push_back(row);
-                }
-            }
+    for (const GeneralShape& s : shapes) {
+        const int version = goat_resolve_version(general_params(s, GOAT_AUTO));
+        auto it = std::find_if(validated.begin(), validated.end(), [&](const Validated& e) {
+            return e.d == s.d && e.kind == s.kind && e.version == version;
+        });
+        if (it == validated.end()) {
+            validated.push_back({s.d, s.kind, version, validate_general(general_small(s.kind, s.d), version)});
+            it = validated.end() - 1;
+        }
+        if (it->ok) {
+            rows.push_back(time_general(s));
+        } else {   // never time a version that is wrong
+            GeneralRow row;
+            row.s = s;
+            row.version = version;
+            row.not_timed = "validation failed";
+            rows.push_back(row);
         }
     }
-
-    // rows: the kind's name first, then integers, "vN", then the numbers (peers.py --general parses them)
-    std::printf("\ngeneral shapes (bf16, GOAT_AUTO)\n");
+    std::printf("\n%s\n", header);
     std::printf("%-8s %4s %4s %4s %6s %6s %3s %-7s %10s %10s %12s %12s %11s %11s\n", "kind", "d", "H", "H_kv", "L",
                 "L_k", "B", "version", "fwd ms", "fwd TF/s", "fwd+bwd ms", "fwd+bwd TF/s", "prior fwd", "prior f+b");
     for (const GeneralRow& r : rows) {
@@ -618,10 +647,28 @@ static void run_general(bool quick) {
         else
             std::printf(" not timed (%s)\n", r.not_timed.c_str());
     }
-    std::printf("(gqa-blhd: causal, q/o [B][L][H][d], k/v [B][L_k][H_kv][d]; cross: non-causal, packed; prefill: causal, "
-                "packed, queries at positions L_k - L.., keys at 0..; TFLOP/s by 4*B*H*L*L_k*d forward, halved for "
-                "gqa-blhd, for prefill 4*B*H*d*(L*(L_k-L) + L*(L+1)/2); forward+backward 3.5x that; prior fwd, prior "
-                "f+b = time with kappa, u and their gradients / time with none of them)\n");
+    std::printf("%s\n", legend);
+}
+
+// The whole --general run.
+static void run_general(bool quick) {
+    std::vector<GeneralShape> shapes;
+    for (int d : quick ? std::vector<int>{64} : std::vector<int>{64, 128})
+        for (Kind kind : {Kind::gqa_blhd, Kind::cross, Kind::prefill})
+            for (const GeneralShape& s : general_shapes(kind, d, quick)) shapes.push_back(s);
+    run_table("general shapes (bf16, GOAT_AUTO)", shapes,
+              "(gqa-blhd: causal, q/o [B][L][H][d], k/v [B][L_k][H_kv][d]; cross: non-causal, packed; prefill: causal, "
+              "packed, queries at positions L_k - L.., keys at 0..; TFLOP/s by 4*B*H*L*L_k*d forward, halved for "
+              "gqa-blhd, for prefill 4*B*H*d*(L*(L_k-L) + L*(L+1)/2); forward+backward 3.5x that; prior fwd, prior "
+              "f+b = time with kappa, u and their gradients / time with none of them)");
+}
+
+// The whole --grid run.
+static void run_grid(bool quick) {
+    run_table("grid (bf16, GOAT_AUTO)", grid_shapes(quick),
+              "(causal / full: square self-attention, packed, causal or not; TFLOP/s by 4*B*H*L^2*d forward, halved "
+              "when causal, forward+backward 3.5x that; prior fwd, prior f+b = time with kappa, u and their "
+              "gradients / time with none of them)");
 }
 
 // Does this GPU run v4-v6? (what GOAT_AUTO picks for a bf16 call longer than v7's decode lengths)
@@ -851,12 +898,13 @@ static void run_decode(bool quick) {
 // main
 
 int main(int argc, char** argv) {
-    bool quick = false, general = false, decode = false, versions_given = false;
+    bool quick = false, general = false, grid = false, decode = false, versions_given = false;
     DecodeShape one = {0, 0, 0, 0, 0, 0};  // --decode-one
     std::string versions = "123456";   // which versions to time: digits of GoatVersion
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--quick") == 0) quick = true;
         else if (std::strcmp(argv[a], "--general") == 0) general = true;
+        else if (std::strcmp(argv[a], "--grid") == 0) grid = true;
         else if (std::strcmp(argv[a], "--decode") == 0) decode = true;
         else if (std::strcmp(argv[a], "--decode-one") == 0 && a + 6 < argc) {
             one = {std::atoi(argv[a + 1]), std::atoi(argv[a + 2]), std::atoi(argv[a + 3]), std::atoi(argv[a + 4]),
@@ -869,16 +917,17 @@ int main(int argc, char** argv) {
             versions_given = true;
         } else {
             std::fprintf(stderr, "usage: %s [--quick] [--versions DIGITS, e.g. 3 or 356; default 123456 | --general | "
-                                 "--decode | --decode-one d B H H_kv L L_k]\n", argv[0]);
+                                 "--grid | --decode | --decode-one d B H H_kv L L_k]\n", argv[0]);
             return 2;
         }
     }
-    if ((general || decode) && versions_given) {   // they time what GOAT_AUTO picks (and v7), nothing else
-        std::fprintf(stderr, "%s: --general and --decode choose their versions; --versions does not apply\n", argv[0]);
+    if ((general || grid || decode) && versions_given) {   // they time what GOAT_AUTO picks (and v7), nothing else
+        std::fprintf(stderr, "%s: --general, --grid and --decode choose their versions; --versions does not apply\n",
+                     argv[0]);
         return 2;
     }
-    if (general && decode) {
-        std::fprintf(stderr, "%s: --general or --decode, one per run\n", argv[0]);
+    if ((int)general + (int)grid + (int)decode > 1) {
+        std::fprintf(stderr, "%s: --general, --grid or --decode, one per run\n", argv[0]);
         return 2;
     }
     int n_dev = 0;
@@ -892,6 +941,12 @@ int main(int argc, char** argv) {
         std::printf("bench --general on %s (%d SMs), bf16, GOAT_AUTO, median of %d after %d warm-up\n", prop.name,
                     prop.multiProcessorCount, REPEATS, WARMUP);
         run_general(quick);
+        return 0;
+    }
+    if (grid) {
+        std::printf("bench --grid on %s (%d SMs), bf16, GOAT_AUTO, median of %d after %d warm-up\n", prop.name,
+                    prop.multiProcessorCount, REPEATS, WARMUP);
+        run_grid(quick);
         return 0;
     }
     if (one.d) {

@@ -32,6 +32,12 @@ without a prior on SDPA's flash, cuDNN and memory-efficient backends (a backend 
 TFLOP/s by bench --general's count (its legend), then the speed of ours (with the prior, as bench times it) over
 each peer's, forward and forward+backward, per shape (above 1: ours is faster).
 
+--grid: instead, the square shapes of `bench --grid` (causal and full, d in {64, 128}, L = 512 .. 32768, H in {8, 16,
+32} with B*H = 16, 128, 1024; read from bench's table), each timed without a prior on SDPA's cuDNN and flash
+backends; per shape ours with the prior and ours without it (bench's time over its "prior" ratio) against cuDNN,
+and the prior's cost; then a summary against the speed goal (at least 1.0x cuDNN; the prior at most 2% forward,
+5% forward+backward).
+
 --decode: instead, the generation steps of `bench --decode` (the timed rows of its "decode steps" table, read from
 bench's output; the rows bench skipped are skipped): B sequences, H = 32 query heads, H_kv kv heads, L new queries
 at the end of a cache of L_k keys (causal bottom-right), head dim d, bf16; q [B, H, L, d], k, v [B, H_kv, L_k, d],
@@ -58,6 +64,7 @@ of the copy bandwidth, as bench reports them), each route's microseconds, the fa
 
 Usage: python3 bench/peers.py [--quick] [--no-flex] [--bench ./build/bench | --bench-log FILE]
        python3 bench/peers.py --general [--quick] [--bench ./build/bench | --bench-log FILE]
+       python3 bench/peers.py --grid [--quick] [--bench ./build/bench | --bench-log FILE]
        python3 bench/peers.py --decode [--quick] [--bench ./build/bench | --bench-log FILE]
 """
 import argparse
@@ -232,8 +239,10 @@ def ours(bench, quick, log):
 
 GENERAL_HEADER = "general shapes (bf16, GOAT_AUTO)"
 # a row of bench --general: kind d H H_kv L L_k B vN, then the numbers or "not timed (why)"
-GENERAL_ROW = re.compile(r"(gqa-blhd|cross|prefill)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(v\d+)\s+(.*)$")
-GENERAL_TIMES = re.compile(r"([\d.]+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s+[\d.]+x\s+[\d.]+x\s*$")
+GENERAL_ROW = re.compile(
+    r"(gqa-blhd|cross|prefill|causal|full)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(v\d+)\s+(.*)$")
+# fwd ms, fwd+bwd ms, and the prior's cost forward and forward+backward (time with it / without)
+GENERAL_TIMES = re.compile(r"([\d.]+)\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s+([\d.]+)x\s+([\d.]+)x\s*$")
 GENERAL_PATHS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -260,6 +269,8 @@ def general_fwd_flops(kind, d, H, L, L_k, B):
         return 4.0 * B * H * L * L_k * d / 2
     if kind == "prefill":
         return 4.0 * B * H * d * (L * (L_k - L) + L * (L + 1) / 2)
+    if kind == "causal":
+        return 4.0 * B * H * L * L * d / 2
     return 4.0 * B * H * L * L_k * d
 
 
@@ -276,20 +287,20 @@ def bench_output(bench, mode, quick, log, header):
     return out
 
 
-def ours_general(bench, quick, log):
-    """bench --general's rows, in its order: [(shape, version, (fwd ms, fwd+bwd ms) or why not timed)], shape =
-    (kind, d, H, H_kv, L, L_k, B)."""
-    out = bench_output(bench, "--general", quick, log, GENERAL_HEADER)
+def ours_general(bench, quick, log, mode="--general", header=GENERAL_HEADER):
+    """bench --general's (or --grid's) rows, in its order: [(shape, version, times or why not timed)], shape =
+    (kind, d, H, H_kv, L, L_k, B), times = (fwd ms, fwd+bwd ms, prior cost fwd, prior cost fwd+bwd)."""
+    out = bench_output(bench, mode, quick, log, header)
     rows = []
-    for line in out.split(GENERAL_HEADER, 1)[1].splitlines():
+    for line in out.split(header, 1)[1].splitlines():
         m = GENERAL_ROW.match(line)
         if not m:
             continue
         shape = (m.group(1),) + tuple(int(m.group(g)) for g in range(2, 8))
         t = GENERAL_TIMES.match(m.group(9))
-        rows.append((shape, m.group(8), (float(t.group(1)), float(t.group(2))) if t else m.group(9).strip()))
+        rows.append((shape, m.group(8), tuple(float(t.group(g)) for g in range(1, 5)) if t else m.group(9).strip()))
     if not rows:
-        sys.exit("bench printed no general rows:\n" + out)
+        sys.exit(f"bench printed no rows under '{header}':\n" + out)
     return rows
 
 
@@ -305,7 +316,7 @@ def run_general(name, shape, device):
     if blhd:
         dout = dout.transpose(1, 2)
     kw = {"enable_gqa": True} if H_kv != H else {}
-    if kind == "gqa-blhd":
+    if kind in ("gqa-blhd", "causal"):
         kw["is_causal"] = True  # L = L_k: top-left and bottom-right agree
     elif kind == "prefill":
         kw.update(bottom_right_causal(name, L, L_k, device))
@@ -367,6 +378,76 @@ def main_general(args, device):
             print(f"| {shape_label(shape)} | " + " | ".join(cells) + " |")
     print("\n(prefill: sdpa-flash with attn_mask=causal_lower_right, sdpa-cudnn and sdpa-efficient with a boolean "
           "bottom-right attn_mask; gqa-blhd: enable_gqa=True on [B, L, H, d] tensors' transposed views)")
+
+
+# --grid: bench --grid's square shapes (causal and full) against cuDNN and flash, and what the prior costs
+
+GRID_HEADER = "grid (bf16, GOAT_AUTO)"
+GRID_PATHS = ["sdpa-cudnn", "sdpa-flash"]
+
+
+def main_grid(args, device):
+    print(f"peers --grid on {torch.cuda.get_device_name()} (torch {torch.__version__}), bf16, SDPA without a prior; "
+          f"ours: GOAT_AUTO with the prior and without")
+    rows = ours_general(args.bench, args.quick, args.bench_log, "--grid", GRID_HEADER)
+    peers = {}
+    for shape, _, _ in rows:
+        for p in GRID_PATHS:
+            try:
+                peers[(shape, p)] = run_general(p, shape, device)
+            except Exception as e:  # a backend that refuses a shape is reported, not hidden
+                peers[(shape, p)] = short_error(e)
+            torch.cuda.empty_cache()
+        print(f"  {shape_label(shape)}: " + ", ".join(
+            f"{p} {t[0]:.3f} / {t[1]:.3f} ms" if isinstance(t, tuple) else f"{p} n/a ({t})"
+            for p, t in ((p, peers[(shape, p)]) for p in GRID_PATHS)), flush=True)
+
+    print("\nper shape: TFLOP/s forward / forward+backward; ours with the prior over cuDNN without (above 1: ours "
+          "faster), ours without the prior over cuDNN, the prior's cost (time with / without)")
+    print("| shape | ours, prior | ours, no prior | sdpa-cudnn | sdpa-flash | prior / cuDNN | no prior / cuDNN | "
+          "prior cost |")
+    print("|---" * 8 + "|")
+    speedups = {"prior": [[], []], "noprior": [[], []]}
+    costs = [[], []]
+    for shape, version, mine in rows:
+        kind, d, H, H_kv, L, L_k, B = shape
+        f = general_fwd_flops(kind, d, H, L, L_k, B)
+        tf = lambda t: f"{f / t[0] / 1e9:.0f} / {3.5 * f / t[1] / 1e9:.0f}"
+        if not isinstance(mine, tuple):
+            print(f"| {shape_label(shape)} | {version}: {mine} | | | | | | |")
+            continue
+        bare = (mine[0] / mine[2], mine[1] / mine[3])   # ours without the prior, from the prior's cost
+        cells = [f"{version}: {tf(mine)}", tf(bare)]
+        for p in GRID_PATHS:
+            t = peers[(shape, p)]
+            cells.append(tf(t) if isinstance(t, tuple) else f"n/a ({t})")
+        cu = peers[(shape, "sdpa-cudnn")]
+        if isinstance(cu, tuple):
+            for key, ours_t in (("prior", mine), ("noprior", bare)):
+                r = (cu[0] / ours_t[0], cu[1] / ours_t[1])
+                speedups[key][0].append(r[0])
+                speedups[key][1].append(r[1])
+                cells.append(f"{r[0]:.2f}x / {r[1]:.2f}x")
+        else:
+            cells += ["n/a", "n/a"]
+        costs[0].append(mine[2])
+        costs[1].append(mine[3])
+        cells.append(f"{mine[2]:.3f}x / {mine[3]:.3f}x")
+        print(f"| {shape_label(shape)} | " + " | ".join(cells) + " |")
+
+    print("\nsummary over the rows (goal: ours with the prior at least 1.0x cuDNN forward and forward+backward; the "
+          "prior's cost at most 1.02x forward, 1.05x forward+backward; no prior never slower than with it)")
+    for key, label in (("prior", "ours with the prior"), ("noprior", "ours without the prior")):
+        for idx, which in ((0, "forward"), (1, "forward+backward")):
+            v = speedups[key][idx]
+            if v:
+                print(f"  {label} / cuDNN, {which}: min {min(v):.2f}x, median {statistics.median(v):.2f}x, "
+                      f"at least 1.0x in {sum(x >= 1.0 for x in v)} of {len(v)}")
+    for idx, which, goal in ((0, "forward", 1.02), (1, "forward+backward", 1.05)):
+        if costs[idx]:
+            print(f"  prior cost, {which}: max {max(costs[idx]):.3f}x, within {goal}x in "
+                  f"{sum(c <= goal for c in costs[idx])} of {len(costs[idx])}; the prior call faster than the bare "
+                  f"one in {sum(c < 1.0 for c in costs[idx])}")
 
 
 def shape_label(shape):
@@ -566,6 +647,8 @@ def main():
                     help="d = 64, L = 4096 only (--general, --decode: bench's --quick)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     ap.add_argument("--general", action="store_true", help="bench --general's shapes against SDPA's backends")
+    ap.add_argument("--grid", action="store_true",
+                    help="bench --grid's square shapes (causal and not) against cuDNN and flash, and the prior's cost")
     ap.add_argument("--decode", action="store_true",
                     help="bench --decode's generation steps against SDPA's backends and the packing route")
     ap.add_argument("--bench", default="./build/bench")
@@ -574,10 +657,13 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("peers.py: no CUDA device")
     device = "cuda"
-    if args.general and args.decode:
-        sys.exit("peers.py: --general or --decode, one per run")
+    if args.general + args.grid + args.decode > 1:
+        sys.exit("peers.py: --general, --grid or --decode, one per run")
     if args.general:
         main_general(args, device)
+        return
+    if args.grid:
+        main_grid(args, device)
         return
     if args.decode:
         main_decode(args, device)
