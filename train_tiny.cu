@@ -189,7 +189,7 @@ struct Options {
     int compare = 0;           // run N steps on CPU and GPU side by side and exit (0 = off)
     std::string device = "auto";  // auto | gpu | cpu
     std::string precision = "fp32";   // fp32 | bf16 (GPU: bf16 tensor cores for the dense layers and attention)
-    // after training: the experiments of experiments/run.sh (README, "Reproducing the paper's claims")
+    // after training: the experiments of experiments/run.sh (docs/EXPERIMENTS.md)
     std::string eval_contexts; // multipliers m, e.g. "1,2,4,8": validation loss at context T*m (empty = off)
     int eval_seqs = 64;        // validation sequences per multiplier
     std::string sink_stats;    // CSV: mass on token 0 against the content range, per layer, head, query
@@ -2947,7 +2947,7 @@ void write_prior_svg(const std::string& path, const ModelConfig& c, const std::v
 // ----------------------------------------------------------------------------------------------------------
 // evaluation: validation loss, --eval-contexts, --sink-stats, --prior-csv
 //
-// What experiments/run.sh measures (README, "Reproducing the paper's claims in miniature"). All of it runs
+// What experiments/run.sh measures (docs/EXPERIMENTS.md). All of it runs
 // after training, on the trained weights, on the run's backend.
 
 // Mean loss over n_batches fixed validation batches (val_batch) of b->B sequences of b->T tokens each.
