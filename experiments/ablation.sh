@@ -28,11 +28,8 @@
 # subset of the names above).
 set -euo pipefail
 DATA="${1:?usage: bash experiments/ablation.sh DATA_FILE|- [SEEDS]}"
-DATA_FLAG=""
-if [ "$DATA" != "-" ]; then
-    [ -r "$DATA" ] || { echo "ablation.sh: cannot read data file '$DATA'" >&2; exit 2; }
-    DATA_FLAG="--data=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")"   # absolute: the script moves on
-fi
+. "$(dirname "$0")/common.sh"
+DATA_FLAG=$(data_flag ablation.sh "$DATA")
 cd "$(dirname "$0")/.."
 SEEDS="${2:-1}"
 TRAIN_TINY="${TRAIN_TINY:-build/train_tiny}"

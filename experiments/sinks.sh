@@ -15,11 +15,8 @@
 # the CPU: checks this script only).
 set -euo pipefail
 DATA="${1:-}"
-DATA_FLAG=""
-if [ -n "$DATA" ]; then
-    [ -r "$DATA" ] || { echo "sinks.sh: cannot read data file '$DATA'" >&2; exit 2; }
-    DATA_FLAG="--data=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")"   # absolute: the script moves on
-fi
+. "$(dirname "$0")/common.sh"
+DATA_FLAG=$(data_flag sinks.sh "$DATA")
 cd "$(dirname "$0")/.."
 TRAIN_TINY="${TRAIN_TINY:-build/train_tiny}"
 REPORT="${REPORT:-build/report}"
