@@ -141,11 +141,19 @@ static __device__ __forceinline__ float online_max_step(float mx, float m, float
     return m_new == -INFINITY ? 0.f : m_new;
 }
 
+// 2^x on the special function unit, flushing subnormal results to 0 (exp2f adds range handling around the
+// same instruction; P below 2^-126 is 0 for every purpose here).
+static __device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // The online softmax's step for one warp's 16-row score tile S (NT_S n-tiles, z2 in log2 units, the C layout:
 // this thread's rows r, r + 8 in e >> 1) whose per-thread row maxima are mx: the new running max m (quad-wide),
 // the rescale of l and of the output accumulator O (NT_O n-tiles) by exp2(m_old - m_new), and S replaced by
-// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7)
-template <int NT_S, int NT_O>
+// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7; FAST: P by exp2_approx, as v7 does)
+template <int NT_S, int NT_O, bool FAST = false>
 static __device__ __forceinline__ void online_softmax_step(float (&S)[NT_S][4], float (&mx)[2], float (&m)[2],
                                                            float (&l)[2], float (&O_acc)[NT_O][4]) {
 #pragma unroll
@@ -166,7 +174,7 @@ static __device__ __forceinline__ void online_softmax_step(float (&S)[NT_S][4], 
     for (int n = 0; n < NT_S; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float p = exp2f(S[n][e] - mx[e >> 1]);
+            const float p = FAST ? exp2_approx(S[n][e] - mx[e >> 1]) : exp2f(S[n][e] - mx[e >> 1]);
             l[e >> 1] += p;
             S[n][e] = p;
         }

@@ -164,12 +164,25 @@ static __device__ __forceinline__ uint32_t sw128_off(int r, int c) {
 template <int D, int R, int NTHREADS>
 static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16* x, int row0, int n_rows,
                                                        long long row_stride = D) {
-    constexpr int CH = D / 8;
+    constexpr int CH = D / 8, N = R * CH, RSTEP = NTHREADS / CH;
+    if constexpr (N % NTHREADS == 0 && NTHREADS % CH == 0 && RSTEP % 8 == 0) {
+        // each thread one column chunk, rows RSTEP apart: with RSTEP a multiple of 8 the swizzle is the same for
+        // all of them, so the addresses only step (a few instructions a copy, which v7 needs in its loop)
+        const int cc = (int)threadIdx.x % CH, r = (int)threadIdx.x / CH;
+        const uint32_t dst = base + sw128_off<R>(r, cc);
+        const bf16* src = x + (long long)(row0 + r) * row_stride + cc * 8;
+#pragma unroll
+        for (int it = 0; it < N / NTHREADS; ++it) {
+            const bool valid = row0 + r + it * RSTEP < n_rows;
+            cp_async_16(dst + it * RSTEP * 128, valid ? src + it * RSTEP * row_stride : x, valid);
+        }
+    } else {
 #pragma unroll 4
-    for (int c = threadIdx.x; c < R * CH; c += NTHREADS) {
-        const int r = c / CH, cc = c % CH, row = row0 + r;
-        const bool valid = row < n_rows;
-        cp_async_16(base + sw128_off<R>(r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
+        for (int c = threadIdx.x; c < N; c += NTHREADS) {
+            const int r = c / CH, cc = c % CH, row = row0 + r;
+            const bool valid = row < n_rows;
+            cp_async_16(base + sw128_off<R>(r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
+        }
     }
 }
 
@@ -200,13 +213,6 @@ static __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 // barrier's expected count includes these arrivals from its init).
 static __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-// 2^x on the special function unit, flushing subnormal results to 0 (exp2f adds range handling around the
-// same instruction; P below 2^-126 is 0 for every purpose here).
-static __device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 // One TMA copy of box (c0 = column, c1 = row, c2 = head, c3 = batch) of tensor map tm into shared memory at dst,
 // counted in on barrier bar.

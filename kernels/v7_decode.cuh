@@ -24,6 +24,7 @@
 #pragma once
 
 #include "mma_sm80.cuh"
+#include "sm90.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -59,6 +60,9 @@ struct V7Cfg {
     static constexpr size_t STAGE = (size_t)2 * V7_B_c * D * 2;  // K then V
     // NSTAGE - 1 tiles load while one is computed (more stages at d = 64 measured slower: fewer resident blocks)
     static constexpr int NSTAGE = 3;
+    // Blocks per multiprocessor the registers must allow: at d = 64 with 16 rows, 4 (what the shared memory
+    // allows), as the ring's bytes in flight set the bandwidth there and 3 blocks measured far slower (docs/PERF.md)
+    static constexpr int MIN_BLOCKS = D == 64 && WR == 1 ? 4 : 1;
     static constexpr size_t OFF_Q = (NSTAGE - 1) * STAGE;
     static constexpr size_t SMEM = NSTAGE * STAGE;
     static_assert((size_t)ROWS * D * 2 <= STAGE, "the Q rows must fit in a stage");
@@ -81,9 +85,101 @@ static __device__ __forceinline__ void cp_async_wait_n() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Block row rr of kv head kvh: query i = rr % L of query head kvh * group + rr / L.
+static __device__ __forceinline__ int v7_head(const V7Args& a, int kvh, int rr) { return kvh * a.group + rr / a.L; }
+
+// The prior lines of block row rr that one thread prefetches into L1 with each tile (the tables stay in L2, but a
+// load from there would stall the tile's softmax): part 0, the row's kappa window, from &kappa[h][i + L_k - 1];
+// part 1, its u slice, from &u[h][0]. nullptr: no such row or table. Found once, before the loop.
+static __device__ __forceinline__ const float* v7_prefetch_row(const V7Args& a, int kvh, int rr, int n_rows, int part) {
+    if (rr >= n_rows) return nullptr;
+    const int h = v7_head(a, kvh, rr), i = rr % a.L;
+    if (part == 0) return a.kappa ? a.kappa + (size_t)h * a.n_delta() + i + a.L_k - 1 : nullptr;
+    return a.u ? a.u + (size_t)h * a.L_k : nullptr;
+}
+// ... and the prefetch for keys j0 .. j1 (kappa at pf[-j], u at pf[j])
+static __device__ __forceinline__ void v7_prefetch(const float* pf, int part, int j0, int j1) {
+    if (!pf || j1 < j0) return;
+    const float* lo = part == 0 ? pf - j1 : pf + j0;
+    const float* hi = lo + (j1 - j0);
+    for (uintptr_t line = (uintptr_t)lo & ~(uintptr_t)127; line <= (uintptr_t)hi; line += 128)
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
+}
+
+// A thread's two rows of the C fragment layout (block rows rr and rr + 8): their query index and prior rows.
+struct V7Rows {
+    int i[2];
+    const float* kap[2];  // &kappa[h][i + L_k - 1]: key j's entry at kap[-j] (nullptr: no table)
+    const float* u[2];    // &u[h][0] (nullptr: no table)
+    __device__ __forceinline__ V7Rows(const V7Args& a, int kvh, int rr, int n_rows) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            // (a row past n_rows reads the group's first row, so that a table's loads need no row test)
+            const bool valid = rr + 8 * hh < n_rows;
+            const int h = valid ? v7_head(a, kvh, rr + 8 * hh) : kvh * a.group;
+            i[hh] = valid ? (rr + 8 * hh) % a.L : 0;
+            kap[hh] = a.kappa ? a.kappa + (size_t)h * a.n_delta() + i[hh] + a.L_k - 1 : nullptr;
+            u[hh] = a.u ? a.u + (size_t)h * a.L_k : nullptr;
+        }
+    }
+};
+
+// The prior part of a thread's logits for keys jw + 8 n + 2 t + (e & 1), in log2 units: log2(e) (kappa[h][i - j +
+// L_k - 1] + u[h][j]) (the GOAT step up to the score: z2 = goat_logit_log2(s, scale_log2, 0, prior) is then the
+// whole step); 0 past the keys. FULL: every key is below j_end (no test per entry).
+template <int NT, bool FULL>
+static __device__ __forceinline__ void v7_load_prior(float (&pri)[NT][4], const V7Rows& rows, int jw, int j_end, int t) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
+            const bool in = FULL || j < j_end;
+            const float kap = rows.kap[hh] && in ? __ldg(rows.kap[hh] - j) : 0.f;
+            const float uu = rows.u[hh] && in ? __ldg(rows.u[hh] + j) : 0.f;
+            pri[n][e] = goat_logit_log2(0.f, 0.f, kap, GOAT_LOG2E * uu);
+        }
+}
+
+// The GOAT step in log2 units on a thread's scores for keys jw + ..., masked (MASK: the caller found that the
+// keys reach past j_end or, causal, a row's limit; two instances, so that the rest test nothing); mx gets the
+// rows' maxima.
+template <int NT, bool MASK>
+static __device__ __forceinline__ void v7_goat_step(float (&S)[NT][4], const float (&pri)[NT][4], float (&mx)[2],
+                                                    const V7Rows& rows, const V7Args& a, float scale_log2, int jw,
+                                                    int j_end, int t) {
+    mx[0] = mx[1] = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
+            float z2 = goat_logit_log2(S[n][e], scale_log2, 0.f, pri[n][e]);
+            if (MASK) z2 = goat_mask(z2, goat_visible(rows.i[hh], j, j_end, a.causal, a.shift));
+            S[n][e] = z2;
+            mx[hh] = fmaxf(mx[hh], z2);
+        }
+}
+
+// The end of a row: o (bf16, through its strides) and lse with one split, else the split's fp32 partial.
+// (c: the first of the two columns written; lse by the caller's t == 0 thread)
+static __device__ __forceinline__ void v7_store2(const V7Args& a, int b, int h, int i, int split, int c, float x0,
+                                                 float x1) {
+    const size_t row = ((size_t)b * a.H + h) * a.L + i;
+    if (a.n_splits == 1)
+        *reinterpret_cast<__nv_bfloat162*>(a.o + GoatShape::at(a.so, b, h, i) + c) = __floats2bfloat162_rn(x0, x1);
+    else
+        *reinterpret_cast<float2*>(a.o_part + ((size_t)split * a.B * a.H * a.L + row) * a.d + c) = make_float2(x0, x1);
+}
+static __device__ __forceinline__ void v7_store_lse(const V7Args& a, int b, int h, int i, int split, float lse) {
+    const size_t row = ((size_t)b * a.H + h) * a.L + i;
+    if (a.n_splits == 1) a.lse[row] = lse;
+    else a.lse_part[(size_t)split * a.B * a.H * a.L + row] = lse;
+}
+
 // Grid (n_splits * n_row_chunks, B*H_kv via goat_grid); V7_NTHREADS threads.
 template <int D, int WR>
-__global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
+__global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_decode_kernel(V7Args a) {
     using C = V7Cfg<D, WR>;
     constexpr int CH = C::CH, ROWS = C::ROWS, KW = C::KW, NT_S = C::NT_S, NT_O = C::NT_O, B_c = V7_B_c;
     extern __shared__ __align__(128) unsigned char v7_smem[];
@@ -105,38 +201,24 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     const int n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, B_c) : 0;
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
+    // two threads per row prefetch its prior: its kappa window, its u slice
+    const float* pf = threadIdx.x < 2 * ROWS ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2)
+                                             : nullptr;
     // K_j, V_j of tile jt into its stage (cp.async; the caller commits), and the prior's lines of that tile
-    // prefetched into L1: two threads per row, one for its kappa window, one for its u slice (the tables stay in
-    // L2, but a load from there would stall the tile's softmax)
+    // prefetched into L1
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
         bf16* K_t = reinterpret_cast<bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
         load_tile_swz<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row);
         load_tile_swz<D, B_c, V7_NTHREADS>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row);
-        const int rr = r0 + (int)threadIdx.x / 2, j1 = min(j0 + B_c, j_end) - 1;  // keys j0 .. j1
-        if (threadIdx.x < 2 * ROWS && rr < n_rows && j1 >= j0) {
-            const int h = kvh * a.group + rr / a.L, i = rr % a.L;
-            const float* lo = nullptr;  // first and last entry the row reads
-            const float* hi = nullptr;
-            if (threadIdx.x % 2 == 0 && a.kappa) {
-                lo = a.kappa + (size_t)h * a.n_delta() + (i - j1 + a.L_k - 1);
-                hi = lo + (j1 - j0);
-            } else if (threadIdx.x % 2 == 1 && a.u) {
-                lo = a.u + (size_t)h * a.L_k + j0;
-                hi = lo + (j1 - j0);
-            }
-            if (lo) {
-                for (uintptr_t line = (uintptr_t)lo & ~(uintptr_t)127; line <= (uintptr_t)hi; line += 128)
-                    asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
-            }
-        }
+        v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
     };
 
     // the Q rows (zero past n_rows), then the first NSTAGE - 1 key tiles, one cp.async group each
     for (int c = threadIdx.x; c < ROWS * CH; c += V7_NTHREADS) {
         const int r = c / CH, cc = c % CH, rr = r0 + r;
         const bool valid = rr < n_rows;
-        const bf16* src = valid ? a.q + GoatShape::at(a.sq, b, kvh * a.group + rr / a.L, rr % a.L) + 8 * cc : a.q;
+        const bf16* src = valid ? a.q + GoatShape::at(a.sq, b, v7_head(a, kvh, rr), rr % a.L) + 8 * cc : a.q;
         cp_async_16(swz_chunk_addr<CH>(smem_u32(Q_s), r, cc), src, valid);
     }
     cp_async_commit();
@@ -146,19 +228,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         cp_async_commit();
     }
 
-    // this thread's two rows (r_loc, r_loc + 8 of the block): their query index and prior rows
-    int i_row[2];
-    const float* kap_row[2];  // &kappa[h][i + L_k - 1]: key j's entry at kap_row[-j] (nullptr: no table, no row)
-    const float* u_row[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int rr = r0 + 16 * wr + g + 8 * hh;
-        const bool valid = rr < n_rows;
-        const int h = kvh * a.group + (valid ? rr / a.L : 0);
-        i_row[hh] = valid ? rr % a.L : 0;
-        kap_row[hh] = a.kappa && valid ? a.kappa + (size_t)h * a.n_delta() + i_row[hh] + a.L_k - 1 : nullptr;
-        u_row[hh] = a.u && valid ? a.u + (size_t)h * a.L_k : nullptr;
-    }
+    const V7Rows rows(a, kvh, r0 + 16 * wr + g, n_rows);  // this thread's two rows
 
     cp_async_wait_n<C::NSTAGE - 1>();  // the Q group
     __syncthreads();
@@ -170,22 +240,6 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
     float m[2] = {-INFINITY, -INFINITY};  // running max of z2 (log2 units) of this warp's keys
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns
     const float scale_log2 = a.scale * GOAT_LOG2E;
-    const int i_min = min(i_row[0], i_row[1]);
-    // The prior part of this thread's logits in tile jt, log2(e) (kappa[h][i - j + L_k - 1] + u[h][j]) (the GOAT
-    // step up to the score: z2 = goat_logit_log2(s, scale_log2, 0, prior) is then the whole step); 0 past the keys.
-    auto load_prior = [&](float (&pri)[NT_S][4], int jt) {
-        const int jw = j_begin + jt * B_c + wk * KW;
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
-                const bool in = j < j_end;
-                const float kap = kap_row[hh] && in ? __ldg(kap_row[hh] - j) : 0.f;
-                const float uu = u_row[hh] && in ? __ldg(u_row[hh] + j) : 0.f;
-                pri[n][e] = goat_logit_log2(0.f, 0.f, kap, GOAT_LOG2E * uu);
-            }
-    };
 
     for (int jt = 0; jt < n_kt; ++jt) {
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
@@ -200,7 +254,8 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         // the prior of this warp's scores, loaded before the product so that their latency overlaps it (loading
         // it a tile ahead measured slower: docs/PERF.md)
         float pri[NT_S][4];
-        load_prior(pri, jt);
+        if (jw + KW <= j_end) v7_load_prior<NT_S, true>(pri, rows, jw, j_end, t);
+        else v7_load_prior<NT_S, false>(pri, rows, jw, j_end, t);
 
         // S = Q K^T for this warp's 16 rows and KW keys
         float S[NT_S][4];
@@ -218,21 +273,14 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
             }
 
         // the GOAT step in log2 units, the mask where this warp's keys reach past j_end or (causal) a row's limit
-        const bool need_mask = jw + KW > j_end || (a.causal && jw + KW - 1 - i_min > a.shift);
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
-                float z2 = goat_logit_log2(S[n][e], scale_log2, 0.f, pri[n][e]);
-                if (need_mask) z2 = goat_mask(z2, goat_visible(i_row[hh], j, j_end, a.causal, a.shift));
-                S[n][e] = z2;
-                mx[hh] = fmaxf(mx[hh], z2);
-            }
+        // (one answer for the whole warp: a row's query index is at least 0, so the causal test takes i = 0)
+        const bool need_mask = jw + KW > j_end || (a.causal && jw + KW - 1 > a.shift);
+        float mx[2];
+        if (need_mask) v7_goat_step<NT_S, true>(S, pri, mx, rows, a, scale_log2, jw, j_end, t);
+        else v7_goat_step<NT_S, false>(S, pri, mx, rows, a, scale_log2, jw, j_end, t);
 
         // online softmax (v3's phase 5), then O += P V for the warp's keys (its rows of the V tile)
-        online_softmax_step<NT_S, NT_O>(S, mx, m, l, O_acc);
+        online_softmax_step<NT_S, NT_O, true>(S, mx, m, l, O_acc);
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
     }
@@ -258,7 +306,6 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         }
     }
     __syncthreads();
-    const size_t n_all = (size_t)a.B * a.H * a.L;  // rows of lse (and of each partial)
     for (int x = threadIdx.x; x < ROWS * (D / 4); x += V7_NTHREADS) {
         const int r = x / (D / 4), c = 4 * (x % (D / 4)), rr = r0 + r;
         if (rr >= n_rows) break;  // rows are in order: the rest are past n_rows too
@@ -277,19 +324,148 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_kernel(V7Args a) {
         }
         const float inv = lt > 0.f ? 1.f / lt : 0.f;  // lt = 0 only when nothing was visible
         const float lse = lt > 0.f ? M * GOAT_LN2 + logf(lt) : -INFINITY;
-        const int h = kvh * a.group + rr / a.L, i = rr % a.L;
-        const size_t row = ((size_t)b * a.H + h) * a.L + i;
-        if (a.n_splits == 1) {
-            __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.o + GoatShape::at(a.so, b, h, i) + c);
-            dst[0] = __floats2bfloat162_rn(o.x * inv, o.y * inv);
-            dst[1] = __floats2bfloat162_rn(o.z * inv, o.w * inv);
-            if (c == 0) a.lse[row] = lse;
-        } else {
-            *reinterpret_cast<float4*>(a.o_part + ((size_t)split * n_all + row) * D + c) =
-                make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
-            if (c == 0) a.lse_part[(size_t)split * n_all + row] = lse;
-        }
+        const int h = v7_head(a, kvh, rr), i = rr % a.L;
+        v7_store2(a, b, h, i, split, c, o.x * inv, o.y * inv);
+        v7_store2(a, b, h, i, split, c + 2, o.z * inv, o.w * inv);
+        if (c == 0) v7_store_lse(a, b, h, i, split, lse);
     }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// the 64-row block on Hopper's wgmma (sm_90a)
+//
+// With 64 rows per (b, kv head) (e.g. 4 query heads x 16 queries) the kernel above is bound by its mma.sync
+// instructions: each of its 4 warps reads the whole K and V tile through ldmatrix for its 16 rows. On a CC 9.0 GPU
+// with the sm_90a build, the plan runs these blocks here instead: one warpgroup, its warps 16 rows each as above
+// but over every key of the tile, so S = Q K^T (Q and K from 128-byte-swizzled shared memory) and O += P V (P
+// from registers, V N-major) are each one wgmma per 16 of the reduction, reading K and V from shared memory once
+// per block. The same ring of 3 cp.async stages, prior, mask and splits as above; no combine between warps (each
+// warp owns all the keys of its rows). (Q as register A fragments, as the kernel above keeps it, came out of
+// ptxas wrong at d = 64, P given the registers of Q: docs/PERF.md.)
+
+template <int D>
+struct V7WgmmaCfg {
+    // (more stages, or 3 blocks per multiprocessor at d = 64, measured no faster: its instructions per tile
+    // limit it, docs/PERF.md)
+    static constexpr int CH = D / 8, NT_S = V7_B_c / 8, NT_O = D / 8, KP = V7_B_c / 16, NSTAGE = 3;
+    static constexpr uint32_t TILE = (uint32_t)V7_B_c * D * 2, STAGE = 2 * TILE;  // K then V: 1024-byte multiples
+    static constexpr uint32_t OFF_Q = NSTAGE * STAGE;                             // Q: 64 rows, after the ring
+    static constexpr size_t SMEM = OFF_Q + (size_t)64 * D * 2 + 1024;             // + aligning the base
+};
+
+// Grid (n_splits * n_row_chunks, B*H_kv via goat_grid), row chunks of 64; V7_NTHREADS threads.
+template <int D>
+__global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) {
+#ifdef GOAT_SM90A
+    using C = V7WgmmaCfg<D>;
+    constexpr int CH = C::CH, NT_S = C::NT_S, NT_O = C::NT_O, KP = C::KP, B_c = V7_B_c, ROWS = 64;
+    extern __shared__ __align__(1024) unsigned char v7w_smem[];
+    const uint32_t raw = smem_u32(v7w_smem), sbase = (raw + 1023u) & ~1023u;
+    const uint32_t Q_s = sbase + C::OFF_Q;
+
+    const int bkv = goat_grid_row();
+    if (bkv >= a.B * a.H_kv) return;
+    const int b = bkv / a.H_kv, kvh = bkv % a.H_kv;
+    const int split = (int)blockIdx.x / a.n_row_chunks, r0 = ((int)blockIdx.x % a.n_row_chunks) * ROWS;
+    const int n_rows = a.group * a.L;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+    const int j_begin = split * a.chunk;  // the keys of this block, as above
+    int j_end = min(a.keys(b), a.L_k - j_begin < a.chunk ? a.L_k : j_begin + a.chunk);
+    if (a.causal) j_end = min(j_end, a.L + a.shift);
+    const int n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, B_c) : 0;
+    const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
+    const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
+    const float* pf = v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2);
+    auto load_kv = [&](int jt) {
+        const int j0 = j_begin + jt * B_c;
+        const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE;
+        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row);
+        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t + C::TILE, v_bh, j0, j_end, a.sv.row);
+        v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
+    };
+    // descriptors: k-step kk (16 of d) of the K tile at K_t, k-step kk (16 keys) of the V tile at V_t
+    auto desc_q = [Q_s](int kk) { return wgmma_desc(Q_s + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024); };
+    auto desc_k = [](uint32_t K_t, int kk) { return wgmma_desc(K_t + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024); };
+    auto desc_v = [](uint32_t V_t, int kk) { return wgmma_desc(V_t + kk * 16 * 128, B_c * 128, 1024); };
+
+    for (int c = threadIdx.x; c < ROWS * CH; c += V7_NTHREADS) {
+        const int r = c / CH, cc = c % CH, rr = r0 + r;
+        const bool valid = rr < n_rows;
+        const bf16* src = valid ? a.q + GoatShape::at(a.sq, b, v7_head(a, kvh, rr), rr % a.L) + 8 * cc : a.q;
+        cp_async_16(Q_s + sw128_off<ROWS>(r, cc), src, valid);
+    }
+    cp_async_commit();  // (one group with the first tile: the loop's first wait covers both)
+#pragma unroll
+    for (int s = 0; s < C::NSTAGE - 1; ++s) {
+        if (s < n_kt) load_kv(s);
+        cp_async_commit();
+    }
+    const V7Rows rows(a, kvh, r0 + 16 * warp + g, n_rows);
+
+    float O[NT_O][4];
+    zero_frags(O);
+    float(&O_flat)[D / 2] = reinterpret_cast<float(&)[D / 2]>(O);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const float scale_log2 = a.scale * GOAT_LOG2E;
+
+    for (int jt = 0; jt < n_kt; ++jt) {
+        cp_async_wait_n<C::NSTAGE - 2>();
+        fence_proxy_async();  // (the copies are read by wgmma, through the async proxy)
+        __syncthreads();
+        if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
+        cp_async_commit();
+        const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE, V_t = K_t + C::TILE;
+        const int j0 = j_begin + jt * B_c;
+
+        float pri[NT_S][4];
+        if (j0 + B_c <= j_end) v7_load_prior<NT_S, true>(pri, rows, j0, j_end, t);
+        else v7_load_prior<NT_S, false>(pri, rows, j0, j_end, t);
+        float S[NT_S][4];
+        zero_frags(S);
+        float(&S_flat)[4 * NT_S] = reinterpret_cast<float(&)[4 * NT_S]>(S);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<B_c>(S_flat, desc_q(kk), desc_k(K_t, kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(S_flat);
+
+        // (the same for the whole block, as above)
+        const bool need_mask = j0 + B_c > j_end || (a.causal && j0 + B_c - 1 > a.shift);
+        float mx[2];
+        if (need_mask) v7_goat_step<NT_S, true>(S, pri, mx, rows, a, scale_log2, j0, j_end, t);
+        else v7_goat_step<NT_S, false>(S, pri, mx, rows, a, scale_log2, j0, j_end, t);
+        online_softmax_step<NT_S, NT_O, true>(S, mx, m, l, O);
+        uint32_t P[KP][4];
+#pragma unroll
+        for (int kk = 0; kk < KP; ++kk) frag_c_to_a(P[kk], S[2 * kk], S[2 * kk + 1]);
+        fence_regs(O_flat);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O_flat, P[kk], desc_v(V_t, kk));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(O_flat);
+    }
+    cp_async_wait_n<0>();
+
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        const int rr = r0 + 16 * warp + g + 8 * hh;
+        if (rr >= n_rows) continue;
+        const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;  // l = 0 only when nothing was visible
+        const int h = v7_head(a, kvh, rr), i = rr % a.L;
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n)
+            v7_store2(a, b, h, i, split, 8 * n + 2 * t, O[n][2 * hh] * inv, O[n][2 * hh + 1] * inv);
+        if (t == 0) v7_store_lse(a, b, h, i, split, l[hh] > 0.f ? m[hh] * GOAT_LN2 + logf(l[hh]) : -INFINITY);
+    }
+#else
+    (void)a;  // not built for sm_90a: v7_plan never picks this kernel there
+#endif
 }
 
 // The combine of the splits' partials: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (a split with
@@ -327,24 +503,31 @@ __global__ void v7_combine_kernel(V7Args a) {
 // ----------------------------------------------------------------------------------------------------------
 // launchers
 
-// Resident blocks of v7_decode_kernel<D, WR> on the current GPU (multiprocessors x blocks per multiprocessor; at
-// least 1), asked once per device (it also sets the kernel's shared-memory limit, which every launch needs).
-template <int D, int WR>
+// Resident blocks of v7_decode_kernel<D, WR> (or, WGMMA, of v7_decode_wgmma_kernel<D>) on the current GPU
+// (multiprocessors x blocks per multiprocessor; at least 1), asked once per device (it also sets the kernel's
+// shared-memory limit, which every launch needs).
+template <int D, int WR, bool WGMMA = false>
 static int v7_slots() {
     static int cached[64];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
     if (cached[dev] == 0) {
         int n_sm = 1, per_sm = 0;
-        auto kernel = v7_decode_kernel<D, WR>;
+        auto kernel = WGMMA ? v7_decode_wgmma_kernel<D> : v7_decode_kernel<D, WR>;
+        const int smem = (int)(WGMMA ? V7WgmmaCfg<D>::SMEM : V7Cfg<D, WR>::SMEM);
         cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)V7Cfg<D, WR>::SMEM) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, V7_NTHREADS, V7Cfg<D, WR>::SMEM) != cudaSuccess)
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, V7_NTHREADS, smem) != cudaSuccess)
             per_sm = 1;
         cudaGetLastError();
         cached[dev] = (n_sm < 1 ? 1 : n_sm) * (per_sm < 1 ? 1 : per_sm);
     }
     return cached[dev];
+}
+static int v7_slots(int d, int WR, bool wgmma) {
+    if (wgmma) return d == 64 ? v7_slots<64, 4, true>() : v7_slots<128, 4, true>();
+    if (d == 64) return WR == 1 ? v7_slots<64, 1>() : WR == 2 ? v7_slots<64, 2>() : v7_slots<64, 4>();
+    return WR == 1 ? v7_slots<128, 1>() : WR == 2 ? v7_slots<128, 2>() : v7_slots<128, 4>();
 }
 
 // A split shorter than this many keys costs more in its block's start (the Q rows, the pipeline's first tiles)
@@ -354,6 +537,7 @@ constexpr int V7_MIN_CHUNK = 512;
 // The plan of a call: warps along the rows (WR), blocks of rows per (b, kv head), and the split of the keys.
 struct V7Plan {
     int WR, n_row_chunks, n_splits, chunk;
+    bool wgmma;  // 64-row blocks on v7_decode_wgmma_kernel (CC 9.0 with the sm_90a build)
 };
 
 // How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise one
@@ -367,6 +551,7 @@ static V7Plan v7_plan(const GoatParams& p) {
     V7Plan plan;
     plan.WR = n_rows <= 16 ? 1 : n_rows <= 32 ? 2 : 4;
     plan.n_row_chunks = goat_cdiv(n_rows, 16 * plan.WR);
+    plan.wgmma = plan.WR == 4 && sm90a_device_ok();
     // (64-bit: L_k may be within a few hundred of 2^31, and so may a forced count)
     auto cdiv = [](long long a, long long b) { return (a + b - 1) / b; };
     long long chunk;
@@ -375,8 +560,7 @@ static V7Plan v7_plan(const GoatParams& p) {
         const long long n = std::min<long long>(std::min<long long>(p.decode_splits, L_k), most);
         chunk = cdiv(L_k, n);
     } else {
-        const int slots = p.d == 64 ? (plan.WR == 1 ? v7_slots<64, 1>() : plan.WR == 2 ? v7_slots<64, 2>() : v7_slots<64, 4>())
-                                    : (plan.WR == 1 ? v7_slots<128, 1>() : plan.WR == 2 ? v7_slots<128, 2>() : v7_slots<128, 4>());
+        const int slots = v7_slots(p.d, plan.WR, plan.wgmma);
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
         const long long fill = slots / base, longest = cdiv(L_k, V7_MIN_CHUNK);
         const long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
@@ -393,13 +577,13 @@ static size_t v7_workspace_bytes(const GoatParams& p, const V7Plan& plan) {
     return align256((size_t)plan.n_splits * rows * p.d * 4) + align256((size_t)plan.n_splits * rows * 4);
 }
 
-template <int D, int WR>
+template <int D, int WR, bool WGMMA = false>
 static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t stream) {
-    using C = V7Cfg<D, WR>;
-    auto kernel = v7_decode_kernel<D, WR>;
-    v7_slots<D, WR>();  // (sets the kernel's shared-memory limit on this device, once)
+    auto kernel = WGMMA ? v7_decode_wgmma_kernel<D> : v7_decode_kernel<D, WR>;
+    const size_t smem = WGMMA ? V7WgmmaCfg<D>::SMEM : V7Cfg<D, WR>::SMEM;
+    v7_slots<D, WR, WGMMA>();  // (sets the kernel's shared-memory limit on this device, once)
     const dim3 grid = goat_grid(plan.n_splits * plan.n_row_chunks, (long long)a.B * a.H_kv);
-    GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, C::SMEM, stream>>>(a)));
+    GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, smem, stream>>>(a)));
     if (plan.n_splits > 1) {
         const size_t threads = (size_t)a.B * a.H * a.L * (D / 4);
         GOAT_LAUNCH_CHECK((v7_combine_kernel<D><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(a)));
@@ -421,6 +605,7 @@ static GoatStatus v7_forward(const GoatParams& p, const V7Plan& plan, void* work
         a.lse_part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) +
                                               align256((size_t)plan.n_splits * rows * p.d * 4));
     }
+    if (plan.wgmma) return p.d == 64 ? v7_launch<64, 4, true>(a, plan, stream) : v7_launch<128, 4, true>(a, plan, stream);
     if (p.d == 64)
         return plan.WR == 1 ? v7_launch<64, 1>(a, plan, stream)
              : plan.WR == 2 ? v7_launch<64, 2>(a, plan, stream) : v7_launch<64, 4>(a, plan, stream);
