@@ -170,11 +170,12 @@ static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16
         // all of them, so the addresses only step (a few instructions a copy, which v7 needs in its loop)
         const int cc = (int)threadIdx.x % CH, r = (int)threadIdx.x / CH;
         const uint32_t dst = base + sw128_off<R>(r, cc);
+        const long long step = (long long)RSTEP * row_stride;
         const bf16* src = x + (long long)(row0 + r) * row_stride + cc * 8;
 #pragma unroll
-        for (int it = 0; it < N / NTHREADS; ++it) {
+        for (int it = 0; it < N / NTHREADS; ++it, src += step) {
             const bool valid = row0 + r + it * RSTEP < n_rows;
-            cp_async_16(dst + it * RSTEP * 128, valid ? src + it * RSTEP * row_stride : x, valid);
+            cp_async_16(dst + it * RSTEP * 128, valid ? src : x, valid);
         }
     } else {
 #pragma unroll 4

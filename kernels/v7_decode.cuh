@@ -129,6 +129,20 @@ struct V7Rows {
 // whole step); 0 past the keys. FULL: every key is below j_end (no test per entry).
 template <int NT, bool FULL>
 static __device__ __forceinline__ void v7_load_prior(float (&pri)[NT][4], const V7Rows& rows, int jw, int j_end, int t) {
+    if (FULL && rows.kap[0] && rows.u[0]) {
+        // both tables and every key below j_end: one base per row and table, the entries at fixed offsets from it
+        // (a row past n_rows points at a valid row, so both of the thread's rows have both tables)
+        const float* kb[2] = {rows.kap[0] - (jw + 2 * t), rows.kap[1] - (jw + 2 * t)};
+        const float* ub[2] = {rows.u[0] + (jw + 2 * t), rows.u[1] + (jw + 2 * t)};
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int x = 8 * n + (e & 1), hh = e >> 1;
+                pri[n][e] = goat_logit_log2(0.f, 0.f, __ldg(kb[hh] - x), GOAT_LOG2E * __ldg(ub[hh] + x));
+            }
+        return;
+    }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
