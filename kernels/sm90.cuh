@@ -1,7 +1,7 @@
-// kernels/sm90.cuh: Hopper's building blocks (compute capability 9.0, the sm_90a target) for v4, v5 and v6:
-// wgmma (warpgroup tensor-core products on shared-memory descriptors), the 128-byte-swizzled tile layout they
-// read, mbarriers, the tensor memory accelerator (TMA) copies and reductions, and the check that this GPU runs
-// the sm_90a code at all.
+// kernels/sm90.cuh: Hopper's building blocks (compute capability 9.0, the sm_90a target) for v4-v6 and v7's
+// wgmma block: wgmma (warpgroup tensor-core products on shared-memory descriptors), the 128-byte-swizzled tile
+// layout they read, mbarriers, the tensor memory accelerator (TMA) copies and reductions, and the check that this
+// GPU runs the sm_90a code at all.
 //
 // What it adds over kernels/mma_sm80.cuh: v3's mma.sync is the Ampere instruction; on Hopper it reaches about half
 // the tensor rate. wgmma (PTX ISA "asynchronous warpgroup level matrix instructions") is issued by a warpgroup of
@@ -189,7 +189,7 @@ static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16
 
 
 // ----------------------------------------------------------------------------------------------------------
-// mbarriers, TMA copies and reductions, exp2 on the special function unit
+// mbarriers, TMA copies and reductions
 
 // mbarrier helpers (PTX ISA "mbarrier"): a 64-bit shared-memory object counting arrivals and, for the TMA,
 // transaction bytes; a wait names the phase parity it waits for (0, 1, 0, ... as the barrier is reused).

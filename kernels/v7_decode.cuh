@@ -1,7 +1,8 @@
 // kernels/v7_decode.cuh: v7, the forward for a few queries against a long key/value cache (generation): split
 // the keys across blocks, a partial softmax per split, then one combine (FlashAttention's "Flash-Decoding").
-// Runs on every GPU from compute capability 8.0 (mma.sync, cp.async: kernels/mma_sm80.cuh). Forward only; its
-// backward is AUTO's (v6 on Hopper, else v3).
+// Runs on every GPU from compute capability 8.0 (mma.sync, cp.async: kernels/mma_sm80.cuh); on Hopper its blocks
+// of 64 rows run on wgmma (v7_decode_wgmma_kernel, below the first). Forward only; its backward is AUTO's (v6 on
+// Hopper, else v3).
 //
 // Why another kernel: with L (queries per sequence) of 1 to a few dozen, v3-v6's tiles of 64-128 query rows per
 // (b, h) are almost all padding, every query head of a GQA group reads the same K and V again, and B*H blocks do
@@ -11,16 +12,17 @@
 //     K and V are read once per group, not once per query head;
 //   - the keys of a sequence in n_splits chunks (goat_decode_split_cpu, reference.cpp, is the CPU twin: the same
 //     chunks, the same combine); n_splits from the shape and the GPU (v7_plan: the rule and why);
-//   - within a block the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 / WR
-//     groups of keys), each warp with its own online softmax; the warps' (m, l, O) are combined in shared memory
-//     at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in fp32;
-//   - K, V tiles stream through a 3-stage cp.async pipeline (two tiles in flight while one is computed); the prior
-//     entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the
-//     overlap between rows, and the lines are prefetched into it with the tile's K, V) before each tile's
-//     product, into one register per score; the mask is goat.h's;
+//   - mma.sync block: the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 /
+//     WR groups of keys), each warp with its own online softmax; the warps' (m, l, O) are combined in shared
+//     memory at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in
+//     fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
+//   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
+//     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
+//     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) before each
+//     tile's product, into one register per score; the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s.
-// Rounding as v3: q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
-// rounded once at the end.
+// Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
+// rounded once at the end), but P = exp2 by ex2.approx (exp2_approx), which flushes values below 2^-126 to 0.
 #pragma once
 
 #include "mma_sm80.cuh"
@@ -60,7 +62,7 @@ struct V7Cfg {
     static constexpr size_t STAGE = (size_t)2 * V7_B_c * D * 2;  // K then V
     // NSTAGE - 1 tiles load while one is computed (more stages at d = 64 measured slower: fewer resident blocks)
     static constexpr int NSTAGE = 3;
-    // Blocks per multiprocessor the registers must allow: at d = 64 with 16 rows, 4 (what the shared memory
+    // Blocks per multiprocessor the registers must allow: at d = 64 with 16 rows, 4 (what Hopper's shared memory
     // allows), as the ring's bytes in flight set the bandwidth there and 3 blocks measured far slower (docs/PERF.md)
     static constexpr int MIN_BLOCKS = D == 64 && WR == 1 ? 4 : 1;
     static constexpr size_t OFF_Q = (NSTAGE - 1) * STAGE;
@@ -105,6 +107,26 @@ static __device__ __forceinline__ void v7_prefetch(const float* pf, int part, in
     for (uintptr_t line = (uintptr_t)lo & ~(uintptr_t)127; line <= (uintptr_t)hi; line += 128)
         asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
 }
+
+// The keys a block reads: its split's, within the sequence's keys and, causal, up to the last query's (key j is
+// visible from some row iff j <= L - 1 + shift); n_kt tiles of V7_B_c from j_begin.
+struct V7Keys {
+    int j_begin, j_end, n_kt;
+    __device__ __forceinline__ V7Keys(const V7Args& a, int b, int split) {
+        j_begin = split * a.chunk;
+        j_end = min(a.keys(b), a.L_k - j_begin < a.chunk ? a.L_k : j_begin + a.chunk);  // (no int overflow)
+        if (a.causal) j_end = min(j_end, a.L + a.shift);
+        n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, V7_B_c) : 0;
+    }
+};
+
+// Column chunk cc (8 elements) of block row rr's query (a.q itself, never read, past n_rows)
+static __device__ __forceinline__ const bf16* v7_q_src(const V7Args& a, int b, int kvh, int rr, int n_rows, int cc) {
+    return rr < n_rows ? a.q + GoatShape::at(a.sq, b, v7_head(a, kvh, rr), rr % a.L) + 8 * cc : a.q;
+}
+
+// lse of a row from its running max m (log2 units) and sum l; -inf when nothing was visible (l = 0)
+static __device__ __forceinline__ float v7_lse(float m, float l) { return l > 0.f ? m * GOAT_LN2 + logf(l) : -INFINITY; }
 
 // A thread's two rows of the C fragment layout (block rows rr and rr + 8): their query index and prior rows.
 struct V7Rows {
@@ -208,11 +230,8 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wr = warp % WR, wk = warp / WR;
 
-    // the keys this block reads: its split's, within the sequence's keys and, causal, up to the last query's
-    const int j_begin = split * a.chunk;
-    int j_end = min(a.keys(b), a.L_k - j_begin < a.chunk ? a.L_k : j_begin + a.chunk);  // (no int overflow)
-    if (a.causal) j_end = min(j_end, a.L + a.shift);  // key j visible from some row iff j <= L - 1 + shift
-    const int n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, B_c) : 0;
+    const V7Keys keys(a, b, split);
+    const int j_begin = keys.j_begin, j_end = keys.j_end, n_kt = keys.n_kt;
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
     // two threads per row prefetch its prior: its kappa window, its u slice
@@ -230,10 +249,8 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
 
     // the Q rows (zero past n_rows), then the first NSTAGE - 1 key tiles, one cp.async group each
     for (int c = threadIdx.x; c < ROWS * CH; c += V7_NTHREADS) {
-        const int r = c / CH, cc = c % CH, rr = r0 + r;
-        const bool valid = rr < n_rows;
-        const bf16* src = valid ? a.q + GoatShape::at(a.sq, b, v7_head(a, kvh, rr), rr % a.L) + 8 * cc : a.q;
-        cp_async_16(swz_chunk_addr<CH>(smem_u32(Q_s), r, cc), src, valid);
+        const int r = c / CH, cc = c % CH;
+        cp_async_16(swz_chunk_addr<CH>(smem_u32(Q_s), r, cc), v7_q_src(a, b, kvh, r0 + r, n_rows, cc), r0 + r < n_rows);
     }
     cp_async_commit();
 #pragma unroll
@@ -337,7 +354,7 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
             o.x += f * ow.x; o.y += f * ow.y; o.z += f * ow.z; o.w += f * ow.w;
         }
         const float inv = lt > 0.f ? 1.f / lt : 0.f;  // lt = 0 only when nothing was visible
-        const float lse = lt > 0.f ? M * GOAT_LN2 + logf(lt) : -INFINITY;
+        const float lse = v7_lse(M, lt);
         const int h = v7_head(a, kvh, rr), i = rr % a.L;
         v7_store2(a, b, h, i, split, c, o.x * inv, o.y * inv);
         v7_store2(a, b, h, i, split, c + 2, o.z * inv, o.w * inv);
@@ -353,18 +370,19 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
 // with the sm_90a build, the plan runs these blocks here instead: one warpgroup, its warps 16 rows each as above
 // but over every key of the tile, so S = Q K^T (Q and K from 128-byte-swizzled shared memory) and O += P V (P
 // from registers, V N-major) are each one wgmma per 16 of the reduction, reading K and V from shared memory once
-// per block. The same ring of 3 cp.async stages, prior, mask and splits as above; no combine between warps (each
+// per block. The same ring of cp.async stages, prior, mask and splits as above; no combine between warps (each
 // warp owns all the keys of its rows). (Q as register A fragments, as the kernel above keeps it, came out of
 // ptxas wrong at d = 64, P given the registers of Q: docs/PERF.md.)
 
 template <int D>
 struct V7WgmmaCfg {
-    // (more stages, or 3 blocks per multiprocessor at d = 64, measured no faster: its instructions per tile
-    // limit it, docs/PERF.md)
+    // (more stages measured no faster: the instructions per tile limit it, docs/PERF.md)
+    static constexpr int ROWS = V7Cfg<D, 4>::ROWS;  // the plan's row chunks are the 4-warp block's
     static constexpr int CH = D / 8, NT_S = V7_B_c / 8, NT_O = D / 8, KP = V7_B_c / 16, NSTAGE = 3;
     static constexpr uint32_t TILE = (uint32_t)V7_B_c * D * 2, STAGE = 2 * TILE;  // K then V: 1024-byte multiples
-    static constexpr uint32_t OFF_Q = NSTAGE * STAGE;                             // Q: 64 rows, after the ring
-    static constexpr size_t SMEM = OFF_Q + (size_t)64 * D * 2 + 1024;             // + aligning the base
+    static constexpr uint32_t OFF_Q = NSTAGE * STAGE;                             // Q, after the ring
+    static constexpr size_t SMEM = OFF_Q + (size_t)ROWS * D * 2 + 1024;           // + aligning the base
+    static_assert(ROWS == 64, "one warpgroup's M");
 };
 
 // Grid (n_splits * n_row_chunks, B*H_kv via goat_grid), row chunks of 64; V7_NTHREADS threads.
@@ -372,7 +390,7 @@ template <int D>
 __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) {
 #ifdef GOAT_SM90A
     using C = V7WgmmaCfg<D>;
-    constexpr int CH = C::CH, NT_S = C::NT_S, NT_O = C::NT_O, KP = C::KP, B_c = V7_B_c, ROWS = 64;
+    constexpr int CH = C::CH, NT_S = C::NT_S, NT_O = C::NT_O, KP = C::KP, B_c = V7_B_c, ROWS = C::ROWS;
     extern __shared__ __align__(1024) unsigned char v7w_smem[];
     const uint32_t raw = smem_u32(v7w_smem), sbase = (raw + 1023u) & ~1023u;
     const uint32_t Q_s = sbase + C::OFF_Q;
@@ -384,10 +402,8 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     const int n_rows = a.group * a.L;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
-    const int j_begin = split * a.chunk;  // the keys of this block, as above
-    int j_end = min(a.keys(b), a.L_k - j_begin < a.chunk ? a.L_k : j_begin + a.chunk);
-    if (a.causal) j_end = min(j_end, a.L + a.shift);
-    const int n_kt = j_end > j_begin ? goat_cdiv(j_end - j_begin, B_c) : 0;
+    const V7Keys keys(a, b, split);
+    const int j_begin = keys.j_begin, j_end = keys.j_end, n_kt = keys.n_kt;
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
     const float* pf = v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2);
@@ -398,18 +414,16 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
         load_tile_sw128<D, B_c, V7_NTHREADS>(K_t + C::TILE, v_bh, j0, j_end, a.sv.row);
         v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
     };
-    // descriptors: k-step kk (16 of d) of the K tile at K_t, k-step kk (16 keys) of the V tile at V_t
+    // descriptors: k-step kk (16 of d) of Q and of the K tile at K_t, k-step kk (16 keys) of the V tile at V_t
     auto desc_q = [Q_s](int kk) { return wgmma_desc(Q_s + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024); };
     auto desc_k = [](uint32_t K_t, int kk) { return wgmma_desc(K_t + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024); };
     auto desc_v = [](uint32_t V_t, int kk) { return wgmma_desc(V_t + kk * 16 * 128, B_c * 128, 1024); };
 
     for (int c = threadIdx.x; c < ROWS * CH; c += V7_NTHREADS) {
-        const int r = c / CH, cc = c % CH, rr = r0 + r;
-        const bool valid = rr < n_rows;
-        const bf16* src = valid ? a.q + GoatShape::at(a.sq, b, v7_head(a, kvh, rr), rr % a.L) + 8 * cc : a.q;
-        cp_async_16(Q_s + sw128_off<ROWS>(r, cc), src, valid);
+        const int r = c / CH, cc = c % CH;
+        cp_async_16(Q_s + sw128_off<ROWS>(r, cc), v7_q_src(a, b, kvh, r0 + r, n_rows, cc), r0 + r < n_rows);
     }
-    cp_async_commit();  // (one group with the first tile: the loop's first wait covers both)
+    cp_async_commit();  // (the Q group: the loop's first wait covers it with the first tile's)
 #pragma unroll
     for (int s = 0; s < C::NSTAGE - 1; ++s) {
         if (s < n_kt) load_kv(s);
@@ -475,7 +489,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
 #pragma unroll
         for (int n = 0; n < NT_O; ++n)
             v7_store2(a, b, h, i, split, 8 * n + 2 * t, O[n][2 * hh] * inv, O[n][2 * hh + 1] * inv);
-        if (t == 0) v7_store_lse(a, b, h, i, split, l[hh] > 0.f ? m[hh] * GOAT_LN2 + logf(l[hh]) : -INFINITY);
+        if (t == 0) v7_store_lse(a, b, h, i, split, v7_lse(m[hh], l[hh]));
     }
 #else
     (void)a;  // not built for sm_90a: v7_plan never picks this kernel there
@@ -527,8 +541,10 @@ static int v7_slots() {
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
     if (cached[dev] == 0) {
         int n_sm = 1, per_sm = 0;
-        auto kernel = WGMMA ? v7_decode_wgmma_kernel<D> : v7_decode_kernel<D, WR>;
-        const int smem = (int)(WGMMA ? V7WgmmaCfg<D>::SMEM : V7Cfg<D, WR>::SMEM);
+        void (*kernel)(V7Args);
+        int smem;
+        if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D>, smem = (int)V7WgmmaCfg<D>::SMEM;
+        else kernel = v7_decode_kernel<D, WR>, smem = (int)V7Cfg<D, WR>::SMEM;
         cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
         if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, V7_NTHREADS, smem) != cudaSuccess)
@@ -593,8 +609,10 @@ static size_t v7_workspace_bytes(const GoatParams& p, const V7Plan& plan) {
 
 template <int D, int WR, bool WGMMA = false>
 static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t stream) {
-    auto kernel = WGMMA ? v7_decode_wgmma_kernel<D> : v7_decode_kernel<D, WR>;
-    const size_t smem = WGMMA ? V7WgmmaCfg<D>::SMEM : V7Cfg<D, WR>::SMEM;
+    void (*kernel)(V7Args);
+    size_t smem;
+    if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D>, smem = V7WgmmaCfg<D>::SMEM;
+    else kernel = v7_decode_kernel<D, WR>, smem = V7Cfg<D, WR>::SMEM;
     v7_slots<D, WR, WGMMA>();  // (sets the kernel's shared-memory limit on this device, once)
     const dim3 grid = goat_grid(plan.n_splits * plan.n_row_chunks, (long long)a.B * a.H_kv);
     GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, smem, stream>>>(a)));
