@@ -43,7 +43,8 @@ enum GoatVersion {
     GOAT_V5_WGMMA_TMA_BF16 = 5,  // v4 + TMA loads and a producer warpgroup; v3 backward
     GOAT_V6_WGMMA_BWD_BF16 = 6,  // v5 forward + a wgmma backward (what AUTO picks for bf16 on CC 9.0)
     GOAT_V7_DECODE_BF16 = 7,     // bf16 forward for a few queries against a long key/value cache: the keys split
-                                 // across blocks, then combined (any GPU from CC 8.0); the backward is AUTO's.
+                                 // across blocks, then combined (any GPU from CC 8.0; blocks of 64 rows on wgmma
+                                 // on CC 9.0 with the sm_90a build); the backward is AUTO's.
                                  // AUTO picks it for the forward when L <= 16 (bf16, d in {64, 128}) and the
                                  // call has GQA (H_kv < H) or at most one (b, h) per multiprocessor
 };
