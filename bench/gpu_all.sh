@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/gpu_all.sh: everything the GPU machine checks, in one call: GPU tests, compute-sanitizer on the small
 # cases, the benchmark (validates, then times; the square table, the general shapes, decoding), the PyTorch peers in
-# the same run, and the trainer's CPU/GPU agreement and its fp32 and bf16 speed. Uses the binaries in build/ (build them with `make` first, e.g. where doctest is installed).
+# the same run, and the trainer's CPU/GPU agreement and its fp32 and bf16 speed; with GRID=1 also the speed goal's
+# grid (bench --grid and its peers, about 2.5 minutes more on an H200). Uses the binaries in build/ (build them
+# with `make` first, e.g. where doctest is installed).
 # Logs go to $OUT (or build/gpu_logs) and a short summary is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,12 +42,19 @@ step "bench --general (GQA, cross-attention, chunked prefill; AUTO)"
 ./build/bench --general > "$LOG/bench_general.log" 2>&1 || status=1
 step "bench --decode (generation steps; AUTO: v7 or the square path's forward)"
 ./build/bench --decode > "$LOG/bench_decode.log" 2>&1 || status=1
+if [ "${GRID:-0}" = 1 ]; then
+    step "bench --grid (square self-attention over the speed goal's shapes; AUTO, with and without the prior)"
+    ./build/bench --grid > "$LOG/bench_grid.log" 2>&1 || status=1
+fi
 
 if python3 -c "import torch" 2>/dev/null; then
     step "PyTorch peers (same run)"
     PYTHONUNBUFFERED=1 python3 bench/peers.py --bench-log "$LOG/bench.log" ${PEERS_ARGS:---no-flex} > "$LOG/peers.log" 2>&1 || status=1
     PYTHONUNBUFFERED=1 python3 bench/peers.py --general --bench-log "$LOG/bench_general.log" > "$LOG/peers_general.log" 2>&1 || status=1
     PYTHONUNBUFFERED=1 python3 bench/peers.py --decode --bench-log "$LOG/bench_decode.log" > "$LOG/peers_decode.log" 2>&1 || status=1
+    if [ -f "$LOG/bench_grid.log" ]; then
+        PYTHONUNBUFFERED=1 python3 bench/peers.py --grid --bench-log "$LOG/bench_grid.log" > "$LOG/peers_grid.log" 2>&1 || status=1
+    fi
 fi
 
 step "summary"
@@ -54,5 +63,6 @@ grep -A40 "^version" "$LOG/bench.log"
 grep -A24 "^kind" "$LOG/bench_general.log"
 [ -f "$LOG/peers_general.log" ] && tail -48 "$LOG/peers_general.log"
 [ -f "$LOG/peers_decode.log" ] && tail -2 "$LOG/peers_decode.log"
+[ -f "$LOG/peers_grid.log" ] && tail -7 "$LOG/peers_grid.log"
 echo "exit status $status"
 exit $status
