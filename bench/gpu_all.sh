@@ -2,7 +2,7 @@
 # bench/gpu_all.sh: everything the GPU machine checks, in one call: GPU tests, compute-sanitizer on the small
 # cases, the benchmark (validates, then times; the square table, the general shapes, decoding), the PyTorch peers in
 # the same run, and the trainer's CPU/GPU agreement and its fp32 and bf16 speed; with GRID=1 also the speed goal's
-# grid (bench --grid and its peers, about 2.5 minutes more on an H200). Uses the binaries in build/ (build them
+# grid (bench --grid and its peers: minutes more). Uses the binaries in build/ (build them
 # with `make` first, e.g. where doctest is installed).
 # Logs go to $OUT (or build/gpu_logs) and a short summary is printed last.
 set -u
