@@ -228,6 +228,36 @@ static float median_ms(F fn, int repeats, int warmup) {
     return ms[repeats / 2];
 }
 
+// Median times in ms of two calls, timed alternately (a then b, then b then a, ...) so that a drift of the GPU's
+// clock falls on both alike (the H200 runs the long rows at its power limit, its clock moving by several percent).
+template <typename FA, typename FB>
+static void median_ms_pair(FA fa, FB fb, int repeats, int warmup, float* ma, float* mb) {
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    // (call number n of the two together gets rep = n: consecutive calls read different rotated inputs)
+    for (int w = 0; w < warmup; ++w) { fa(2 * w); fb(2 * w + 1); }
+    std::vector<float> ta(repeats), tb(repeats);
+    auto timed = [&](auto& fn, int rep, float* out) {
+        CUDA_CHECK(cudaEventRecord(start));
+        fn(rep);
+        CUDA_CHECK(cudaEventRecord(stop));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        CUDA_CHECK(cudaEventElapsedTime(out, start, stop));
+    };
+    for (int r = 0; r < repeats; ++r) {
+        const int n = 2 * (warmup + r);
+        if (r % 2 == 0) { timed(fa, n, &ta[r]); timed(fb, n + 1, &tb[r]); }
+        else { timed(fb, n, &tb[r]); timed(fa, n + 1, &ta[r]); }
+    }
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ta.begin(), ta.end());
+    std::sort(tb.begin(), tb.end());
+    *ma = ta[repeats / 2];
+    *mb = tb[repeats / 2];
+}
+
 struct Row {
     std::string version;
     int d, L, B;
@@ -277,19 +307,18 @@ template <typename W>
 static void time_four(W with_inputs, int repeats, int warmup, float* fwd, float* fwd_noprior, float* fwdbwd,
                       float* fwdbwd_noprior) {
     auto fwd_only = [&](bool prior) {
-        return median_ms([&](int rep) { check(goat_forward(with_inputs(rep, prior), 0)); }, repeats, warmup);
+        return [&, prior](int rep) { check(goat_forward(with_inputs(rep, prior), 0)); };
     };
     auto fwd_bwd = [&](bool prior) {
-        return median_ms([&](int rep) {
+        return [&, prior](int rep) {
             GoatParams q = with_inputs(rep, prior);
             check(goat_forward(q, 0));
             check(goat_backward(q, 0));
-        }, repeats, warmup);
+        };
     };
-    *fwd = fwd_only(true);
-    *fwd_noprior = fwd_only(false);
-    *fwdbwd = fwd_bwd(true);
-    *fwdbwd_noprior = fwd_bwd(false);
+    // (with and without the prior alternately: their ratio is what the tables report)
+    median_ms_pair(fwd_only(true), fwd_only(false), repeats, warmup, fwd, fwd_noprior);
+    median_ms_pair(fwd_bwd(true), fwd_bwd(false), repeats, warmup, fwdbwd, fwdbwd_noprior);
     CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -418,11 +447,11 @@ static std::vector<GeneralShape> general_shapes(Kind kind, int d, bool quick) {
 }
 
 // --grid: square self-attention, causal and not, d in {64, 128}, L = 512 .. 32768, (H, B*H) in {(8, 16), (16, 128),
-// (32, 1024)}, leaving out shapes of more than 2^22 (row, head) pairs (their tensors pass 1 GB at d = 128); quick:
-// d = 64, L in {1024, 8192}, H = 16.
+// (32, 1024)}, leaving out shapes of more than 2^22 (row, head) pairs (their tensors pass 1 GB at d = 128); quick
+// (for A/B runs): L in {1024, 8192}, H = 16.
 static std::vector<GeneralShape> grid_shapes(bool quick) {
     std::vector<GeneralShape> v;
-    const std::vector<int> ds = quick ? std::vector<int>{64} : std::vector<int>{64, 128};
+    const std::vector<int> ds = {64, 128};
     const std::vector<int> Ls = quick ? std::vector<int>{1024, 8192}
                                       : std::vector<int>{512, 1024, 2048, 4096, 8192, 16384, 32768};
     const std::vector<std::pair<int, int>> heads = quick ? std::vector<std::pair<int, int>>{{16, 128}}

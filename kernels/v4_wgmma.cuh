@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS) v4_forward_kernel(Bf16A
         for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<B_c>(S, desc_q(kk), desc_k(buf, kk), 1);
         wgmma_commit();
         if (jt > 0) {
+            wgmma_fence();  // (one in this block too, else ptxas adds a warpgroup.arrive of its own: C7519)
 #pragma unroll
             for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O, P[kk], desc_v(buf ^ 1, kk));
             wgmma_commit();

@@ -236,6 +236,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         // tile is the last one (with one warpgroup, j_end_c is the block's j_end), its product is issued after
         // the loop. (A branch here made ptxas close the commit group with an extra empty wgmma.)
         auto issue_pv = [&]() {
+            wgmma_fence();  // (one on this path too, else ptxas adds a warpgroup.arrive of its own: C7519)
 #pragma unroll
             for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
             wgmma_commit();
@@ -311,15 +312,19 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         const int sv = (n_kt - 1) % VS;
         mbar_wait(bar_vfull(sv), ((n_kt - 1) / VS) & 1);
         fence_regs(O);
-        wgmma_fence();
+        // fence, products and commit in each branch: ptxas checks the fence per basic block, and a commit at the
+        // join would get an arrive and an empty wgmma of its own (C7519)
         if (p_half) {
+            wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KP / 2; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+            wgmma_commit();
         } else {
+            wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KP; ++kk) wgmma_rs<D>(O, P[kk], desc_v(sv, kk));
+            wgmma_commit();
         }
-        wgmma_commit();
         wgmma_wait<0>();
         fence_regs(O);
     }

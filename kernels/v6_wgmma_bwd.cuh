@@ -457,7 +457,11 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
             D_at(buf, tid) = next_D;
         }
 
-        // phase 7: dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
+        // phase 7: issue S^T, dP^T of tile it + 1
+        if (has_next) issue_s_dp(buf ^ 1, 0);
+
+        // phase 8, under phase 7's products (tile it's diagonal sums are next written two steps on, after phase
+        // 4's barrier): dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
         // carries on to tile it + 1 (x >= B_r), except at the head's last tile, where every diagonal is final;
         // the carry alternates buffers as well
         if (DKAPPA && tid < KW) {
@@ -478,10 +482,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
             bwd_store_du(a, du_acc, b, h, j0 + k_loc0, t, false);
             du_acc[0] = du_acc[1] = 0.f;
         }
-
-        // phase 8: S^T, dP^T of tile it + 1 ready
-        if (has_next) issue_s_dp(buf ^ 1, 0);
-        wgmma_wait<0>();
+        wgmma_wait<0>();  // phase 7's S^T, dP^T
         fence_regs(Sf);
         fence_regs(dPf);
         if (GENERAL) advance(h, it);

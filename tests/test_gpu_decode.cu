@@ -167,6 +167,8 @@ GPU_CASE({true, 2, 8, 2, 12, 300, 128, true, 290, 1, {300, 0}, Layout::blhd,
           "48 rows per kv head (the 64-row block: wgmma on Hopper); an empty cache"})
 GPU_CASE({true, 1, 16, 2, 9, 333, 64, false, 5, 0, {}, Layout::packed,
           "72 rows per kv head: a full and a partial block of 64 rows"})
+GPU_CASE({true, 2, 16, 2, 1, 700, 64, true, 699, 0, {700, 333}, Layout::packed,
+          "one query in group 8: eight heads in a block of 16 rows"})
 // the shapes of generation: GQA groups 1..8, caches 1000 to 65553
 GPU_CASE({false, 4, 32, 32, 1, 1000, 64, true, 1999, 1000, {1000, 1, 517, 0}, Layout::packed, "group 1"})
 GPU_CASE({false, 2, 32, 8, 16, 1000, 128, true, 1034, 50, {1000, 999}, Layout::blhd, "group 4: 64 rows per kv head"})
