@@ -177,6 +177,12 @@ static __device__ __forceinline__ void v7_load_prior(float (&pri)[NT][4], const 
         }
 }
 
+// Does a block load each tile's prior before waiting for the tile (its latency then overlaps the wait), or only
+// after it (before the product)? Before when the keys are split: a block's few tiles are then bound by latency;
+// with one split the grid streams the cache at the memory's speed, and loading first measured slower there
+// (bench --decode, docs/PERF.md).
+static __device__ __forceinline__ bool v7_prior_first(const V7Args& a) { return a.n_splits > 1; }
+
 // The GOAT step in log2 units on a thread's scores for keys jw + ..., masked (MASK: the caller found that the
 // keys reach past j_end or, causal, a row's limit; two instances, so that the rest test nothing); mx gets the
 // rows' maxima.
@@ -272,21 +278,27 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
+    const bool prior_first = v7_prior_first(a);
     for (int jt = 0; jt < n_kt; ++jt) {
+        const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
+        // the prior of this warp's scores, loaded before the product so that their latency overlaps it, or
+        // before the wait for the tile as well (v7_prior_first; loading it a tile ahead measured slower:
+        // docs/PERF.md)
+        float pri[NT_S][4];
+        auto load_prior = [&]() {
+            if (jw + KW <= j_end) v7_load_prior<NT_S, true>(pri, rows, jw, j_end, t);
+            else v7_load_prior<NT_S, false>(pri, rows, jw, j_end, t);
+        };
+        if (prior_first) load_prior();
+
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
         cp_async_wait_n<C::NSTAGE - 2>();
         __syncthreads();
         if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
         cp_async_commit();
+        if (!prior_first) load_prior();
 
         const bf16* K_t = reinterpret_cast<const bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
-        const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
-
-        // the prior of this warp's scores, loaded before the product so that their latency overlaps it (loading
-        // it a tile ahead measured slower: docs/PERF.md)
-        float pri[NT_S][4];
-        if (jw + KW <= j_end) v7_load_prior<NT_S, true>(pri, rows, jw, j_end, t);
-        else v7_load_prior<NT_S, false>(pri, rows, jw, j_end, t);
 
         // S = Q K^T for this warp's 16 rows and KW keys
         float S[NT_S][4];
@@ -437,18 +449,23 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
+    const bool prior_first = v7_prior_first(a);
     for (int jt = 0; jt < n_kt; ++jt) {
+        const int j0 = j_begin + jt * B_c;
+        float pri[NT_S][4];  // (as above)
+        auto load_prior = [&]() {
+            if (j0 + B_c <= j_end) v7_load_prior<NT_S, true>(pri, rows, j0, j_end, t);
+            else v7_load_prior<NT_S, false>(pri, rows, j0, j_end, t);
+        };
+        if (prior_first) load_prior();
+
         cp_async_wait_n<C::NSTAGE - 2>();
         fence_proxy_async();  // (the copies are read by wgmma, through the async proxy)
         __syncthreads();
         if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
         cp_async_commit();
+        if (!prior_first) load_prior();
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE, V_t = K_t + C::TILE;
-        const int j0 = j_begin + jt * B_c;
-
-        float pri[NT_S][4];
-        if (j0 + B_c <= j_end) v7_load_prior<NT_S, true>(pri, rows, j0, j_end, t);
-        else v7_load_prior<NT_S, false>(pri, rows, j0, j_end, t);
         float S[NT_S][4];
         zero_frags(S);
         float(&S_flat)[4 * NT_S] = reinterpret_cast<float(&)[4 * NT_S]>(S);
