@@ -183,6 +183,20 @@ static __device__ __forceinline__ void v7_load_prior(float (&pri)[NT][4], const 
 // (bench --decode, docs/PERF.md).
 static __device__ __forceinline__ bool v7_prior_first(const V7Args& a) { return a.n_splits > 1; }
 
+// Programmatic dependent launch (CC 9.0 and newer): the combine is launched while the split kernel ends, and its
+// threads wait here for the split kernel's partials; the split kernel's blocks say when that launch may begin.
+// (Only in code compiled for CC 9.0 or newer: v7_launch launches the combine plainly where the code lacks them.)
+static __device__ __forceinline__ void v7_wait_for_partials() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void v7_allow_combine_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The GOAT step in log2 units on a thread's scores for keys jw + ..., masked (MASK: the caller found that the
 // keys reach past j_end or, causal, a row's limit; two instances, so that the rest test nothing); mx gets the
 // rows' maxima.
@@ -327,6 +341,8 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
     }
+
+    v7_allow_combine_launch();  // (the combine still waits for this grid's end)
 
     // the block's combine: every warp's (O, m, l) into the stages, then each row's WK parts summed
     cp_async_wait_n<0>();
@@ -493,6 +509,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
         wgmma_wait<0>();
         fence_regs(O_flat);
     }
+    v7_allow_combine_launch();
     cp_async_wait_n<0>();
 
 #pragma unroll
@@ -520,6 +537,7 @@ template <int D>
 __global__ void v7_combine_kernel(V7Args a) {
     const size_t n_all = (size_t)a.B * a.H * a.L;
     const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = x / (D / 4);
+    v7_wait_for_partials();
     if (row >= n_all) return;
     const int c = 4 * (int)(x % (D / 4));
     float M = -INFINITY;
@@ -624,6 +642,26 @@ static size_t v7_workspace_bytes(const GoatParams& p, const V7Plan& plan) {
     return align256((size_t)plan.n_splits * rows * p.d * 4) + align256((size_t)plan.n_splits * rows * 4);
 }
 
+// Does v7_combine_kernel<D>'s code on this device wait for the split kernel (v7_wait_for_partials: compiled for
+// CC 9.0 or newer, e.g. not the compute_80 PTX that a newer GPU compiles at load time), so that it may be launched
+// early? Asked once per device.
+template <int D>
+static bool v7_combine_waits() {
+    static int cached[64];  // 0 = unknown, 1 = yes, 2 = no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cached[dev] == 0) {
+        int major = 0;
+        cudaFuncAttributes fa;
+        const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                        major >= 9 && cudaFuncGetAttributes(&fa, v7_combine_kernel<D>) == cudaSuccess &&
+                        fa.ptxVersion >= 90;
+        cudaGetLastError();
+        cached[dev] = ok ? 1 : 2;
+    }
+    return cached[dev] == 1;
+}
+
 template <int D, int WR, bool WGMMA = false>
 static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t stream) {
     void (*kernel)(V7Args);
@@ -635,7 +673,16 @@ static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t st
     GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, smem, stream>>>(a)));
     if (plan.n_splits > 1) {
         const size_t threads = (size_t)a.B * a.H * a.L * (D / 4);
-        GOAT_LAUNCH_CHECK((v7_combine_kernel<D><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(a)));
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3((unsigned)((threads + 255) / 256));
+        cfg.blockDim = dim3(256);
+        cfg.stream = stream;
+        cudaLaunchAttribute early;
+        early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        early.val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = &early;
+        cfg.numAttrs = v7_combine_waits<D>() ? 1 : 0;
+        GOAT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, v7_combine_kernel<D>, a));
     }
     return GoatStatus();
 }
