@@ -20,7 +20,8 @@
 //     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
 //     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) before each
 //     tile's product, into one register per score; the mask is goat.h's;
-//   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s.
+//   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
+//     while the split kernel ends, on CC 9.0 and newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
 // rounded once at the end), but P = exp2 by ex2.approx (exp2_approx), which flushes values below 2^-126 to 0.
 #pragma once
