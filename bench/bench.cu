@@ -29,6 +29,8 @@
 // --grid: the same table for square self-attention, causal and not ("causal" and "full" rows), over the shapes of
 // the speed goal (grid_shapes: d in {64, 128}, L = 512 .. 32768, H in {8, 16, 32} with B*H = 16, 128, 1024), so
 // that every number of that comparison comes from one call (peers.py --grid times cuDNN and flash on its rows).
+// --grid --quick: L in {1024, 8192}, H = 16, both d (for A/B runs). Every table times the calls with and without
+// the prior alternately (median_ms_pair).
 //
 // --decode: generation steps as GOAT_AUTO runs them (v7, or the square path's forward where v7_preferred says so):
 // L in {1, 4, 16} new queries (causal, at the end

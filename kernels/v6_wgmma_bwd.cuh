@@ -460,8 +460,8 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         // phase 7: issue S^T, dP^T of tile it + 1
         if (has_next) issue_s_dp(buf ^ 1, 0);
 
-        // phase 8, under phase 7's products (tile it's diagonal sums are next written two steps on, after phase
-        // 4's barrier): dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
+        // phase 8, under phase 7's products (tile it's diagonal sums are next written two steps on, after the
+        // next step's phase 4 barrier): dkappa, as v3: diagonal x of this tile completes the carry of tile it - 1 (x < B_r) or
         // carries on to tile it + 1 (x >= B_r), except at the head's last tile, where every diagonal is final;
         // the carry alternates buffers as well
         if (DKAPPA && tid < KW) {

@@ -21,7 +21,7 @@
 //     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) before each
 //     tile's product, into one register per score; the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
-//     while the split kernel ends, on CC 9.0 and newer: v7_wait_for_partials).
+//     while the split kernel ends where the running code was compiled for CC 9.0 or newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
 // rounded once at the end), but P = exp2 by ex2.approx (exp2_approx), which flushes values below 2^-126 to 0.
 #pragma once
@@ -296,8 +296,8 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     const bool prior_first = v7_prior_first(a);
     for (int jt = 0; jt < n_kt; ++jt) {
         const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
-        // the prior of this warp's scores, loaded before the product so that their latency overlaps it, or
-        // before the wait for the tile as well (v7_prior_first; loading it a tile ahead measured slower:
+        // the prior of this warp's scores, loaded before the product so that their latency overlaps it: after the
+        // wait for the tile, or before that wait (v7_prior_first; loading it a tile ahead measured slower:
         // docs/PERF.md)
         float pri[NT_S][4];
         auto load_prior = [&]() {
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
     }
 
-    v7_allow_combine_launch();  // (the combine still waits for this grid's end)
+    if (a.n_splits > 1) v7_allow_combine_launch();  // (the combine still waits for this grid's end)
 
     // the block's combine: every warp's (O, m, l) into the stages, then each row's WK parts summed
     cp_async_wait_n<0>();
@@ -510,7 +510,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
         wgmma_wait<0>();
         fence_regs(O_flat);
     }
-    v7_allow_combine_launch();
+    if (a.n_splits > 1) v7_allow_combine_launch();
     cp_async_wait_n<0>();
 
 #pragma unroll
@@ -678,12 +678,14 @@ static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t st
         cfg.gridDim = dim3((unsigned)((threads + 255) / 256));
         cfg.blockDim = dim3(256);
         cfg.stream = stream;
-        cudaLaunchAttribute early;
+        cudaLaunchAttribute early = {};
         early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
         early.val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = &early;
         cfg.numAttrs = v7_combine_waits<D>() ? 1 : 0;
-        GOAT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, v7_combine_kernel<D>, a));
+        const cudaError_t e = cudaLaunchKernelEx(&cfg, v7_combine_kernel<D>, a);
+        cudaGetLastError();  // (reported here, not left for the caller's next check)
+        GOAT_CUDA_CHECK(e);
     }
     return GoatStatus();
 }
