@@ -152,23 +152,35 @@ static __device__ __forceinline__ float exp2_approx(float x) {
 // The online softmax's step for one warp's 16-row score tile S (NT_S n-tiles, z2 in log2 units, the C layout:
 // this thread's rows r, r + 8 in e >> 1) whose per-thread row maxima are mx: the new running max m (quad-wide),
 // the rescale of l and of the output accumulator O (NT_O n-tiles) by exp2(m_old - m_new), and S replaced by
-// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7; FAST: P by exp2_approx, as v7 does)
-template <int NT_S, int NT_O, bool FAST = false>
+// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7; FAST: P by exp2_approx, as v7 does; LAZY: m
+// moves only when a row of the warp gains more than 2^LAZY_RESCALE_LOG2, FlashAttention-4's conditional
+// rescaling, as wgmma_softmax_step_lazy in kernels/v4_wgmma.cuh explains)
+constexpr float LAZY_RESCALE_LOG2 = 8.f;
+template <int NT_S, int NT_O, bool FAST = false, bool LAZY = false>
 static __device__ __forceinline__ void online_softmax_step(float (&S)[NT_S][4], float (&mx)[2], float (&m)[2],
                                                            float (&l)[2], float (&O_acc)[NT_O][4]) {
+    float m_new[2];
+    bool grow = false;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        float m_new;
-        const float m_use = online_max_step(mx[hh], m[hh], m_new);
-        const float alpha = exp2f(m[hh] - m_use);
-        m[hh] = m_new;
-        l[hh] *= alpha;
+        mx[hh] = online_max_step(mx[hh], m[hh], m_new[hh]);
+        if (LAZY) grow |= m_new[hh] - m[hh] > LAZY_RESCALE_LOG2;  // (-inf - -inf is NaN: false)
+    }
+    if (!LAZY || __any_sync(0xffffffffu, grow)) {
 #pragma unroll
-        for (int n = 0; n < NT_O; ++n) {
-            O_acc[n][2 * hh] *= alpha;
-            O_acc[n][2 * hh + 1] *= alpha;
+        for (int hh = 0; hh < 2; ++hh) {
+            const float alpha = exp2f(m[hh] - mx[hh]);
+            m[hh] = m_new[hh];
+            l[hh] *= alpha;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) {
+                O_acc[n][2 * hh] *= alpha;
+                O_acc[n][2 * hh + 1] *= alpha;
+            }
         }
-        mx[hh] = m_use;
+    } else {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) mx[hh] = m[hh] == -INFINITY ? 0.f : m[hh];
     }
 #pragma unroll
     for (int n = 0; n < NT_S; ++n)

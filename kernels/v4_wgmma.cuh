@@ -55,16 +55,61 @@ static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float 
         S[x] = p;
     }
 }
-// O *= alpha (the accumulator to the new max) and P (bf16 A fragments of the next O += P V) from S.
-template <int NO, int KP>
-static __device__ __forceinline__ void wgmma_rescale_pack(float (&O)[NO], const float (&alpha)[2], const float (&S)[8 * KP],
-                                                       uint32_t (&P)[KP][4]) {
+// The same step with the rescale deferred (FlashAttention-4's conditional rescaling): the running max m moves
+// only when a row of the warp sees a new max more than 2^LAZY_RESCALE_LOG2 above it; otherwise m stays, P =
+// exp(z - m) may reach 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one multiply per
+// output element and tile). o = O / l and lse = m + log l are the same for whichever m all of a row's P shared.
+// Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
+template <int NS, typename Exp2>
+static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], float (&mx)[2], float (&m)[2],
+                                                            float (&l)[2], float (&alpha)[2], Exp2 exp2) {
+    float m_new[2];
+    bool grow = false;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        online_max_step(mx[hh], m[hh], m_new[hh]);
+        grow |= (m_new[hh] - m[hh]) * GOAT_LOG2E > LAZY_RESCALE_LOG2;  // (-inf - -inf is NaN: false)
+    }
+    const bool rescale = __any_sync(0xffffffffu, grow);
+    float mlog2[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        if (rescale) {
+            const float m_use = m_new[hh] == -INFINITY ? 0.f : m_new[hh];
+            alpha[hh] = exp2f((m[hh] - m_use) * GOAT_LOG2E);
+            m[hh] = m_new[hh];
+            l[hh] *= alpha[hh];
+        }
+        mlog2[hh] = (m[hh] == -INFINITY ? 0.f : m[hh]) * GOAT_LOG2E;
+    }
+#pragma unroll
+    for (int x = 0; x < NS; ++x) {
+        const int hh = (x >> 1) & 1;
+        const float p = exp2(fmaf(S[x], GOAT_LOG2E, -mlog2[hh]));
+        l[hh] += p;
+        S[x] = p;
+    }
+    return rescale;
+}
+// O *= alpha (the accumulator to the new max).
+template <int NO>
+static __device__ __forceinline__ void wgmma_rescale(float (&O)[NO], const float (&alpha)[2]) {
 #pragma unroll
     for (int x = 0; x < NO; ++x) O[x] *= alpha[(x >> 1) & 1];
+}
+// P (bf16 A fragments of the next O += P V) from S.
+template <int KP>
+static __device__ __forceinline__ void wgmma_pack(const float (&S)[8 * KP], uint32_t (&P)[KP][4]) {
 #pragma unroll
     for (int kk = 0; kk < KP; ++kk)
 #pragma unroll
         for (int q = 0; q < 4; ++q) P[kk][q] = pack_bf16x2(S[8 * kk + 2 * q], S[8 * kk + 2 * q + 1]);
+}
+template <int NO, int KP>
+static __device__ __forceinline__ void wgmma_rescale_pack(float (&O)[NO], const float (&alpha)[2], const float (&S)[8 * KP],
+                                                       uint32_t (&P)[KP][4]) {
+    wgmma_rescale(O, alpha);
+    wgmma_pack(S, P);
 }
 
 #endif  // GOAT_SM90A

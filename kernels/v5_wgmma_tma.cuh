@@ -11,7 +11,8 @@
 //     counts the bytes in) and "empty" (every consumer warp arrives when done with the stage), let producer and
 //     consumers run ahead of each other by up to the ring's depth.
 //   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
-//     while the second product runs. The GOAT step (goat_logit) has two copies, with and without the mask, the
+//     while the second product runs; at d = 128 the rescale of O waits for a large jump of the row max
+//     (wgmma_softmax_step_lazy). The GOAT step (goat_logit) has two copies, with and without the mask, the
 //     masked one a single compare per score; with one consumer warpgroup a last tile with at most B_c / 2 keys
 //     left runs at half width.
 //   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
@@ -295,14 +296,19 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             __syncwarp();
             if (lane == 0) mbar_arrive(bar_kempty(s));
             float alpha[2];
-            wgmma_softmax_step(S, mx, m, l, alpha, [](float x) { return exp2_approx(x); });
+            // the rescale deferred at d = 128 only (measured: at d = 64 the vote cost more than the skipped
+            // multiplies, one per two scores there)
+            bool rescale = true;
+            if constexpr (D == 128) rescale = wgmma_softmax_step_lazy(S, mx, m, l, alpha, [](float x) { return exp2_approx(x); });
+            else wgmma_softmax_step(S, mx, m, l, alpha, [](float x) { return exp2_approx(x); });
             wgmma_wait<0>();
             fence_regs(O);
             if (jt > 0) {  // V_{j-1} is no longer read by this warp
                 __syncwarp();
                 if (lane == 0) mbar_arrive(bar_vempty(sv));
             }
-            wgmma_rescale_pack(O, alpha, S, reinterpret_cast<uint32_t(&)[NC / 16][4]>(P));
+            if (rescale) wgmma_rescale(O, alpha);
+            wgmma_pack(S, reinterpret_cast<uint32_t(&)[NC / 16][4]>(P));
             p_half = HALF_OK && HALF;
         };
         if (HALF_OK && j_end_c - j0 <= B_c / 2) tile(std::true_type());

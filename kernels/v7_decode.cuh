@@ -13,7 +13,8 @@
 //   - the keys of a sequence in n_splits chunks (goat_decode_split_cpu, reference.cpp, is the CPU twin: the same
 //     chunks, the same combine); n_splits from the shape and the GPU (v7_plan: the rule and why);
 //   - mma.sync block: the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 /
-//     WR groups of keys), each warp with its own online softmax; the warps' (m, l, O) are combined in shared
+//     WR groups of keys), each warp with its own online softmax (whose O rescale waits for a large jump of the
+//     max: online_softmax_step's LAZY, since one rescale costs a multiply per output element); the warps' (m, l, O) are combined in shared
 //     memory at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in
 //     fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
 //   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
         else v7_goat_step<NT_S, false>(S, pri, mx, rows, a, scale_log2, jw, j_end, t);
 
         // online softmax (v3's phase 5), then O += P V for the warp's keys (its rows of the V tile)
-        online_softmax_step<NT_S, NT_O, true>(S, mx, m, l, O_acc);
+        online_softmax_step<NT_S, NT_O, true, true>(S, mx, m, l, O_acc);
         // (the V rows of this warp start at a multiple of 16: the swizzle pattern is the tile's)
         mma_frags_times_tile<NT_S, NT_O, CH>(O_acc, S, smem_u32(K_t + B_c * D) + wk * KW * CH * 16, lane);
     }
@@ -498,7 +499,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
         float mx[2];
         if (need_mask) v7_goat_step<NT_S, true>(S, pri, mx, rows, a, scale_log2, j0, j_end, t);
         else v7_goat_step<NT_S, false>(S, pri, mx, rows, a, scale_log2, j0, j_end, t);
-        online_softmax_step<NT_S, NT_O, true>(S, mx, m, l, O);
+        online_softmax_step<NT_S, NT_O, true, true>(S, mx, m, l, O);
         uint32_t P[KP][4];
 #pragma unroll
         for (int kk = 0; kk < KP; ++kk) frag_c_to_a(P[kk], S[2 * kk], S[2 * kk + 1]);
