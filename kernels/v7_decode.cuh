@@ -31,6 +31,7 @@
 #include "sm90.cuh"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 // AUTO's forward for a call of at most this many queries per sequence, when v7_preferred says so (bench --decode
@@ -534,35 +535,73 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
 
 // The combine of the splits' partials: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (a split with
 // nothing visible has lse_s = -inf and weight 0; a row with nothing visible anywhere gets o = 0, lse = -inf).
-// D / 4 threads per row of the [B][H][L] rows, 4 columns each.
+// V7_COMBINE_THREADS threads take V7_COMBINE_THREADS / (D / 4 x lanes) rows: per row, D / 4 column groups of 4
+// (float4) x `lanes` split lanes, split lane sl taking splits sl, sl + lanes, ...; their maxima and sums meet in
+// shared memory. Split lanes only while the rows alone give fewer threads than about one block per
+// multiprocessor (few rows, many splits: one thread per column group looping over every split waited for each
+// split's loads in turn; many rows: the extra lanes only added threads).
+constexpr int V7_COMBINE_THREADS = 256, V7_COMBINE_SPREAD = 32768;
+static int v7_combine_lanes(int d, int n_splits, size_t rows) {
+    int lanes = 1;
+    while (lanes < n_splits && lanes * 2 * (d / 4) <= V7_COMBINE_THREADS &&
+           rows * (d / 4) * lanes < (size_t)V7_COMBINE_SPREAD)
+        lanes *= 2;
+    return lanes;
+}
 template <int D>
-__global__ void v7_combine_kernel(V7Args a) {
+__global__ void __launch_bounds__(V7_COMBINE_THREADS) v7_combine_kernel(V7Args a, int lanes) {
+    constexpr int CG = D / 4;
+    __shared__ float red[V7_COMBINE_THREADS];
+    __shared__ float4 part[V7_COMBINE_THREADS];
     const size_t n_all = (size_t)a.B * a.H * a.L;
-    const size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, row = x / (D / 4);
+    const int tid = threadIdx.x, cg = tid % CG, sl = (tid / CG) % lanes, rl = tid / (CG * lanes);
+    const int rows_per_block = V7_COMBINE_THREADS / (CG * lanes);
+    const size_t n_groups = (n_all + rows_per_block - 1) / rows_per_block;
+    const int first = (rl * lanes) * CG + cg;  // this row's and column group's lane 0 in red[], part[]
     v7_wait_for_partials();
-    if (row >= n_all) return;
-    const int c = 4 * (int)(x % (D / 4));
-    float M = -INFINITY;
-    for (int s = 0; s < a.n_splits; ++s) M = fmaxf(M, a.lse_part[(size_t)s * n_all + row]);
-    float sum = 0.f;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (M != -INFINITY)
-        for (int s = 0; s < a.n_splits; ++s) {
-            const float ls = a.lse_part[(size_t)s * n_all + row];
-            if (ls == -INFINITY) continue;
-            const float f = expf(ls - M);
-            const float4 os = *reinterpret_cast<const float4*>(a.o_part + ((size_t)s * n_all + row) * D + c);
-            sum += f;
-            o.x += f * os.x; o.y += f * os.y; o.z += f * os.z; o.w += f * os.w;
+    for (size_t grp = blockIdx.x; grp < n_groups; grp += gridDim.x) {  // (uniform per block: the barriers)
+        const size_t row = grp * rows_per_block + rl;
+        const bool live = row < n_all;
+        float M = -INFINITY;
+        if (live)
+#pragma unroll 4
+            for (int s = sl; s < a.n_splits; s += lanes) M = fmaxf(M, a.lse_part[(size_t)s * n_all + row]);
+        red[tid] = M;
+        __syncthreads();
+        for (int j = 0; j < lanes; ++j) M = fmaxf(M, red[first + j * CG]);
+        float sum = 0.f;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (live && M != -INFINITY)
+#pragma unroll 4
+            for (int s = sl; s < a.n_splits; s += lanes) {
+                const float ls = a.lse_part[(size_t)s * n_all + row];
+                if (ls == -INFINITY) continue;
+                const float f = expf(ls - M);
+                const float4 os = *reinterpret_cast<const float4*>(a.o_part + ((size_t)s * n_all + row) * D + 4 * cg);
+                sum += f;
+                o.x += f * os.x; o.y += f * os.y; o.z += f * os.z; o.w += f * os.w;
+            }
+        __syncthreads();  // (red[] read by every split lane above)
+        red[tid] = sum;
+        part[tid] = o;
+        __syncthreads();
+        if (live && sl == 0) {
+            for (int j = 1; j < lanes; ++j) {
+                const float4 q = part[first + j * CG];
+                sum += red[first + j * CG];
+                o.x += q.x; o.y += q.y; o.z += q.z; o.w += q.w;
+            }
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int i = (int)(row % a.L);
+            const size_t bh = row / a.L;
+            const int h = (int)(bh % a.H), b = (int)(bh / a.H);
+            __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.o + GoatShape::at(a.so, b, h, i) + 4 * cg);
+            dst[0] = __floats2bfloat162_rn(o.x * inv, o.y * inv);
+            dst[1] = __floats2bfloat162_rn(o.z * inv, o.w * inv);
+            if (cg == 0) a.lse[row] = sum > 0.f ? M + logf(sum) : -INFINITY;
         }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int i = (int)(row % a.L);
-    const size_t bh = row / a.L;
-    const int h = (int)(bh % a.H), b = (int)(bh / a.H);
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.o + GoatShape::at(a.so, b, h, i) + c);
-    dst[0] = __floats2bfloat162_rn(o.x * inv, o.y * inv);
-    dst[1] = __floats2bfloat162_rn(o.z * inv, o.w * inv);
-    if (c == 0) a.lse[row] = sum > 0.f ? M + logf(sum) : -INFINITY;
+        __syncthreads();  // (red[], part[] reused by the next group)
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -674,17 +713,19 @@ static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t st
     const dim3 grid = goat_grid(plan.n_splits * plan.n_row_chunks, (long long)a.B * a.H_kv);
     GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, smem, stream>>>(a)));
     if (plan.n_splits > 1) {
-        const size_t threads = (size_t)a.B * a.H * a.L * (D / 4);
+        const size_t rows = (size_t)a.B * a.H * a.L;
+        const int lanes = v7_combine_lanes(D, plan.n_splits, rows);
+        const size_t per_block = V7_COMBINE_THREADS / (D / 4 * lanes);
         cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3((unsigned)((threads + 255) / 256));
-        cfg.blockDim = dim3(256);
+        cfg.gridDim = dim3((unsigned)std::min<size_t>((rows + per_block - 1) / per_block, INT_MAX));
+        cfg.blockDim = dim3(V7_COMBINE_THREADS);
         cfg.stream = stream;
         cudaLaunchAttribute early = {};
         early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
         early.val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = &early;
         cfg.numAttrs = v7_combine_waits<D>() ? 1 : 0;
-        const cudaError_t e = cudaLaunchKernelEx(&cfg, v7_combine_kernel<D>, a);
+        const cudaError_t e = cudaLaunchKernelEx(&cfg, v7_combine_kernel<D>, a, lanes);
         cudaGetLastError();  // (reported here, not left for the caller's next check)
         GOAT_CUDA_CHECK(e);
     }
