@@ -152,9 +152,10 @@ static __device__ __forceinline__ float exp2_approx(float x) {
 // The online softmax's step for one warp's 16-row score tile S (NT_S n-tiles, z2 in log2 units, the C layout:
 // this thread's rows r, r + 8 in e >> 1) whose per-thread row maxima are mx: the new running max m (quad-wide),
 // the rescale of l and of the output accumulator O (NT_O n-tiles) by exp2(m_old - m_new), and S replaced by
-// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7; FAST: P by exp2_approx, as v7 does; LAZY: m
-// moves only when a row of the warp gains more than 2^LAZY_RESCALE_LOG2, FlashAttention-4's conditional
-// rescaling, as wgmma_softmax_step_lazy in kernels/v4_wgmma.cuh explains)
+// P = exp2(z2 - m); l sums the unrounded P. (v3's forward, v7; FAST: P by exp2_approx, as v7 does; LAZY: m moves
+// only when a row of the warp gains more than LAZY_RESCALE_LOG2 (a factor 2^8), so m is a reference up to that
+// far behind the true max: FlashAttention-4's conditional rescaling, as wgmma_softmax_step_lazy in
+// kernels/v4_wgmma.cuh explains)
 constexpr float LAZY_RESCALE_LOG2 = 8.f;
 template <int NT_S, int NT_O, bool FAST = false, bool LAZY = false>
 static __device__ __forceinline__ void online_softmax_step(float (&S)[NT_S][4], float (&mx)[2], float (&m)[2],

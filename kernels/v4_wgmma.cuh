@@ -56,10 +56,11 @@ static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float 
     }
 }
 // The same step with the rescale deferred (FlashAttention-4's conditional rescaling): the running max m moves
-// only when a row of the warp sees a new max more than 2^LAZY_RESCALE_LOG2 above it; otherwise m stays, P =
-// exp(z - m) may reach 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one multiply per
-// output element and tile). o = O / l and lse = m + log l are the same for whichever m all of a row's P shared.
-// Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
+// only when a row of the warp sees a new max more than a factor 2^LAZY_RESCALE_LOG2 above it (m in natural-log
+// units: by more than LAZY_RESCALE_LOG2 ln 2); otherwise m stays, a reference up to that far behind the true
+// max, P = exp(z - m) may reach 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one
+// multiply per output element and tile). o = O / l and lse = m + log l are the same for whichever m all of a row's
+// P shared. Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
 template <int NS, typename Exp2>
 static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], float (&mx)[2], float (&m)[2],
                                                             float (&l)[2], float (&alpha)[2], Exp2 exp2) {

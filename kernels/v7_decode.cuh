@@ -14,9 +14,9 @@
 //     chunks, the same combine); n_splits from the shape and the GPU (v7_plan: the rule and why);
 //   - mma.sync block: the 4 warps split the rows (WR warps of 16 rows) and the keys of each 64-key tile (WK = 4 /
 //     WR groups of keys), each warp with its own online softmax (whose O rescale waits for a large jump of the
-//     max: online_softmax_step's LAZY, since one rescale costs a multiply per output element); the warps' (m, l, O) are combined in shared
-//     memory at the end, and the block writes o, lse itself (one split) or its split's partial (o_s, lse_s) in
-//     fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
+//     max: online_softmax_step's LAZY, since one rescale costs a multiply per output element); the warps' (m, l,
+//     O) are combined in shared memory at the end, and the block writes o, lse itself (one split) or its split's
+//     partial (o_s, lse_s) in fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
 //   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
 //     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
 //     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) before each
@@ -39,12 +39,14 @@
 constexpr int GOAT_DECODE_MAX_L = 16;
 
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
-// v7 reads K, V once per group, the square path once per query head) or when the square path's one block per
-// (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head attention) the
-// square path's forward streams the keys as fast or faster (v5 at d = 64: docs/PERF.md).
+// v7 reads K, V once per group, the square path once per query head), at d = 128 where the square path is v5 (its
+// blocks of 128 query rows start and end more slowly than v7's of 16, measured at every batch), or when the square
+// path's one block per (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head
+// attention at d = 64, or without v5) the square path streams the keys as fast or faster (docs/PERF.md).
 static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
+    if (p.d == 128 && sm90a_supports(p)) return true;
     int dev = 0, n_sm = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
@@ -291,7 +293,7 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
 
     float O_acc[NT_O][4];
     zero_frags(O_acc);
-    float m[2] = {-INFINITY, -INFINITY};  // running max of z2 (log2 units) of this warp's keys
+    float m[2] = {-INFINITY, -INFINITY};  // running max of z2 (log2 units) of this warp's keys (LAZY: up to 2^8 behind)
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
@@ -540,17 +542,23 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
 // shared memory. Split lanes only while the rows alone give fewer threads than about one block per
 // multiprocessor (few rows, many splits: one thread per column group looping over every split waited for each
 // split's loads in turn; many rows: the extra lanes only added threads).
-constexpr int V7_COMBINE_THREADS = 256, V7_COMBINE_SPREAD = 32768;
+// (lanes: a power of two, so that D / 4 x lanes divides the block; the last lanes idle when n_splits is not one)
+constexpr int V7_COMBINE_THREADS = 256;
 static int v7_combine_lanes(int d, int n_splits, size_t rows) {
+    int dev = 0, n_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+    cudaGetLastError();
+    const size_t spread = (size_t)std::max(n_sm, 1) * V7_COMBINE_THREADS;  // about one block per multiprocessor
     int lanes = 1;
-    while (lanes < n_splits && lanes * 2 * (d / 4) <= V7_COMBINE_THREADS &&
-           rows * (d / 4) * lanes < (size_t)V7_COMBINE_SPREAD)
+    while (lanes < n_splits && lanes * 2 * (d / 4) <= V7_COMBINE_THREADS && rows * (d / 4) * lanes < spread)
         lanes *= 2;
     return lanes;
 }
 template <int D>
 __global__ void __launch_bounds__(V7_COMBINE_THREADS) v7_combine_kernel(V7Args a, int lanes) {
     constexpr int CG = D / 4;
+    static_assert(V7_COMBINE_THREADS % CG == 0, "a block holds whole rows of column groups");
     __shared__ float red[V7_COMBINE_THREADS];
     __shared__ float4 part[V7_COMBINE_THREADS];
     const size_t n_all = (size_t)a.B * a.H * a.L;
