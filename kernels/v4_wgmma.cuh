@@ -30,6 +30,18 @@ template <> struct V4Tiles<128> : V4Cfg<2, 128, 1> {};
 // the online softmax on wgmma accumulators (v4 and v5)
 
 #ifdef GOAT_SM90A
+// S = P = exp2(S log2(e) - mlog2) of the thread's two rows (mlog2: each row's max in log2 units), l += P.
+template <int NS, typename Exp2>
+static __device__ __forceinline__ void wgmma_exp_rows(float (&S)[NS], const float (&mlog2)[2], float (&l)[2],
+                                                      Exp2 exp2) {
+#pragma unroll
+    for (int x = 0; x < NS; ++x) {
+        const int hh = (x >> 1) & 1;
+        const float p = exp2(fmaf(S[x], GOAT_LOG2E, -mlog2[hh]));
+        l[hh] += p;
+        S[x] = p;
+    }
+}
 // The online-softmax step of one thread's two rows (r and r + 8 of its warp), shared by v4 and v5: mx holds the
 // thread's maxima of the new scores z in S, m and l the running max and sum (natural units). The row max over
 // the 4 threads of a row, the new max, alpha = exp(m_old - m_new) and l *= alpha; then S = P = exp(z - m) and
@@ -47,13 +59,7 @@ static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float 
         l[hh] *= alpha[hh];
         mlog2[hh] = m_use * GOAT_LOG2E;
     }
-#pragma unroll
-    for (int x = 0; x < NS; ++x) {
-        const int hh = (x >> 1) & 1;
-        const float p = exp2(fmaf(S[x], GOAT_LOG2E, -mlog2[hh]));
-        l[hh] += p;
-        S[x] = p;
-    }
+    wgmma_exp_rows(S, mlog2, l, exp2);
 }
 // The same step with the rescale deferred (FlashAttention-4's conditional rescaling): the running max m moves
 // only when a row of the warp sees a new max more than a factor 2^LAZY_RESCALE_LOG2 above it (m in natural-log
@@ -83,13 +89,7 @@ static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], f
         }
         mlog2[hh] = (m[hh] == -INFINITY ? 0.f : m[hh]) * GOAT_LOG2E;
     }
-#pragma unroll
-    for (int x = 0; x < NS; ++x) {
-        const int hh = (x >> 1) & 1;
-        const float p = exp2(fmaf(S[x], GOAT_LOG2E, -mlog2[hh]));
-        l[hh] += p;
-        S[x] = p;
-    }
+    wgmma_exp_rows(S, mlog2, l, exp2);
     return rescale;
 }
 // O *= alpha (the accumulator to the new max).
