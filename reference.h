@@ -201,7 +201,9 @@ struct GoatTiling {
                                  // and the outputs; everything else stays in float/double
 };
 
-// Forward: per query tile, loop over key tiles, scores + prior + mask, running max m and sum l, rescale.
+// Forward: per query tile, loop over key tiles, scores + prior + mask, running max m and sum l, rescale. (v5 at
+// d = 128 and v7 rescale only when a row's max jumps by more than a factor 2^8, keeping an older m otherwise: the
+// same o and lse, with P rounded at another scale; the twin rescales every tile.)
 void goat_forward_tiled_cpu(GoatDims dims, GoatTiling t, const float* q, const float* k, const float* v,
                             const float* kappa, const float* u, float* o, float* lse);
 void goat_forward_tiled_cpu(GoatDims dims, GoatTiling t, const double* q, const double* k, const double* v,
