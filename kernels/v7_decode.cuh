@@ -19,8 +19,8 @@
 //     partial (o_s, lse_s) in fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
 //   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
 //     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
-//     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) before each
-//     tile's product, into one register per score; the mask is goat.h's;
+//     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) into
+//     registers a tile before their use (V7Prior); the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
 //     while the split kernel ends where the running code was compiled for CC 9.0 or newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
@@ -70,6 +70,8 @@ struct V7Cfg {
     // Blocks per multiprocessor the registers must allow: at d = 64 with 16 rows, 4 (what Hopper's shared memory
     // allows), as the ring's bytes in flight set the bandwidth there and 3 blocks measured far slower (docs/PERF.md)
     static constexpr int MIN_BLOCKS = D == 64 && WR == 1 ? 4 : 1;
+    // The prior a tile ahead (V7Prior) where its registers fit: at 64 rows (NT_S = 8) the d = 128 block spilled
+    static constexpr bool AHEAD = NT_S <= 4;
     static constexpr size_t OFF_Q = (NSTAGE - 1) * STAGE;
     static constexpr size_t SMEM = NSTAGE * STAGE;
     static_assert((size_t)ROWS * D * 2 <= STAGE, "the Q rows must fit in a stage");
@@ -151,42 +153,67 @@ struct V7Rows {
     }
 };
 
-// The prior part of a thread's logits for keys jw + 8 n + 2 t + (e & 1), in log2 units: log2(e) (kappa[h][i - j +
-// L_k - 1] + u[h][j]) (the GOAT step up to the score: z2 = goat_logit_log2(s, scale_log2, 0, prior) is then the
-// whole step); 0 past the keys. FULL: every key is below j_end (no test per entry).
-template <int NT, bool FULL>
-static __device__ __forceinline__ void v7_load_prior(float (&pri)[NT][4], const V7Rows& rows, int jw, int j_end, int t) {
-    if (FULL && rows.kap[0] && rows.u[0]) {
-        // both tables and every key below j_end: one base per row and table, the entries at fixed offsets from it
-        // (a row past n_rows points at a valid row, so both of the thread's rows have both tables)
-        const float* kb[2] = {rows.kap[0] - (jw + 2 * t), rows.kap[1] - (jw + 2 * t)};
-        const float* ub[2] = {rows.u[0] + (jw + 2 * t), rows.u[1] + (jw + 2 * t)};
+// A pinned load through the read-only path: asm volatile, so that the compiler leaves it where it is issued
+// (V7Prior: a tile before its use) rather than moving it next to that use.
+static __device__ __forceinline__ float v7_ldg(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// A thread's prior entries for one tile, raw: kappa[h][i - j + L_k - 1] in kr and u[h][j] in ur for keys
+// jw + 8 n + 2 t + (e & 1) of its rows rr + 8 (e >> 1); 0 past j_end or without a table. The blocks load them a
+// tile ahead of their use (where the registers fit: V7Cfg::AHEAD) and turn them into the bias only when that
+// tile comes, so that no instruction waits for the loads before then: a tile's own entries, loaded after the
+// wait for that tile, queued behind the next tile's copies and kept every warp waiting for them (ncu: a fifth
+// of all stall samples sat at their first use; docs/PERF.md).
+template <int NT>
+struct V7Prior {
+    float kr[NT][4], ur[NT][4];
+
+    // keys jw .. jw + KW - 1 of a warp (KW = 8 NT)
+    __device__ __forceinline__ void load(const V7Rows& rows, int jw, int j_end, int t) {
+        if (jw + 8 * NT <= j_end) load_keys<true>(rows, jw, j_end, t);
+        else load_keys<false>(rows, jw, j_end, t);
+    }
+    // The bias of the logits in log2 units, log2(e) (kappa + u): z2 = goat_logit_log2(s, scale_log2, 0, pri)
+    __device__ __forceinline__ void bias_log2(float (&pri)[NT][4]) const {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], GOAT_LOG2E * ur[n][e]);
+    }
+
+  private:
+    // FULL: every key is below j_end (no test per entry)
+    template <bool FULL>
+    __device__ __forceinline__ void load_keys(const V7Rows& rows, int jw, int j_end, int t) {
+        if (FULL && rows.kap[0] && rows.u[0]) {
+            // both tables and every key below j_end: one base per row and table, the entries at fixed offsets
+            // from it (a row past n_rows points at a valid row, so both of the thread's rows have both tables)
+            const float* kb[2] = {rows.kap[0] - (jw + 2 * t), rows.kap[1] - (jw + 2 * t)};
+            const float* ub[2] = {rows.u[0] + (jw + 2 * t), rows.u[1] + (jw + 2 * t)};
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int x = 8 * n + (e & 1), hh = e >> 1;
+                    kr[n][e] = v7_ldg(kb[hh] - x);
+                    ur[n][e] = v7_ldg(ub[hh] + x);
+                }
+            return;
+        }
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int x = 8 * n + (e & 1), hh = e >> 1;
-                pri[n][e] = goat_logit_log2(0.f, 0.f, __ldg(kb[hh] - x), GOAT_LOG2E * __ldg(ub[hh] + x));
+                const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
+                const bool in = FULL || j < j_end;
+                kr[n][e] = rows.kap[hh] && in ? v7_ldg(rows.kap[hh] - j) : 0.f;
+                ur[n][e] = rows.u[hh] && in ? v7_ldg(rows.u[hh] + j) : 0.f;
             }
-        return;
     }
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
-            const bool in = FULL || j < j_end;
-            const float kap = rows.kap[hh] && in ? __ldg(rows.kap[hh] - j) : 0.f;
-            const float uu = rows.u[hh] && in ? __ldg(rows.u[hh] + j) : 0.f;
-            pri[n][e] = goat_logit_log2(0.f, 0.f, kap, GOAT_LOG2E * uu);
-        }
-}
-
-// Does a block load each tile's prior before waiting for the tile (its latency then overlaps the wait), or only
-// after it (before the product)? Before when the keys are split: a block's few tiles are then bound by latency;
-// with one split the grid streams the cache at the memory's speed, and loading first measured slower there
-// (bench --decode, docs/PERF.md).
-static __device__ __forceinline__ bool v7_prior_first(const V7Args& a) { return a.n_splits > 1; }
+};
 
 // Programmatic dependent launch (CC 9.0 and newer): the combine is launched while the split kernel ends, and its
 // threads wait here for the split kernel's partials; the split kernel's blocks say when that launch may begin.
@@ -297,25 +324,25 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     float l[2] = {0.f, 0.f};              // running sum of exp2(z2 - m), this thread's columns
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
-    const bool prior_first = v7_prior_first(a);
+    // the prior of this warp's scores, a tile ahead (AHEAD) or after the wait for the tile, before its product
+    V7Prior<NT_S> prior;
+    if (C::AHEAD && n_kt > 0) prior.load(rows, j_begin + wk * KW, j_end, t);
     for (int jt = 0; jt < n_kt; ++jt) {
         const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
-        // the prior of this warp's scores, loaded before the product so that their latency overlaps it: after the
-        // wait for the tile, or before that wait (v7_prior_first; loading it a tile ahead measured slower:
-        // docs/PERF.md)
         float pri[NT_S][4];
-        auto load_prior = [&]() {
-            if (jw + KW <= j_end) v7_load_prior<NT_S, true>(pri, rows, jw, j_end, t);
-            else v7_load_prior<NT_S, false>(pri, rows, jw, j_end, t);
-        };
-        if (prior_first) load_prior();
+        if constexpr (C::AHEAD) prior.bias_log2(pri);
 
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
         cp_async_wait_n<C::NSTAGE - 2>();
         __syncthreads();
         if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
         cp_async_commit();
-        if (!prior_first) load_prior();
+        if constexpr (C::AHEAD) {
+            if (jt + 1 < n_kt) prior.load(rows, jw + B_c, j_end, t);
+        } else {
+            prior.load(rows, jw, j_end, t);
+            prior.bias_log2(pri);
+        }
 
         const bf16* K_t = reinterpret_cast<const bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
 
@@ -470,22 +497,19 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
-    const bool prior_first = v7_prior_first(a);
+    V7Prior<NT_S> prior;  // (as above, a tile ahead)
+    if (n_kt > 0) prior.load(rows, j_begin, j_end, t);
     for (int jt = 0; jt < n_kt; ++jt) {
         const int j0 = j_begin + jt * B_c;
-        float pri[NT_S][4];  // (as above)
-        auto load_prior = [&]() {
-            if (j0 + B_c <= j_end) v7_load_prior<NT_S, true>(pri, rows, j0, j_end, t);
-            else v7_load_prior<NT_S, false>(pri, rows, j0, j_end, t);
-        };
-        if (prior_first) load_prior();
+        float pri[NT_S][4];
+        prior.bias_log2(pri);
 
         cp_async_wait_n<C::NSTAGE - 2>();
         fence_proxy_async();  // (the copies are read by wgmma, through the async proxy)
         __syncthreads();
         if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
         cp_async_commit();
-        if (!prior_first) load_prior();
+        if (jt + 1 < n_kt) prior.load(rows, j0 + B_c, j_end, t);
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE, V_t = K_t + C::TILE;
         float S[NT_S][4];
         zero_frags(S);
