@@ -20,7 +20,7 @@
 //   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
 //     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
 //     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) into
-//     registers a tile before their use (V7Prior); the mask is goat.h's;
+//     registers, a tile before their use where the registers allow (V7Prior); the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
 //     while the split kernel ends where the running code was compiled for CC 9.0 or newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
@@ -70,7 +70,8 @@ struct V7Cfg {
     // Blocks per multiprocessor the registers must allow: at d = 64 with 16 rows, 4 (what Hopper's shared memory
     // allows), as the ring's bytes in flight set the bandwidth there and 3 blocks measured far slower (docs/PERF.md)
     static constexpr int MIN_BLOCKS = D == 64 && WR == 1 ? 4 : 1;
-    // The prior a tile ahead (V7Prior) where its registers fit: at 64 rows (NT_S = 8) the d = 128 block spilled
+    // The prior a tile ahead (V7Prior) where its registers fit: at 64 rows (NT_S = 8) the d = 128 block spilled (one
+    // rule for both d)
     static constexpr bool AHEAD = NT_S <= 4;
     static constexpr size_t OFF_Q = (NSTAGE - 1) * STAGE;
     static constexpr size_t SMEM = NSTAGE * STAGE;

@@ -4,13 +4,15 @@
 //
 // Each case draws fresh random inputs (seed printed): q at positions after a cache that does not start at 0, the
 // cache k, v of every batch with its own length (0 and the full cache included), a prior with -inf entries and one
-// head whose every u is -inf (its rows see nothing: o = 0, lse = -inf). It runs v7 with the keys forced into 1, 3
+// head whose every u is -inf (its rows see nothing: o = 0, lse = -inf); or, where the case says so, only kappa,
+// only u or no table at all (the kernel gets nullptr, the reference zeros). It runs v7 with the keys forced into 1, 3
 // and many splits (the answer must not depend on the split), with the split chosen by v7's rule (the forward's
 // workspace given poisoned and guarded, of exactly goat_forward_workspace_size bytes), and through AUTO (v7 where
 // it prefers v7 for the call, else the square path's forward).
 #include "tests/gpu_problem.h"
 #include "tests/test_util.h"
 
+#include <algorithm>
 #include <optional>
 
 namespace {
@@ -23,6 +25,8 @@ struct Case {
     std::vector<int> len_k;  // empty: none
     Layout layout;           // of q, o and of the cache k, v
     const char* note;
+    int tables = KAPPA | U;  // the prior tables the kernel gets (an absent one is zero in the reference)
+    static constexpr int KAPPA = 1, U = 2;
 };
 
 const char* case_name(const Case& c) {
@@ -52,6 +56,9 @@ void check_case(const Case& c) {
     for (double& x : kappa) if (rng.uniform() < 0.1) x = -INFINITY;
     for (double& x : u) if (rng.uniform() < 0.1) x = -INFINITY;
     for (int j = 0; j < c.L_k; ++j) u[(size_t)(c.H - 1) * c.L_k + j] = -INFINITY;  // the last head sees nothing
+    const bool has_kappa = c.tables & Case::KAPPA, has_u = c.tables & Case::U;
+    if (!has_kappa) std::fill(kappa.begin(), kappa.end(), 0.0);
+    if (!has_u) std::fill(u.begin(), u.end(), 0.0);
 
     // the judge (double) and the yardstick (the tiled twin rounding where the bf16 kernels round)
     const GoatDims dims = general_dims(c);
@@ -72,7 +79,7 @@ void check_case(const Case& c) {
     }
     int sink_rows = 0;  // the all -inf head's rows, which must come back exactly o = 0, lse = -inf
     for (float x : ref.lse) sink_rows += x == -INFINITY;
-    REQUIRE(sink_rows >= c.B * c.L);
+    if (has_u) REQUIRE(sink_rows >= c.B * c.L);
 
     // device buffers: q, o and k, v in the case's layout
     const GoatStrides sq = strides_for(c.layout, c.H, c.L, c.d), skv = strides_for(c.layout, c.H_kv, c.L_k, c.d);
@@ -108,7 +115,9 @@ void check_case(const Case& c) {
         p.L_k = c.L_k; p.H_kv = c.H_kv; p.q_pos0 = c.q_pos0; p.k_pos0 = c.k_pos0;
         p.len_k = c.len_k.empty() ? nullptr : (const int*)d_len.ptr();
         p.q_stride = sq; p.o_stride = sq; p.k_stride = skv; p.v_stride = skv;
-        p.q = d_q.ptr(); p.k = d_k.ptr(); p.v = d_v.ptr(); p.kappa = d_kappa.f32(); p.u = d_u.f32();
+        p.q = d_q.ptr(); p.k = d_k.ptr(); p.v = d_v.ptr();
+        p.kappa = has_kappa ? d_kappa.f32() : nullptr;
+        p.u = has_u ? d_u.f32() : nullptr;
         p.o = d_o.ptr(); p.lse = d_lse.f32();
         if (run.version != GOAT_AUTO) REQUIRE(goat_resolve_version(p) == run.version);
         std::printf("    %s: %s\n", run.tag, goat_version_name(goat_resolve_version(p)));  // (AUTO: v7_preferred)
@@ -175,6 +184,12 @@ GPU_CASE({false, 2, 32, 8, 16, 1000, 128, true, 1034, 50, {1000, 999}, Layout::b
 GPU_CASE({false, 1, 16, 2, 16, 4097, 64, true, 4081, 0, {}, Layout::blhd, "group 8: 128 rows in two blocks of rows"})
 GPU_CASE({false, 2, 6, 1, 4, 4097, 128, true, 4093, 0, {4097, 2000}, Layout::packed, "MQA: group 6"})
 GPU_CASE({false, 1, 8, 2, 4, 65553, 128, true, 65552, 3, {}, Layout::blhd, "a long cache"})
+// one table or none (the prior's loads test each table per entry then)
+GPU_CASE({true, 2, 8, 2, 1, 300, 64, true, 299, 0, {300, 17}, Layout::packed, "one query in group 4; kappa only",
+          Case::KAPPA})
+GPU_CASE({true, 1, 8, 2, 16, 500, 128, true, 484, 0, {}, Layout::blhd, "64 rows per kv head; u only", Case::U})
+GPU_CASE({false, 2, 32, 8, 4, 4097, 128, true, 4093, 0, {4097, 1000}, Layout::packed, "group 4; no prior", 0})
+GPU_CASE({false, 1, 32, 32, 1, 8192, 64, true, 8191, 0, {}, Layout::packed, "multi-head; no prior", 0})
 
 TEST_CASE("bf16 decode small: v7's arguments (decode_splits < 0, fp32, d = 32) are refused with a code") {
     GoatParams p;
