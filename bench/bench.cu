@@ -36,7 +36,8 @@
 // L in {1, 4, 16} new queries (causal, at the end
 // of the cache) against caches of L_k in {1k, 8k, 32k, 128k}, B in {1, 8, 64}, H = 32, H_kv in {32, 8}, d in {128,
 // 64} (shapes whose K and V exceed 40 GB are skipped), as microseconds per step and bandwidth (K, V, the tables,
-// q, o, lse over the time) against the device-to-device copy bandwidth measured in the same run; then v7 against
+// q, o, lse over the time) against the device-to-device copy bandwidth measured in the same run (and, for
+// context, a read-only kernel's bandwidth: a stream that only reads goes faster than a copy); then v7 against
 // the square path's forward for L up to 128 (where AUTO's threshold comes from) and v7's split rule against
 // forced split counts. Steps are timed back to back (a batch of about 2 ms, its mean; median of batches), the cache
 // rotated over enough copies that L2 never holds it. peers.py --decode times PyTorch on the same rows.
@@ -745,6 +746,41 @@ static double copy_bandwidth() {
     return 2.0 * bytes / (ms * 1e-3);
 }
 
+// Reads x[0 .. n) once (16-byte words, four loads in flight per thread) and folds them into one word per thread,
+// stored only when it matches a value that the zero-filled buffer never gives: a read stream the compiler keeps.
+__global__ void read_only_kernel(const uint4* x, size_t n, unsigned int* sink) {
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int acc = 0;
+    for (; i + 3 * step < n; i += 4 * step) {
+        const uint4 a = x[i], b = x[i + step], c = x[i + 2 * step], e = x[i + 3 * step];
+        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ e.x ^ e.y ^ e.z ^ e.w;
+    }
+    for (; i < n; i += step) {
+        const uint4 a = x[i];
+        acc ^= a.x ^ a.y ^ a.z ^ a.w;
+    }
+    if (acc == 0x9E3779B9u) *sink = acc;
+}
+
+// Read bandwidth (bytes read per second) of read_only_kernel over 1 GiB: what a stream that only reads reaches,
+// above the copy's (the decode rows read K and V and write almost nothing).
+static double read_bandwidth() {
+    const size_t bytes = (size_t)1 << 30;
+    void* x = device_zeros(bytes);
+    unsigned int* sink = (unsigned int*)device_zeros(4);
+    int dev = 0, n_sm = 1;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
+    const float ms = median_ms([&](int) {
+        read_only_kernel<<<n_sm * 8, 256>>>((const uint4*)x, bytes / 16, sink);
+        CUDA_CHECK(cudaGetLastError());
+    }, REPEATS, WARMUP);
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(sink));
+    return bytes / (ms * 1e-3);
+}
+
 // Microseconds per call of `call(rep)`: calls back to back in batches of about 2 ms (rep counts every call, so
 // the inputs rotate), the mean of a batch, the median over REPEATS batches.
 template <typename F>
@@ -843,6 +879,8 @@ static void run_decode_one(const DecodeShape& s) {
 static void run_decode(bool quick) {
     const double copy = copy_bandwidth();
     std::printf("copy bandwidth (cudaMemcpyAsync, 1 GiB, read + write): %.0f GB/s\n", copy / 1e9);
+    std::printf("read bandwidth (a read-only kernel, 1 GiB; the rows' of-copy stays against the copy): %.0f GB/s\n",
+                read_bandwidth() / 1e9);
     const std::vector<int> ds = quick ? std::vector<int>{128} : std::vector<int>{128, 64};
     for (int d : ds)  // a small decode step, forward (and AUTO's backward) against the CPU reference
         if (!validate_general({Kind::prefill, d, 8, 2, 4, 300, 2}, GOAT_V7_DECODE_BF16)) {
