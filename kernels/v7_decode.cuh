@@ -166,8 +166,8 @@ static __device__ __forceinline__ float v7_ldg(const float* p) {
 // jw + 8 n + 2 t + (e & 1) of its rows rr + 8 (e >> 1); 0 past j_end or without a table. The blocks load them a
 // tile ahead of their use (where the registers fit: V7Cfg::AHEAD) and turn them into the bias only when that
 // tile comes, so that no instruction waits for the loads before then: a tile's own entries, loaded after the
-// wait for that tile, queued behind the next tile's copies and kept every warp waiting for them (ncu: a fifth
-// of all stall samples sat at their first use; docs/PERF.md).
+// wait for that tile, queued behind the next tile's copies and kept every warp waiting for them (ncu's largest
+// stall, at their first use: docs/PERF.md).
 template <int NT>
 struct V7Prior {
     float kr[NT][4], ur[NT][4];
