@@ -73,6 +73,19 @@ static __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// An L2 cache policy for bytes a kernel reads once (a decode step's K and V): evict them first, so that a stream
+// larger than L2 does not push out what is read again (measured faster: docs/PERF.md). Made once per thread.
+static __device__ __forceinline__ uint64_t l2_evict_first_policy() {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    return policy;
+}
+// cp_async_16 under an L2 cache policy (l2_evict_first_policy)
+static __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid, uint64_t policy) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src), "r"(n),
+                 "l"(policy));
+}
 // 4-byte asynchronous copy; valid == false writes 4 zero bytes.
 static __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 4 : 0;
@@ -255,17 +268,20 @@ static __device__ __forceinline__ void ldsm_B_trans(uint32_t (&b)[4], uint32_t b
 }
 
 // Block-wide: rows row0 .. row0 + ROWS - 1 of x (one (b, h): rows of D bf16, row_stride elements apart) ->
-// swizzled tile; rows >= n_rows are zero-filled and never read.
+// swizzled tile; rows >= n_rows are zero-filled and never read. l2_policy: the copies' L2 cache policy, if any.
 template <int D, int ROWS, int NTHREADS>
 static __device__ __forceinline__ void load_tile_swz(bf16* tile_s, const bf16* x, int row0, int n_rows,
-                                                     long long row_stride) {
+                                                     long long row_stride, const uint64_t* l2_policy = nullptr) {
     constexpr int CH = D / 8;
     const uint32_t base = smem_u32(tile_s);
 #pragma unroll
     for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
         const int r = c / CH, cc = c % CH, row = row0 + r;
         const bool valid = row < n_rows;
-        cp_async_16(swz_chunk_addr<CH>(base, r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
+        const uint32_t dst = swz_chunk_addr<CH>(base, r, cc);
+        const bf16* src = x + (valid ? row : 0) * row_stride + cc * 8;
+        if (l2_policy) cp_async_16(dst, src, valid, *l2_policy);
+        else cp_async_16(dst, src, valid);
     }
 }
 

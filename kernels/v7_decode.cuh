@@ -17,10 +17,11 @@
 //     max: online_softmax_step's LAZY, since one rescale costs a multiply per output element); the warps' (m, l,
 //     O) are combined in shared memory at the end, and the block writes o, lse itself (one split) or its split's
 //     partial (o_s, lse_s) in fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
-//   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed); the
-//     prior entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1
-//     serves the overlap between rows, and the lines are prefetched into it with the tile's K, V) into
-//     registers, a tile before their use where the registers allow (V7Prior); the mask is goat.h's;
+//   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed; the
+//     mma.sync block's copies marked evict-first in L2, as they are read once); the prior entries
+//     kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the overlap
+//     between rows, and the lines are prefetched into it with the tile's K, V) into registers, a tile before
+//     their use where the registers allow (V7Prior); the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
 //     while the split kernel ends where the running code was compiled for CC 9.0 or newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
@@ -290,13 +291,14 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     // two threads per row prefetch its prior: its kappa window, its u slice
     const float* pf = threadIdx.x < 2 * ROWS ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2)
                                              : nullptr;
-    // K_j, V_j of tile jt into its stage (cp.async; the caller commits), and the prior's lines of that tile
-    // prefetched into L1
+    // K_j, V_j of tile jt into its stage (cp.async, read once: evicted first from L2; the caller commits), and the
+    // prior's lines of that tile prefetched into L1
+    const uint64_t kv_policy = l2_evict_first_policy();
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
         bf16* K_t = reinterpret_cast<bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
-        load_tile_swz<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row);
-        load_tile_swz<D, B_c, V7_NTHREADS>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row);
+        load_tile_swz<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row, &kv_policy);
+        load_tile_swz<D, B_c, V7_NTHREADS>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row, &kv_policy);
         v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
     };
 
@@ -468,6 +470,8 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
     const float* pf = v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2);
+    // (no L2 policy on these copies, unlike the block above: ptxas 13 encoded the hinted copy here as an illegal
+    // instruction, docs/PERF.md)
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE;
