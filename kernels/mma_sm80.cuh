@@ -73,8 +73,9 @@ static __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
-// An L2 cache policy for bytes a kernel reads once (a decode step's K and V): evict them first, so that a stream
-// larger than L2 does not push out what is read again (measured faster: docs/PERF.md). Made once per thread.
+// An L2 cache policy for bytes a kernel streams through once (a decode step's K and V): evict them first, so that
+// a stream larger than L2 does not push out what is read again (measured faster: docs/PERF.md). Make it once per
+// thread and pass it to every copy.
 static __device__ __forceinline__ uint64_t l2_evict_first_policy() {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));

@@ -18,10 +18,10 @@
 //     O) are combined in shared memory at the end, and the block writes o, lse itself (one split) or its split's
 //     partial (o_s, lse_s) in fp32. The wgmma block: each warp 16 rows over every key, so no combine between warps;
 //   - K, V tiles stream through a ring of cp.async stages (all but one tile in flight while one is computed; the
-//     mma.sync block's copies marked evict-first in L2, as they are read once); the prior entries
-//     kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the overlap
-//     between rows, and the lines are prefetched into it with the tile's K, V) into registers, a tile before
-//     their use where the registers allow (V7Prior); the mask is goat.h's;
+//     mma.sync block's copies evict-first in L2, as a block usually holds all of its kv head's rows); the prior
+//     entries kappa[h][i - j + L_k - 1] and u[h][j] are read per score element from global memory (L1 serves the
+//     overlap between rows, and the lines are prefetched into it with the tile's K, V) into registers, a tile
+//     before their use where the registers allow (V7Prior); the mask is goat.h's;
 //   - with several splits, v7_combine_kernel: lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s (launched
 //     while the split kernel ends where the running code was compiled for CC 9.0 or newer: v7_wait_for_partials).
 // Rounding as v3 (q, k, v bf16, P rounded to bf16 before P V; m, l, O, the partials and the combine in fp32; o
@@ -291,8 +291,8 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     // two threads per row prefetch its prior: its kappa window, its u slice
     const float* pf = threadIdx.x < 2 * ROWS ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2)
                                              : nullptr;
-    // K_j, V_j of tile jt into its stage (cp.async, read once: evicted first from L2; the caller commits), and the
-    // prior's lines of that tile prefetched into L1
+    // K_j, V_j of tile jt into its stage (cp.async, evicted first from L2: only another chunk of this kv head's rows
+    // would read them again; the caller commits), and the prior's lines of that tile prefetched into L1
     const uint64_t kv_policy = l2_evict_first_policy();
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
@@ -470,8 +470,8 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
     const float* pf = v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2);
-    // (no L2 policy on these copies, unlike the block above: ptxas 13 encoded the hinted copy here as an illegal
-    // instruction, docs/PERF.md)
+    // (no L2 policy on these copies, unlike the block above: with it this kernel stopped on an illegal instruction,
+    // built by CUDA 13; docs/PERF.md)
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE;
