@@ -43,7 +43,8 @@ constexpr int GOAT_DECODE_MAX_L = 16;
 // v7 reads K, V once per group, the square path once per query head), at d = 128 where the square path is v5 (its
 // blocks of 128 query rows start and end more slowly than v7's of 16, measured at every batch), or when the square
 // path's one block per (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head
-// attention at d = 64, or without v5) the square path streams the keys as fast or faster (docs/PERF.md).
+// attention at d = 64, or without v5) the square path: on Hopper at d = 64 within a few percent of v7's time, the
+// rule there still open; v3 against v7 not measured (docs/PERF.md).
 static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
