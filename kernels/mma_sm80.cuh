@@ -270,19 +270,37 @@ static __device__ __forceinline__ void ldsm_B_trans(uint32_t (&b)[4], uint32_t b
 
 // Block-wide: rows row0 .. row0 + ROWS - 1 of x (one (b, h): rows of D bf16, row_stride elements apart) ->
 // swizzled tile; rows >= n_rows are zero-filled and never read. l2_policy: the copies' L2 cache policy, if any.
-template <int D, int ROWS, int NTHREADS>
+// STEPPED: each thread copies one column chunk of rows a fixed step apart (fewer instructions a tile; v7 uses it,
+// v3 keeps the plain loop, which its registers were tuned with).
+template <int D, int ROWS, int NTHREADS, bool STEPPED = false>
 static __device__ __forceinline__ void load_tile_swz(bf16* tile_s, const bf16* x, int row0, int n_rows,
                                                      long long row_stride, const uint64_t* l2_policy = nullptr) {
-    constexpr int CH = D / 8;
+    constexpr int CH = D / 8, N = ROWS * CH, RSTEP = NTHREADS / CH;
     const uint32_t base = smem_u32(tile_s);
-#pragma unroll
-    for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
-        const int r = c / CH, cc = c % CH, row = row0 + r;
-        const bool valid = row < n_rows;
+    if constexpr (STEPPED && CH >= 8 && N % NTHREADS == 0 && NTHREADS % CH == 0 && RSTEP % 8 == 0) {
+        // each thread one column chunk, rows RSTEP apart: with RSTEP a multiple of 8 the swizzle is the same for
+        // all of them, so the addresses only step (the loop below computes each chunk's address afresh)
+        const int cc = (int)threadIdx.x % CH, r = (int)threadIdx.x / CH;
         const uint32_t dst = swz_chunk_addr<CH>(base, r, cc);
-        const bf16* src = x + (valid ? row : 0) * row_stride + cc * 8;
-        if (l2_policy) cp_async_16(dst, src, valid, *l2_policy);
-        else cp_async_16(dst, src, valid);
+        const long long step = (long long)RSTEP * row_stride;
+        const bf16* src = x + (long long)(row0 + r) * row_stride + cc * 8;
+#pragma unroll
+        for (int it = 0; it < N / NTHREADS; ++it, src += step) {
+            const bool valid = row0 + r + it * RSTEP < n_rows;
+            const uint32_t d = dst + it * RSTEP * CH * 16;
+            if (l2_policy) cp_async_16(d, valid ? src : x, valid, *l2_policy);
+            else cp_async_16(d, valid ? src : x, valid);
+        }
+    } else {
+#pragma unroll
+        for (int c = threadIdx.x; c < N; c += NTHREADS) {
+            const int r = c / CH, cc = c % CH, row = row0 + r;
+            const bool valid = row < n_rows;
+            const uint32_t dst = swz_chunk_addr<CH>(base, r, cc);
+            const bf16* src = x + (valid ? row : 0) * row_stride + cc * 8;
+            if (l2_policy) cp_async_16(dst, src, valid, *l2_policy);
+            else cp_async_16(dst, src, valid);
+        }
     }
 }
 

@@ -118,6 +118,14 @@ static __device__ __forceinline__ void v7_prefetch(const float* pf, int part, in
         asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
 }
 
+// ... or one line of it: line q (0..3) from the start of the part's span (a 64-key span touches at most 3 lines)
+static __device__ __forceinline__ void v7_prefetch_line(const float* pf, int part, int q, int j0, int j1) {
+    if (!pf || j1 < j0) return;
+    const float* lo = part == 0 ? pf - j1 : pf + j0;
+    const uintptr_t line = ((uintptr_t)lo & ~(uintptr_t)127) + 128 * (uintptr_t)q;
+    if (line <= (uintptr_t)(lo + (j1 - j0))) asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
+}
+
 // The keys a block reads: its split's, within the sequence's keys and, causal, up to the last query's (key j is
 // visible from some row iff j <= L - 1 + shift); n_kt tiles of V7_B_c from j_begin.
 struct V7Keys {
@@ -289,18 +297,24 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     const int j_begin = keys.j_begin, j_end = keys.j_end, n_kt = keys.n_kt;
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
-    // two threads per row prefetch its prior: its kappa window, its u slice
-    const float* pf = threadIdx.x < 2 * ROWS ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2)
-                                             : nullptr;
+    // the prior's lines: with 16 rows, every thread at most one line (thread x: row x / 8, part x / 4 % 2, line
+    // x % 4), so that no warp does more of them than the others before the next barrier; else two threads per
+    // row, a loop over its lines
+    constexpr bool SPREAD = ROWS * 8 == V7_NTHREADS;
+    const float* pf = SPREAD ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 8, n_rows, threadIdx.x / 4 % 2)
+                      : threadIdx.x < 2 * ROWS
+                          ? v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2)
+                          : nullptr;
     // K_j, V_j of tile jt into its stage (cp.async, evicted first from L2: only another chunk of this kv head's rows
     // would read them again; the caller commits), and the prior's lines of that tile prefetched into L1
     const uint64_t kv_policy = l2_evict_first_policy();
     auto load_kv = [&](int jt) {
         const int j0 = j_begin + jt * B_c;
         bf16* K_t = reinterpret_cast<bf16*>(stages + (jt % C::NSTAGE) * C::STAGE);
-        load_tile_swz<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row, &kv_policy);
-        load_tile_swz<D, B_c, V7_NTHREADS>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row, &kv_policy);
-        v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
+        load_tile_swz<D, B_c, V7_NTHREADS, true>(K_t, k_bh, j0, j_end, a.sk.row, &kv_policy);
+        load_tile_swz<D, B_c, V7_NTHREADS, true>(K_t + B_c * D, v_bh, j0, j_end, a.sv.row, &kv_policy);
+        if constexpr (SPREAD) v7_prefetch_line(pf, threadIdx.x / 4 % 2, threadIdx.x % 4, j0, min(j0 + B_c, j_end) - 1);
+        else v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
     };
 
     // the Q rows (zero past n_rows), then the first NSTAGE - 1 key tiles, one cp.async group each
