@@ -178,24 +178,62 @@ static __device__ __forceinline__ float v7_ldg(const float* p) {
 // tile comes, so that no instruction waits for the loads before then: a tile's own entries, loaded after the
 // wait for that tile, queued behind the next tile's copies and kept every warp waiting for them (ncu's largest
 // stall, at their first use: docs/PERF.md).
-template <int NT>
+// SHARED (the 64-row wgmma block, when L is a multiple of 16 and both tables are given: V7Plan::shared_rows): a
+// thread's rows rr and rr + 8 are queries i and i + 8 of one head, so they share u[h][j], and row rr + 8's kappa
+// entry for key j is row rr's for key j - 8: 2 NT + 2 kappa and 2 NT u loads a tile instead of 4 NT each, kept as
+// row rr's entries in kr[n][0..1] and ur[n][0..1] and row rr + 8's first two in kr[0][2..3].
+template <int NT, bool SHARED = false>
 struct V7Prior {
     float kr[NT][4], ur[NT][4];
 
     // keys jw .. jw + KW - 1 of a warp (KW = 8 NT)
     __device__ __forceinline__ void load(const V7Rows& rows, int jw, int j_end, int t) {
-        if (jw + 8 * NT <= j_end) load_keys<true>(rows, jw, j_end, t);
-        else load_keys<false>(rows, jw, j_end, t);
+        if constexpr (SHARED) {
+            if (jw + 8 * NT <= j_end) load_shared<true>(rows, jw, j_end, t);
+            else load_shared<false>(rows, jw, j_end, t);
+        } else {
+            if (jw + 8 * NT <= j_end) load_keys<true>(rows, jw, j_end, t);
+            else load_keys<false>(rows, jw, j_end, t);
+        }
     }
     // The bias of the logits in log2 units, log2(e) (kappa + u): z2 = goat_logit_log2(s, scale_log2, 0, pri)
     __device__ __forceinline__ void bias_log2(float (&pri)[NT][4]) const {
+        if constexpr (SHARED) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+            for (int n = 0; n < NT; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], GOAT_LOG2E * ur[n][e]);
+                for (int e = 0; e < 2; ++e) {
+                    const float u2 = GOAT_LOG2E * ur[n][e];
+                    pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], u2);
+                    pri[n][e + 2] = goat_logit_log2(0.f, 0.f, n > 0 ? kr[n - 1][e] : kr[0][e + 2], u2);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], GOAT_LOG2E * ur[n][e]);
+        }
     }
 
   private:
+    // SHARED's loads (both tables exist: V7Plan::shared_rows). A key past j_end gets 0 (row rr + 8 reads row rr's
+    // entry of key j - 8, below j_end whenever key j is).
+    template <bool FULL>
+    __device__ __forceinline__ void load_shared(const V7Rows& rows, int jw, int j_end, int t) {
+        const float* kb = rows.kap[0] - (jw + 2 * t);
+        const float* ub = rows.u[0] + (jw + 2 * t);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool in = FULL || jw + 2 * t + 8 * n + e < j_end;
+                kr[n][e] = in ? v7_ldg(kb - 8 * n - e) : 0.f;
+                ur[n][e] = in ? v7_ldg(ub + 8 * n + e) : 0.f;
+            }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) kr[0][e + 2] = FULL || jw + 2 * t + e < j_end ? v7_ldg(kb + 8 - e) : 0.f;
+    }
+
     // FULL: every key is below j_end (no test per entry)
     template <bool FULL>
     __device__ __forceinline__ void load_keys(const V7Rows& rows, int jw, int j_end, int t) {
@@ -464,7 +502,7 @@ struct V7WgmmaCfg {
 };
 
 // Grid (n_splits * n_row_chunks, B*H_kv via goat_grid), row chunks of 64; V7_NTHREADS threads.
-template <int D>
+template <int D, bool SHARED = false>
 __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) {
 #ifdef GOAT_SM90A
     using C = V7WgmmaCfg<D>;
@@ -517,7 +555,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const float scale_log2 = a.scale * GOAT_LOG2E;
 
-    V7Prior<NT_S> prior;  // (as above, a tile ahead)
+    V7Prior<NT_S, SHARED> prior;  // (as above, a tile ahead)
     if (n_kt > 0) prior.load(rows, j_begin, j_end, t);
     for (int jt = 0; jt < n_kt; ++jt) {
         const int j0 = j_begin + jt * B_c;
@@ -662,7 +700,7 @@ __global__ void __launch_bounds__(V7_COMBINE_THREADS) v7_combine_kernel(V7Args a
 // Resident blocks of v7_decode_kernel<D, WR> (or, WGMMA, of v7_decode_wgmma_kernel<D>) on the current GPU
 // (multiprocessors x blocks per multiprocessor; at least 1), asked once per device (it also sets the kernel's
 // shared-memory limit, which every launch needs).
-template <int D, int WR, bool WGMMA = false>
+template <int D, int WR, bool WGMMA = false, bool SHARED = false>
 static int v7_slots() {
     static int cached[64];
     int dev = 0;
@@ -671,7 +709,7 @@ static int v7_slots() {
         int n_sm = 1, per_sm = 0;
         void (*kernel)(V7Args);
         int smem;
-        if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D>, smem = (int)V7WgmmaCfg<D>::SMEM;
+        if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D, SHARED>, smem = (int)V7WgmmaCfg<D>::SMEM;
         else kernel = v7_decode_kernel<D, WR>, smem = (int)V7Cfg<D, WR>::SMEM;
         cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
         if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
@@ -682,7 +720,8 @@ static int v7_slots() {
     }
     return cached[dev];
 }
-static int v7_slots(int d, int WR, bool wgmma) {
+static int v7_slots(int d, int WR, bool wgmma, bool shared_rows) {
+    if (wgmma && shared_rows) return d == 64 ? v7_slots<64, 4, true, true>() : v7_slots<128, 4, true, true>();
     if (wgmma) return d == 64 ? v7_slots<64, 4, true>() : v7_slots<128, 4, true>();
     if (d == 64) return WR == 1 ? v7_slots<64, 1>() : WR == 2 ? v7_slots<64, 2>() : v7_slots<64, 4>();
     return WR == 1 ? v7_slots<128, 1>() : WR == 2 ? v7_slots<128, 2>() : v7_slots<128, 4>();
@@ -696,6 +735,7 @@ constexpr int V7_MIN_CHUNK = 512;
 struct V7Plan {
     int WR, n_row_chunks, n_splits, chunk;
     bool wgmma;  // 64-row blocks on v7_decode_wgmma_kernel (CC 9.0 with the sm_90a build)
+    bool shared_rows;  // ... its instance for L a multiple of 16 with both tables (V7Prior's SHARED)
 };
 
 // How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise one
@@ -710,6 +750,7 @@ static V7Plan v7_plan(const GoatParams& p) {
     plan.WR = n_rows <= 16 ? 1 : n_rows <= 32 ? 2 : 4;
     plan.n_row_chunks = goat_cdiv(n_rows, 16 * plan.WR);
     plan.wgmma = plan.WR == 4 && sm90a_device_ok();
+    plan.shared_rows = plan.wgmma && p.L % 16 == 0 && p.kappa && p.u;
     // (64-bit: L_k may be within a few hundred of 2^31, and so may a forced count)
     auto cdiv = [](long long a, long long b) { return (a + b - 1) / b; };
     long long chunk;
@@ -718,7 +759,7 @@ static V7Plan v7_plan(const GoatParams& p) {
         const long long n = std::min<long long>(std::min<long long>(p.decode_splits, L_k), most);
         chunk = cdiv(L_k, n);
     } else {
-        const int slots = v7_slots(p.d, plan.WR, plan.wgmma);
+        const int slots = v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows);
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
         const long long fill = slots / base, longest = cdiv(L_k, V7_MIN_CHUNK);
         const long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
@@ -755,13 +796,13 @@ static bool v7_combine_waits() {
     return cached[dev] == 1;
 }
 
-template <int D, int WR, bool WGMMA = false>
+template <int D, int WR, bool WGMMA = false, bool SHARED = false>
 static GoatStatus v7_launch(const V7Args& a, const V7Plan& plan, cudaStream_t stream) {
     void (*kernel)(V7Args);
     size_t smem;
-    if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D>, smem = V7WgmmaCfg<D>::SMEM;
+    if constexpr (WGMMA) kernel = v7_decode_wgmma_kernel<D, SHARED>, smem = V7WgmmaCfg<D>::SMEM;
     else kernel = v7_decode_kernel<D, WR>, smem = V7Cfg<D, WR>::SMEM;
-    v7_slots<D, WR, WGMMA>();  // (sets the kernel's shared-memory limit on this device, once)
+    v7_slots<D, WR, WGMMA, SHARED>();  // (sets the kernel's shared-memory limit on this device, once)
     const dim3 grid = goat_grid(plan.n_splits * plan.n_row_chunks, (long long)a.B * a.H_kv);
     GOAT_LAUNCH_CHECK((kernel<<<grid, V7_NTHREADS, smem, stream>>>(a)));
     if (plan.n_splits > 1) {
@@ -798,6 +839,9 @@ static GoatStatus v7_forward(const GoatParams& p, const V7Plan& plan, void* work
         a.lse_part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) +
                                               align256((size_t)plan.n_splits * rows * p.d * 4));
     }
+    if (plan.wgmma && plan.shared_rows)
+        return p.d == 64 ? v7_launch<64, 4, true, true>(a, plan, stream)
+                         : v7_launch<128, 4, true, true>(a, plan, stream);
     if (plan.wgmma) return p.d == 64 ? v7_launch<64, 4, true>(a, plan, stream) : v7_launch<128, 4, true>(a, plan, stream);
     if (p.d == 64)
         return plan.WR == 1 ? v7_launch<64, 1>(a, plan, stream)
