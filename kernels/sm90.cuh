@@ -160,10 +160,11 @@ static __device__ __forceinline__ uint32_t sw128_off(int r, int c) {
 }
 
 // Block-wide: rows row0 .. row0 + R - 1 of x (rows of D bf16, row_stride elements apart) -> swizzled tile at
-// shared address base; rows >= n_rows are zero-filled (they are masked or never written back).
+// shared address base; rows >= n_rows are zero-filled (they are masked or never written back). l2_policy: the
+// copies' L2 cache policy, if any.
 template <int D, int R, int NTHREADS>
 static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16* x, int row0, int n_rows,
-                                                       long long row_stride = D) {
+                                                       long long row_stride = D, const uint64_t* l2_policy = nullptr) {
     constexpr int CH = D / 8, N = R * CH, RSTEP = NTHREADS / CH;
     if constexpr (N % NTHREADS == 0 && NTHREADS % CH == 0 && RSTEP % 8 == 0) {
         // each thread one column chunk, rows RSTEP apart: with RSTEP a multiple of 8 the swizzle is the same for
@@ -175,14 +176,18 @@ static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16
 #pragma unroll
         for (int it = 0; it < N / NTHREADS; ++it, src += step) {
             const bool valid = row0 + r + it * RSTEP < n_rows;
-            cp_async_16(dst + it * RSTEP * 128, valid ? src : x, valid);
+            const uint32_t d = dst + it * RSTEP * 128;
+            if (l2_policy) cp_async_16(d, valid ? src : x, valid, *l2_policy);
+            else cp_async_16(d, valid ? src : x, valid);
         }
     } else {
 #pragma unroll 4
         for (int c = threadIdx.x; c < N; c += NTHREADS) {
             const int r = c / CH, cc = c % CH, row = row0 + r;
             const bool valid = row < n_rows;
-            cp_async_16(base + sw128_off<R>(r, cc), x + (valid ? row : 0) * row_stride + cc * 8, valid);
+            const uint32_t d = base + sw128_off<R>(r, cc);
+            if (l2_policy) cp_async_16(d, x + (valid ? row : 0) * row_stride + cc * 8, valid, *l2_policy);
+            else cp_async_16(d, x + (valid ? row : 0) * row_stride + cc * 8, valid);
         }
     }
 }

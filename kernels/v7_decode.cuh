@@ -523,13 +523,14 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     const bf16* k_bh = a.k + GoatShape::at(a.sk, b, kvh, 0);
     const bf16* v_bh = a.v + GoatShape::at(a.sv, b, kvh, 0);
     const float* pf = v7_prefetch_row(a, kvh, r0 + (int)threadIdx.x / 2, n_rows, threadIdx.x % 2);
-    // (no L2 policy on these copies, unlike the block above: with it this kernel stopped on an illegal instruction,
-    // built by CUDA 13; docs/PERF.md)
-    auto load_kv = [&](int jt) {
+    // (as in the block above, but not for the tiles before the loop: there ptxas 13 emitted the hinted copies with
+    // a policy register it never set, an illegal instruction at run time; docs/PERF.md)
+    const uint64_t kv_policy = l2_evict_first_policy();
+    auto load_kv = [&](int jt, const uint64_t* policy) {
         const int j0 = j_begin + jt * B_c;
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE;
-        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row);
-        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t + C::TILE, v_bh, j0, j_end, a.sv.row);
+        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t, k_bh, j0, j_end, a.sk.row, policy);
+        load_tile_sw128<D, B_c, V7_NTHREADS>(K_t + C::TILE, v_bh, j0, j_end, a.sv.row, policy);
         v7_prefetch(pf, threadIdx.x % 2, j0, min(j0 + B_c, j_end) - 1);
     };
     // descriptors: k-step kk (16 of d) of Q and of the K tile at K_t, k-step kk (16 keys) of the V tile at V_t
@@ -544,7 +545,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
     cp_async_commit();  // (the Q group: the loop's first wait covers it with the first tile's)
 #pragma unroll
     for (int s = 0; s < C::NSTAGE - 1; ++s) {
-        if (s < n_kt) load_kv(s);
+        if (s < n_kt) load_kv(s, nullptr);
         cp_async_commit();
     }
     const V7Rows rows(a, kvh, r0 + 16 * warp + g, n_rows);
@@ -565,7 +566,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
         cp_async_wait_n<C::NSTAGE - 2>();
         fence_proxy_async();  // (the copies are read by wgmma, through the async proxy)
         __syncthreads();
-        if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1);
+        if (jt + C::NSTAGE - 1 < n_kt) load_kv(jt + C::NSTAGE - 1, &kv_policy);
         cp_async_commit();
         if (jt + 1 < n_kt) prior.load(rows, j0 + B_c, j_end, t);
         const uint32_t K_t = sbase + (jt % C::NSTAGE) * C::STAGE, V_t = K_t + C::TILE;
