@@ -113,9 +113,12 @@ TEST_CASE("train_tiny GPU: the prior's tables and their backward on the device e
 // group's gradient by a percent or less of its norm (every value is printed); the bounds below leave a margin of
 // five or more over that, while a wrong or missing term (a transposed operand, a wrong stride of the fused
 // q/k/v view, a lost residual contribution, a buffer too small) moves them by tens of percent.
+// The short run is looser: AdamW scales each step to about lr whatever the gradient's size, so rounding noise in
+// small gradients becomes whole steps, and the two runs drift apart along a loss still falling by about a percent
+// a step; a run that learns wrongly (or not at all) stays tens of percent above the fp32 one.
 constexpr double BF16_LOSS_TOL = 1e-3;   // relative
 constexpr double BF16_GRAD_TOL = 0.05;   // ||g_bf16 - g_fp32|| / ||g_fp32|| per parameter group
-constexpr double BF16_TRAIN_TOL = 0.01;  // relative difference of the losses after a short run
+constexpr double BF16_TRAIN_TOL = 0.03;  // relative difference of the losses after a short run
 
 TEST_CASE("train_tiny GPU: --precision bf16 gives the fp32 model's loss, gradients and training") {
     const uint64_t seed = next_seed();
