@@ -909,7 +909,7 @@ static void run_decode(bool quick) {
                         }
                         DecodeBuffers buf(s);
                         const GoatParams p = decode_params(s, GOAT_AUTO);
-                        GoatParams planned = p;
+                        GoatParams planned = buf.with(p, 0, true);  // (the plan depends on the tables given)
                         const int version = goat_resolve_version(p);
                         const double us = time_forward(buf, p, true), us0 = time_forward(buf, p, false);
                         const double gbs = decode_bytes(s) / (us * 1e-6) / 1e9;
@@ -950,7 +950,8 @@ static void run_decode(bool quick) {
     for (int d : ds)
         for (const DecodeShape& s : {DecodeShape{d, 1, 32, 8, 1, 32768}, DecodeShape{d, 1, 32, 32, 4, 131072},
                                      DecodeShape{d, 8, 32, 8, 16, 8192}, DecodeShape{d, 64, 32, 8, 4, 1024},
-                                     DecodeShape{d, 8, 32, 32, 1, 1024}}) {
+                                     DecodeShape{d, 8, 32, 32, 1, 1024}, DecodeShape{d, 64, 32, 8, 16, 1024},
+                                     DecodeShape{d, 64, 32, 8, 16, 8192}}) {
             DecodeBuffers buf(s);
             GoatParams p = decode_params(s, GOAT_V7_DECODE_BF16);
             std::printf("d=%d B=%d H=%d H_kv=%d L=%d L_k=%d: planned %.2f |", d, s.B, s.H, s.H_kv, s.L, s.L_k,

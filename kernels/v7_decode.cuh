@@ -732,6 +732,25 @@ static int v7_slots(int d, int WR, bool wgmma, bool shared_rows) {
 // and in its partial's write and combine than it gains in parallelism (bench --decode's split sweep)
 constexpr int V7_MIN_CHUNK = 512;
 
+// More blocks than resident slots: the last wave may hold a few blocks that then stream their whole cache with the
+// GPU nearly idle. Splitting the keys turns those blocks into many short ones; the count taken is the smallest
+// (up to `most`) whose waves are at least 90% full, one while its own waves are 80% full, else the fullest. Only
+// for long caches: splits of V7_MIN_CHUNK keys measured slower than the mostly empty wave (bench's split sweep).
+constexpr int V7_MAX_WAVE_SPLITS = 8, V7_MIN_WAVE_CHUNK = 2048;
+static long long v7_wave_splits(long long base, long long slots, long long most) {
+    auto fullness = [&](long long n) {
+        const long long waves = (base * n + slots - 1) / slots;
+        return (double)(base * n) / (double)(waves * slots);
+    };
+    if (fullness(1) >= 0.8) return 1;
+    long long best = 1;
+    for (long long n = 2; n <= most; ++n) {
+        if (fullness(n) >= 0.9) return n;
+        if (fullness(n) > fullness(best)) best = n;
+    }
+    return best;
+}
+
 // The plan of a call: warps along the rows (WR), blocks of rows per (b, kv head), and the split of the keys.
 struct V7Plan {
     int WR, n_row_chunks, n_splits, chunk;
@@ -742,8 +761,9 @@ struct V7Plan {
 // How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise one
 // wave: the blocks of (b, kv head, row chunk) times the splits fill the GPU's resident blocks (v7_slots) once,
 // each split at least V7_MIN_CHUNK keys, in whole 64-key tiles; when the batch alone fills the GPU, one split
-// (no partials, no combine). Measured against every forced count on the bench's sweep (docs/PERF.md): the
-// fastest count was this one's on each shape, as a second wave of short splits only adds their start-up costs.
+// (no partials, no combine) unless its last wave would be mostly empty (v7_wave_splits). Measured against every
+// forced count on the bench's sweep (docs/PERF.md): the fastest count was this one's on each shape, as a second
+// wave of short splits only adds their start-up costs.
 static V7Plan v7_plan(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H, group = p.H / H_kv;
     const int n_rows = group * p.L;
@@ -763,7 +783,8 @@ static V7Plan v7_plan(const GoatParams& p) {
         const int slots = v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows);
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
         const long long fill = slots / base, longest = cdiv(L_k, V7_MIN_CHUNK);
-        const long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
+        long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
+        if (fill < 1) n = v7_wave_splits(base, slots, std::min<long long>(L_k / V7_MIN_WAVE_CHUNK, V7_MAX_WAVE_SPLITS));
         chunk = std::min<long long>(cdiv(cdiv(L_k, n), V7_B_c) * V7_B_c, L_k);
     }
     plan.chunk = (int)chunk;

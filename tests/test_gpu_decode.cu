@@ -8,7 +8,7 @@
 // only u or no table at all (the kernel gets nullptr, the reference zeros). It runs v7 with the keys forced into 1, 3
 // and many splits (the answer must not depend on the split), with the split chosen by v7's rule (the forward's
 // workspace given poisoned and guarded, of exactly goat_forward_workspace_size bytes), and through AUTO (v7 where
-// it prefers v7 for the call, else the square path's forward).
+// it prefers v7 for the call, else the square path's forward), then once more with one split: the same bits.
 #include "tests/gpu_problem.h"
 #include "tests/test_util.h"
 
@@ -104,7 +104,8 @@ void check_case(const Case& c) {
                                    {"splits=3", GOAT_V7_DECODE_BF16, 3, false},
                                    {"many", GOAT_V7_DECODE_BF16, many, false},
                                    {"planned", GOAT_V7_DECODE_BF16, 0, true},
-                                   {"auto", GOAT_AUTO, 0, false}};
+                                   {"auto", GOAT_AUTO, 0, false},
+                                   {"splits=1 again", GOAT_V7_DECODE_BF16, 1, false}};
     std::vector<float> o_one;  // the splits = 1 answer, which every other split must match closely
     for (const Run& run : runs) {
         CAPTURE(run.tag);
@@ -158,6 +159,9 @@ void check_case(const Case& c) {
                 worst = std::fmax(worst, std::fabs((double)got.o[x] - o_one[x]));
             }
             CHECK_MESSAGE(worst <= 2 * FLOOR_BF16 * std::fmax(m, 1e-3), run.tag, ": o differs from splits=1 by ", worst);
+            // the same launch twice: the same bits (no race, no order that depends on timing)
+            if (std::string(run.tag) == "splits=1 again")
+                CHECK_MESSAGE(worst == 0, "the same launch gave o different by ", worst, " the second time");
         }
     }
 }
