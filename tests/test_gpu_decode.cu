@@ -152,13 +152,16 @@ void check_case(const Case& c) {
                       " came back as o = 0, lse = -inf");
         if (o_one.empty()) {
             o_one = got.o;
-        } else {  // the same answer whatever the split: within two bf16 ulps of |o|'s largest value
+        } else {
+            // the same answer whatever the split: P is rounded to bf16 against each split's own running max and o
+            // once at the end, so two splittings may sit two bf16 steps apart at |o|'s largest value m (a step there
+            // is up to m / 128: 4 m / 256 covers two); a wrong combine is off by a good part of o
             double m = 0, worst = 0;
             for (size_t x = 0; x < o_one.size(); ++x) {
                 m = std::fmax(m, std::fabs(o_one[x]));
                 worst = std::fmax(worst, std::fabs((double)got.o[x] - o_one[x]));
             }
-            CHECK_MESSAGE(worst <= 2 * FLOOR_BF16 * std::fmax(m, 1e-3), run.tag, ": o differs from splits=1 by ", worst);
+            CHECK_MESSAGE(worst <= 4 * FLOOR_BF16 * std::fmax(m, 1e-3), run.tag, ": o differs from splits=1 by ", worst);
             // the same launch twice: the same bits (no race, no order that depends on timing)
             if (std::string(run.tag) == "splits=1 again")
                 CHECK_MESSAGE(worst == 0, "the same launch gave o different by ", worst, " the second time");
