@@ -40,15 +40,14 @@
 constexpr int GOAT_DECODE_MAX_L = 16;
 
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
-// v7 reads K, V once per group, the square path once per query head), at d = 128 where the square path is v5 (its
-// blocks of 128 query rows start and end more slowly than v7's of 16, measured at every batch), or when the square
-// path's one block per (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of multi-head
-// attention at d = 64, or without v5) the square path: on Hopper at d = 64 within a few percent of v7's time, the
-// rule there still open; v3 against v7 not measured (docs/PERF.md).
+// v7 reads K, V once per group, the square path once per query head), wherever the square path is v5 (its blocks
+// of 128 query rows start and end more slowly than v7's of 16, measured at every batch and both d), or when the
+// square path's one block per (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of
+// multi-head attention without v5) the square path: v3 against v7 not measured (docs/PERF.md).
 static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
-    if (p.d == 128 && sm90a_supports(p)) return true;
+    if (sm90a_supports(p)) return true;
     int dev = 0, n_sm = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);

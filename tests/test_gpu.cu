@@ -305,9 +305,9 @@ TEST_CASE("fp32 small v1+v2 bad arguments return the documented code and launch 
     CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
     auto_f32.L = 16;
     CHECK(goat_resolve_version(auto_f32) == GOAT_V7_DECODE_BF16);
-    auto_f32.B = 100000;  // many sequences of multi-head attention: the square path's forward (v7_preferred)
-    CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V6_WGMMA_BWD_BF16 : GOAT_V3_MMA_BF16));
-    auto_f32.d = 128;  // ... but at d = 128 where the square path is v5, v7 at every batch
+    auto_f32.B = 100000;  // many sequences of multi-head attention: v7 where the square path is v5, else v3
+    CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V7_DECODE_BF16 : GOAT_V3_MMA_BF16));
+    auto_f32.d = 128;
     CHECK(goat_resolve_version(auto_f32) == (v6_here ? GOAT_V7_DECODE_BF16 : GOAT_V3_MMA_BF16));
     auto_f32.d = 64;
     auto_f32.H_kv = 1;  // GQA: v7
