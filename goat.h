@@ -46,7 +46,7 @@ enum GoatVersion {
                                  // across blocks, then combined (any GPU from CC 8.0; blocks of 64 rows on wgmma
                                  // on CC 9.0 with the sm_90a build); the backward is AUTO's.
                                  // AUTO picks it for the forward when L <= 16 (bf16, d in {64, 128}) and the
-                                 // call has GQA (H_kv < H), d = 128 where v6 runs, or at most one (b, h) per
+                                 // call has GQA (H_kv < H), where v6 runs, or at most one (b, h) per
                                  // multiprocessor
 };
 

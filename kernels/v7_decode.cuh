@@ -41,8 +41,9 @@ constexpr int GOAT_DECODE_MAX_L = 16;
 
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
 // v7 reads K, V once per group, the square path once per query head), wherever the square path is v5 (its blocks
-// of 128 query rows start and end more slowly than v7's of 16, measured at every batch and both d), or when the
-// square path's one block per (b, h) would not fill the GPU (v7 splits the keys). Otherwise (many sequences of
+// of 128 query rows start and end more slowly than v7's of 16: at d = 128 measured at every batch, at d = 64 on
+// bench's threshold shapes), or when the square path's one block per (b, h) would not fill the GPU (v7 splits
+// the keys). Otherwise (many sequences of
 // multi-head attention without v5) the square path: v3 against v7 not measured (docs/PERF.md).
 static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
@@ -761,8 +762,8 @@ struct V7Plan {
 // wave: the blocks of (b, kv head, row chunk) times the splits fill the GPU's resident blocks (v7_slots) once,
 // each split at least V7_MIN_CHUNK keys, in whole 64-key tiles; when the batch alone fills the GPU, one split
 // (no partials, no combine) unless its last wave would be mostly empty (v7_wave_splits). Measured against every
-// forced count on the bench's sweep (docs/PERF.md): the fastest count was this one's on each shape, as a second
-// wave of short splits only adds their start-up costs.
+// forced count on the bench's sweep (docs/PERF.md): this count was the fastest or near it on each shape, as a
+// second wave of short splits only adds their start-up costs (at a 1k cache one split can beat two: open).
 static V7Plan v7_plan(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H, group = p.H / H_kv;
     const int n_rows = group * p.L;

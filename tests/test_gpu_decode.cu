@@ -161,7 +161,8 @@ void check_case(const Case& c) {
                 m = std::fmax(m, std::fabs(o_one[x]));
                 worst = std::fmax(worst, std::fabs((double)got.o[x] - o_one[x]));
             }
-            CHECK_MESSAGE(worst <= 4 * FLOOR_BF16 * std::fmax(m, 1e-3), run.tag, ": o differs from splits=1 by ", worst);
+            CHECK_MESSAGE(worst <= 4 * FLOOR_BF16 * std::fmax(m, 1e-3), run.tag, ": o differs from splits=1 by ",
+                          worst);
             // the same launch twice: the same bits (no race, no order that depends on timing)
             if (std::string(run.tag) == "splits=1 again")
                 CHECK_MESSAGE(worst == 0, "the same launch gave o different by ", worst, " the second time");

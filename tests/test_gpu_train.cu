@@ -110,12 +110,13 @@ TEST_CASE("train_tiny GPU: the prior's tables and their backward on the device e
 
 // bf16 keeps 8 significant bits: each rounding of an activation moves it by up to 2^-9 (0.2%) relative, and the
 // errors of independent roundings partly cancel in every sum. So the loss moves by far less than 0.1%, and each
-// group's gradient by a percent or less of its norm (every value is printed); the bounds below leave a margin of
-// five or more over that, while a wrong or missing term (a transposed operand, a wrong stride of the fused
-// q/k/v view, a lost residual contribution, a buffer too small) moves them by tens of percent.
-// The short run is looser: AdamW scales each step to about lr whatever the gradient's size, so rounding noise in
-// small gradients becomes whole steps, and the two runs drift apart along a loss still falling by about a percent
-// a step; a run that learns wrongly (or not at all) stays tens of percent above the fp32 one.
+// group's gradient by a percent or less of its norm (every value is printed); the first two bounds below leave a
+// margin of five or more over that, while a wrong or missing term (a transposed operand, a wrong stride of the
+// fused q/k/v view, a lost residual contribution, a buffer too small) moves them by tens of percent.
+// The short run's bound is looser and its margin smaller: AdamW scales each step to about lr whatever the gradient's
+// size, so rounding noise in small gradients becomes whole steps, and the two runs drift apart along a loss still
+// falling by about a percent a step; a run that learns wrongly (or not at all) stays tens of percent above the fp32
+// one.
 constexpr double BF16_LOSS_TOL = 1e-3;   // relative
 constexpr double BF16_GRAD_TOL = 0.05;   // ||g_bf16 - g_fp32|| / ||g_fp32|| per parameter group
 constexpr double BF16_TRAIN_TOL = 0.03;  // relative difference of the losses after a short run
