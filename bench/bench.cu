@@ -951,7 +951,8 @@ static void run_decode(bool quick) {
         for (const DecodeShape& s : {DecodeShape{d, 1, 32, 8, 1, 32768}, DecodeShape{d, 1, 32, 32, 4, 131072},
                                      DecodeShape{d, 8, 32, 8, 16, 8192}, DecodeShape{d, 64, 32, 8, 4, 1024},
                                      DecodeShape{d, 8, 32, 32, 1, 1024}, DecodeShape{d, 64, 32, 8, 16, 1024},
-                                     DecodeShape{d, 64, 32, 8, 16, 8192}}) {
+                                     DecodeShape{d, 64, 32, 8, 16, 8192}, DecodeShape{d, 1, 32, 32, 1, 1024},
+                                     DecodeShape{d, 1, 32, 8, 16, 1024}, DecodeShape{d, 4, 32, 32, 1, 2048}}) {
             DecodeBuffers buf(s);
             GoatParams p = decode_params(s, GOAT_V7_DECODE_BF16);
             std::printf("d=%d B=%d H=%d H_kv=%d L=%d L_k=%d: planned %.2f |", d, s.B, s.H, s.H_kv, s.L, s.L_k,
