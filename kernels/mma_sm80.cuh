@@ -268,6 +268,14 @@ static __device__ __forceinline__ void ldsm_B_trans(uint32_t (&b)[4], uint32_t b
     ldsm_x4_trans(b, swz_chunk_addr<CH>(base, 16 * kk + (lane & 15), n0 / 8 + (lane >> 4)));
 }
 
+// Keep the compiler from moving reads or writes of these registers across this point: accumulators across a
+// wgmma issue or wait (sm90.cuh), or a value formed here rather than next to its use.
+template <int R>
+static __device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
+}
+
 // Block-wide: rows row0 .. row0 + ROWS - 1 of x (one (b, h): rows of D bf16, row_stride elements apart) ->
 // swizzled tile; rows >= n_rows are zero-filled and never read. l2_policy: the copies' L2 cache policy, if any.
 // STEPPED: each thread copies one column chunk of rows a fixed step apart (fewer instructions a tile; v7 uses it,

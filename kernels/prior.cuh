@@ -70,9 +70,16 @@ __device__ __forceinline__ float goat_logit(float s, float scale, float kappa_ij
 }
 
 // The same in log2 units, z2 = log2(e) z, for the kernels that exponentiate with exp2: scale_log2 = log2(e)
-// scale, and u2_j = log2(e) u(j) (kernels that hold u in a register scale it once, outside the loop).
+// scale, and u2_j = log2(e) u(j) (kernels that hold u in a register scale it once, outside the loop). In two
+// halves for kernels that form the bias ahead of the score (v7): the bias log2(e) (kappa_ij + u_j), then the logit.
+// (Written out rather than as goat_logit_log2 with zeros: fmaf(0, c, x) is not folded to x, as it turns x = -0
+// into +0, so each zero costs an FFMA per score.)
+__device__ __forceinline__ float goat_bias_log2(float kappa_ij, float u2_j) { return fmaf(kappa_ij, GOAT_LOG2E, u2_j); }
+__device__ __forceinline__ float goat_logit_log2_biased(float s, float scale_log2, float bias2) {
+    return fmaf(s, scale_log2, bias2);
+}
 __device__ __forceinline__ float goat_logit_log2(float s, float scale_log2, float kappa_ij, float u2_j) {
-    return fmaf(s, scale_log2, fmaf(kappa_ij, GOAT_LOG2E, u2_j));
+    return goat_logit_log2_biased(s, scale_log2, goat_bias_log2(kappa_ij, u2_j));
 }
 __device__ __forceinline__ float goat_logit_log2(float s, float scale_log2, float kappa_ij, float u2_j, bool visible) {
     return goat_mask(goat_logit_log2(s, scale_log2, kappa_ij, u2_j), visible);

@@ -129,12 +129,6 @@ template <int N>
 static __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Keep the compiler from moving reads or writes of accumulator registers across a wgmma issue or wait.
-template <int R>
-static __device__ __forceinline__ void fence_regs(float (&d)[R]) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
-}
 // cp.async writes go through the generic proxy, wgmma reads through the async proxy: each writing thread
 // fences after its copies landed and before the barrier that publishes them.
 static __device__ __forceinline__ void fence_proxy_async() {

@@ -196,7 +196,7 @@ struct V7Prior {
             else load_keys<false>(rows, jw, j_end, t);
         }
     }
-    // The bias of the logits in log2 units, log2(e) (kappa + u): z2 = goat_logit_log2(s, scale_log2, 0, pri)
+    // The bias of the logits in log2 units, log2(e) (kappa + u): z2 = goat_logit_log2_biased(s, scale_log2, pri)
     __device__ __forceinline__ void bias_log2(float (&pri)[NT][4]) const {
         if constexpr (SHARED) {
 #pragma unroll
@@ -204,14 +204,14 @@ struct V7Prior {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const float u2 = GOAT_LOG2E * ur[n][e];
-                    pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], u2);
-                    pri[n][e + 2] = goat_logit_log2(0.f, 0.f, n > 0 ? kr[n - 1][e] : kr[0][e + 2], u2);
+                    pri[n][e] = goat_bias_log2(kr[n][e], u2);
+                    pri[n][e + 2] = goat_bias_log2(n > 0 ? kr[n - 1][e] : kr[0][e + 2], u2);
                 }
         } else {
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) pri[n][e] = goat_logit_log2(0.f, 0.f, kr[n][e], GOAT_LOG2E * ur[n][e]);
+                for (int e = 0; e < 4; ++e) pri[n][e] = goat_bias_log2(kr[n][e], GOAT_LOG2E * ur[n][e]);
         }
     }
 
@@ -291,7 +291,7 @@ static __device__ __forceinline__ void v7_goat_step(float (&S)[NT][4], const flo
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int j = jw + 8 * n + 2 * t + (e & 1), hh = e >> 1;
-            float z2 = goat_logit_log2(S[n][e], scale_log2, 0.f, pri[n][e]);
+            float z2 = goat_logit_log2_biased(S[n][e], scale_log2, pri[n][e]);
             if (MASK) z2 = goat_mask(z2, goat_visible(rows.i[hh], j, j_end, a.causal, a.shift));
             S[n][e] = z2;
             mx[hh] = fmaxf(mx[hh], z2);
@@ -386,7 +386,10 @@ __global__ void __launch_bounds__(V7_NTHREADS, V7Cfg<D, WR>::MIN_BLOCKS) v7_deco
     for (int jt = 0; jt < n_kt; ++jt) {
         const int jw = j_begin + jt * B_c + wk * KW;  // this warp's first key
         float pri[NT_S][4];
-        if constexpr (C::AHEAD) prior.bias_log2(pri);
+        if constexpr (C::AHEAD) {
+            prior.bias_log2(pri);
+            fence_regs(reinterpret_cast<float(&)[4 * NT_S]>(pri));  // (formed here, so this tile's entries are free)
+        }
 
         // tile jt has landed, and every warp is past tile jt - 1, whose stage the next load refills
         cp_async_wait_n<C::NSTAGE - 2>();
