@@ -39,6 +39,15 @@
 // measures v7 against the square path's forward around it: docs/PERF.md)
 constexpr int GOAT_DECODE_MAX_L = 16;
 
+// The current device's multiprocessors (at least 1).
+static int v7_sm_count() {
+    int dev = 0, n_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+    cudaGetLastError();
+    return n_sm < 1 ? 1 : n_sm;
+}
+
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
 // v7 reads K, V once per group, the square path once per query head), wherever the square path is v5 (its blocks
 // of 128 query rows start and end more slowly than v7's of 16: at d = 128 measured at every batch, at d = 64 on
@@ -49,11 +58,7 @@ static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
     if (sm90a_supports(p)) return true;
-    int dev = 0, n_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-    cudaGetLastError();
-    return (long long)p.B * p.H <= n_sm;
+    return (long long)p.B * p.H <= v7_sm_count();
 }
 
 constexpr int V7_B_c = 64;         // keys per pipeline stage
@@ -631,11 +636,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
 // (lanes: a power of two, so that D / 4 x lanes divides the block; the last lanes idle when n_splits is not one)
 constexpr int V7_COMBINE_THREADS = 256;
 static int v7_combine_lanes(int d, int n_splits, size_t rows) {
-    int dev = 0, n_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-    cudaGetLastError();
-    const size_t spread = (size_t)std::max(n_sm, 1) * V7_COMBINE_THREADS;  // about one block per multiprocessor
+    const size_t spread = (size_t)v7_sm_count() * V7_COMBINE_THREADS;  // about one block per multiprocessor
     int lanes = 1;
     while (lanes < n_splits && lanes * 2 * (d / 4) <= V7_COMBINE_THREADS && rows * (d / 4) * lanes < spread)
         lanes *= 2;
@@ -732,8 +733,12 @@ static int v7_slots(int d, int WR, bool wgmma, bool shared_rows) {
 }
 
 // A split shorter than this many keys costs more in its block's start (the Q rows, the pipeline's first tiles)
-// and in its partial's write and combine than it gains in parallelism (bench --decode's split sweep)
-constexpr int V7_MIN_CHUNK = 512;
+// and in its partial's write and combine than it gains in parallelism (bench --decode's split sweep), except
+// while the blocks would leave half the multiprocessors or more idle: there splits down to
+// V7_MIN_CHUNK_FEW_BLOCKS keys, up to one block per multiprocessor, put them to work (nearer one block each, the
+// extra, uneven splits measured slower). When every multiprocessor already has a block, splits of under
+// V7_MIN_CHUNK_FULL_GPU keys measured slower than none.
+constexpr int V7_MIN_CHUNK = 512, V7_MIN_CHUNK_FEW_BLOCKS = 128, V7_MIN_CHUNK_FULL_GPU = 1024;
 
 // More blocks than resident slots: the last wave may hold a few blocks that then stream their whole cache with the
 // GPU nearly idle. Splitting the keys turns those blocks into many short ones; the count taken is the smallest
@@ -763,10 +768,11 @@ struct V7Plan {
 
 // How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise one
 // wave: the blocks of (b, kv head, row chunk) times the splits fill the GPU's resident blocks (v7_slots) once,
-// each split at least V7_MIN_CHUNK keys, in whole 64-key tiles; when the batch alone fills the GPU, one split
-// (no partials, no combine) unless its last wave would be mostly empty (v7_wave_splits). Measured against every
-// forced count on the bench's sweep (docs/PERF.md): this count was the fastest or near it on each shape, as a
-// second wave of short splits only adds their start-up costs (at a 1k cache one split can beat two: open).
+// each split at least V7_MIN_CHUNK keys (the floors above where the GPU is nearly empty or already full), in
+// whole 64-key tiles; when the batch alone fills the GPU, one split (no partials, no combine) unless its last
+// wave would be mostly empty (v7_wave_splits). Measured against every forced count on the bench's sweep
+// (docs/PERF.md): this count was the fastest or near it on each shape, as a second wave of short splits only
+// adds their start-up costs.
 static V7Plan v7_plan(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H, group = p.H / H_kv;
     const int n_rows = group * p.L;
@@ -784,9 +790,12 @@ static V7Plan v7_plan(const GoatParams& p) {
         chunk = cdiv(L_k, n);
     } else {
         const int slots = v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows);
-        const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
-        const long long fill = slots / base, longest = cdiv(L_k, V7_MIN_CHUNK);
-        long long n = fill < 1 ? 1 : fill < longest ? fill : longest;
+        const long long base = (long long)p.B * H_kv * plan.n_row_chunks, n_sm = v7_sm_count();
+        const long long fill = slots / base;
+        const long long longest = cdiv(L_k, base >= n_sm ? V7_MIN_CHUNK_FULL_GPU : V7_MIN_CHUNK);
+        long long n = fill < 1 ? 1 : std::min(fill, longest);
+        if (fill >= 1 && 2 * base * n <= n_sm)
+            n = std::max(n, std::min({cdiv(n_sm, base), cdiv(L_k, V7_MIN_CHUNK_FEW_BLOCKS), fill}));
         if (fill < 1) n = v7_wave_splits(base, slots, std::min<long long>(L_k / V7_MIN_WAVE_CHUNK, V7_MAX_WAVE_SPLITS));
         chunk = std::min<long long>(cdiv(cdiv(L_k, n), V7_B_c) * V7_B_c, L_k);
     }
