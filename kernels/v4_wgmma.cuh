@@ -30,52 +30,54 @@ template <> struct V4Tiles<128> : V4Cfg<2, 128, 1> {};
 // the online softmax on wgmma accumulators (v4 and v5)
 
 #ifdef GOAT_SM90A
-// S = P = exp2(S log2(e) - mlog2) of the thread's two rows (mlog2: each row's max in log2 units), l += P.
+// S = P = exp2(S unit2 - mlog2) of the thread's two rows (unit2: log2(e) times the unit of S, mlog2: each row's
+// max in log2 units), l += P.
 template <int NS, typename Exp2>
 static __device__ __forceinline__ void wgmma_exp_rows(float (&S)[NS], const float (&mlog2)[2], float (&l)[2],
-                                                      Exp2 exp2) {
+                                                      float unit2, Exp2 exp2) {
 #pragma unroll
     for (int x = 0; x < NS; ++x) {
         const int hh = (x >> 1) & 1;
-        const float p = exp2(fmaf(S[x], GOAT_LOG2E, -mlog2[hh]));
+        const float p = exp2(fmaf(S[x], unit2, -mlog2[hh]));
         l[hh] += p;
         S[x] = p;
     }
 }
 // The online-softmax step of one thread's two rows (r and r + 8 of its warp), shared by v4 and v5: mx holds the
-// thread's maxima of the new scores z in S, m and l the running max and sum (natural units). The row max over
-// the 4 threads of a row, the new max, alpha = exp(m_old - m_new) and l *= alpha; then S = P = exp(z - m) and
-// l += P. exp2: exp2f (v4) or v5's ex2.approx (exp2_approx).
+// thread's maxima of the new values in S, m and l the running max and sum, S and m in a unit whose log2(e)
+// multiple is unit2: the logits z (v4: unit2 = log2(e)) or z / scale (v5, scale > 0: unit2 = log2(e) scale).
+// The row max over the 4 threads of a row, the new max, alpha = exp(m_old - m_new) and l *= alpha; then S = P =
+// exp(z - m) and l += P. exp2: exp2f (v4) or v5's ex2.approx (exp2_approx).
 template <int NS, typename Exp2>
 static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float (&mx)[2], float (&m)[2], float (&l)[2],
-                                                       float (&alpha)[2], Exp2 exp2) {
+                                                       float (&alpha)[2], float unit2, Exp2 exp2) {
     float mlog2[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         float m_new;
         const float m_use = online_max_step(mx[hh], m[hh], m_new);
-        alpha[hh] = exp2f((m[hh] - m_use) * GOAT_LOG2E);
+        alpha[hh] = exp2f((m[hh] - m_use) * unit2);
         m[hh] = m_new;
         l[hh] *= alpha[hh];
-        mlog2[hh] = m_use * GOAT_LOG2E;
+        mlog2[hh] = m_use * unit2;
     }
-    wgmma_exp_rows(S, mlog2, l, exp2);
+    wgmma_exp_rows(S, mlog2, l, unit2, exp2);
 }
 // The same step with the rescale deferred (FlashAttention-4's conditional rescaling): the running max m moves
-// only when a row of the warp sees a new max more than a factor 2^LAZY_RESCALE_LOG2 above it (m in natural-log
-// units: by more than LAZY_RESCALE_LOG2 ln 2); otherwise m stays, a reference up to that far behind the true
+// only when a row of the warp sees a new max more than a factor 2^LAZY_RESCALE_LOG2 above it (in log2 units, m
+// times unit2); otherwise m stays, a reference up to that far behind the true
 // max, P = exp(z - m) may reach 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one
 // multiply per output element and tile). o = O / l and lse = m + log l are the same for whichever m all of a row's
 // P shared. Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
 template <int NS, typename Exp2>
 static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], float (&mx)[2], float (&m)[2],
-                                                            float (&l)[2], float (&alpha)[2], Exp2 exp2) {
+                                                            float (&l)[2], float (&alpha)[2], float unit2, Exp2 exp2) {
     float m_new[2];
     bool grow = false;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         online_max_step(mx[hh], m[hh], m_new[hh]);
-        grow |= (m_new[hh] - m[hh]) * GOAT_LOG2E > LAZY_RESCALE_LOG2;  // (-inf - -inf is NaN: false)
+        grow |= (m_new[hh] - m[hh]) * unit2 > LAZY_RESCALE_LOG2;  // (-inf - -inf is NaN: false)
     }
     const bool rescale = __any_sync(0xffffffffu, grow);
     float mlog2[2];
@@ -83,13 +85,13 @@ static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], f
     for (int hh = 0; hh < 2; ++hh) {
         if (rescale) {
             const float m_use = m_new[hh] == -INFINITY ? 0.f : m_new[hh];
-            alpha[hh] = exp2f((m[hh] - m_use) * GOAT_LOG2E);
+            alpha[hh] = exp2f((m[hh] - m_use) * unit2);
             m[hh] = m_new[hh];
             l[hh] *= alpha[hh];
         }
-        mlog2[hh] = (m[hh] == -INFINITY ? 0.f : m[hh]) * GOAT_LOG2E;
+        mlog2[hh] = (m[hh] == -INFINITY ? 0.f : m[hh]) * unit2;
     }
-    wgmma_exp_rows(S, mlog2, l, exp2);
+    wgmma_exp_rows(S, mlog2, l, unit2, exp2);
     return rescale;
 }
 // O *= alpha (the accumulator to the new max).
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS) v4_forward_kernel(Bf16A
             }
         // phase 5: P = exp(z - m), l += P (unrounded), while P_{j-1} V_{j-1} finishes
         float alpha[2];
-        wgmma_softmax_step(S, mx, m, l, alpha, [](float x) { return exp2f(x); });
+        wgmma_softmax_step(S, mx, m, l, alpha, GOAT_LOG2E, [](float x) { return exp2f(x); });
         // phase 6: wait for P_{j-1} V_{j-1}, rescale O to the new max, keep P_j (bf16) for the next iteration
         wgmma_wait<0>();
         fence_regs(O);

@@ -12,9 +12,11 @@
 //     consumers run ahead of each other by up to the ring's depth.
 //   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
 //     while the second product runs; at d = 128 the rescale of O waits for a large jump of the row max
-//     (wgmma_softmax_step_lazy). The GOAT step (goat_logit) has two copies, with and without the mask, the
-//     masked one a single compare per score; with one consumer warpgroup a last tile with at most B_c / 2 keys
-//     left runs at half width.
+//     (wgmma_softmax_step_lazy). The GOAT step z = scale s + kappa_ij + u_j is kept as z / scale (scale > 0):
+//     the producer stores the prior slices divided by the scale, S starts at their sum and the product adds the
+//     scores, so no score pays a multiply-add; the scale goes into the exponential's. The row maxima have two
+//     copies, with and without the mask, the masked one a single compare per score; with one consumer
+//     warpgroup a last tile with at most B_c / 2 keys left runs at half width.
 //   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
 //     strides, so a [B][L][H][d] layout or a fused-QKV view loads as a packed one does and a key tile reads kv
 //     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and a
@@ -153,21 +155,14 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 else tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, i0, bh, bar_q);  // (square: 3-d maps)
             }
         }
-        auto load_k = [&](int jt) {  // K_j by TMA and its prior slices by cp.async, all counted on K full
+        // K_j by TMA, then its prior slices divided by the scale (the consumers start S from them) through the
+        // lanes' registers; each lane's arrive on K full releases its stores
+        // (MUFU's reciprocal, no call to the IEEE division's slow path from a warp that gave its registers away;
+        // an ulp off 1 / scale moves z by an ulp of the bias)
+        const float inv_scale = __fdividef(1.f, a.scale);
+        auto load_k = [&](int jt) {
             const int s = jt % KS, j0 = jt * B_c;
             if (jt >= KS) mbar_wait(bar_kempty(s), ((jt / KS) - 1) & 1);
-            const uint32_t kap_s = smem_u32(kappa_s + s * KW_PAD), uu_s = smem_u32(u_s + s * B_c);
-            const int ks = kappa_window_start(i0, j0, B_c, L_k);
-            for (int e = lane; e < KW; e += 32) {
-                const int idx = ks + e;
-                const bool valid = kappa_h && idx >= 0 && idx < (GENERAL ? n_delta : 2 * L - 1);
-                cp_async_4(kap_s + 4 * e, valid ? (const void*)(kappa_h + idx) : (const void*)a.k, valid);
-            }
-            for (int e = lane; e < B_c; e += 32) {
-                const bool valid = u_h && j0 + e < L_k;
-                cp_async_4(uu_s + 4 * e, valid ? (const void*)(u_h + j0 + e) : (const void*)a.k, valid);
-            }
-            cp_async_mbar_arrive(bar_kfull(s));
             if (lane == 0) {
                 mbar_arrive_tx(bar_kfull(s), T::TILE_KV);
 #pragma unroll
@@ -177,6 +172,28 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                     else tma_load_3d(K_s + s * T::TILE_KV + cb * B_c * 128, &tm_k, 64 * cb, j0, bh, bar_kfull(s));
                 }
             }
+            float* kap_s = kappa_s + s * KW_PAD;
+            float* uu_s = u_s + s * B_c;
+            const int ks = kappa_window_start(i0, j0, B_c, L_k);
+            constexpr int NKW = (KW + 31) / 32, NU = B_c / 32;
+            float kv[NKW], uv[NU];
+#pragma unroll
+            for (int x = 0; x < NKW; ++x) {
+                const int e = lane + 32 * x, idx = ks + e;
+                const bool valid = kappa_h && e < KW && idx >= 0 && idx < (GENERAL ? n_delta : 2 * L - 1);
+                kv[x] = valid ? __ldg(kappa_h + idx) : 0.f;
+            }
+#pragma unroll
+            for (int x = 0; x < NU; ++x) {
+                const int e = lane + 32 * x;
+                uv[x] = u_h && j0 + e < L_k ? __ldg(u_h + j0 + e) : 0.f;
+            }
+#pragma unroll
+            for (int x = 0; x < NKW; ++x)
+                if (lane + 32 * x < KW) kap_s[lane + 32 * x] = kv[x] * inv_scale;
+#pragma unroll
+            for (int x = 0; x < NU; ++x) uu_s[lane + 32 * x] = uv[x] * inv_scale;
+            mbar_arrive(bar_kfull(s));
         };
         auto load_v = [&](int jt) {
             const int s = jt % VS, j0 = jt * B_c;
@@ -249,9 +266,19 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         auto tile = [&](auto half_c) {
             constexpr bool HALF = decltype(half_c)::value;
             constexpr int NC = HALF ? B_c / 2 : B_c;
+            // S starts at the bias over the scale, (kappa_ij + u_j) / scale for the thread's rows r_loc0,
+            // r_loc0 + 8 and columns 8 n + 2 t + {0, 1} (u of the two columns by two 4-byte loads: one 8-byte
+            // load measured slower, docs/PERF.md); the product adds the scores, so S = z / scale
             float S[NC / 2];
 #pragma unroll
-            for (int x = 0; x < NC / 2; ++x) S[x] = 0.f;
+            for (int n = 0; n < NC / 8; ++n) {
+                const float u0 = uu[8 * n + 2 * t], u1 = uu[8 * n + 2 * t + 1];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
+                    S[4 * n + e] = kap[r_loc - c_loc + B_c - 1] + ((e & 1) ? u1 : u0);
+                }
+            }
             fence_regs(O);
             wgmma_fence();
 #pragma unroll
@@ -263,10 +290,9 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             fence_regs(S);
 
             float mx[2] = {-INFINITY, -INFINITY};
-            // The GOAT step for the thread's rows r_loc0, r_loc0 + 8 and columns 8 n + 2 t + {0, 1} (u of the two
-            // columns by two 4-byte loads: one 8-byte load measured slower, docs/PERF.md). Masked: column c_loc is
-            // visible iff c_loc <= lim[hh] (inside L and, causal, not after the row), one compare with a constant
-            // per score. Two copies of the loop, with and without the mask, so interior tiles pay no test.
+            // The row maxima of S = z / scale (scale > 0: the same order as z). Masked: column c_loc is visible
+            // iff c_loc <= lim[hh] (inside L and, causal, not after the row), one compare with a constant per
+            // score. Two copies of the loop, with and without the mask, so interior tiles pay no test.
             auto scores = [&](auto masked) {
                 int lim[2];
 #pragma unroll
@@ -277,11 +303,9 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 }
 #pragma unroll
                 for (int n = 0; n < NC / 8; ++n) {
-                    const float u0 = uu[8 * n + 2 * t], u1 = uu[8 * n + 2 * t + 1];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int r_loc = r_loc0 + 8 * (e >> 1), c_loc = 8 * n + 2 * t + (e & 1);
-                        float z = goat_logit(S[4 * n + e], a.scale, kap[r_loc - c_loc + B_c - 1], (e & 1) ? u1 : u0);
+                        float z = S[4 * n + e];
                         if (decltype(masked)::value) z = goat_mask(z, 8 * n + (e & 1) <= lim[e >> 1]);
                         S[4 * n + e] = z;
                         mx[e >> 1] = fmaxf(mx[e >> 1], z);
@@ -300,8 +324,9 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             // multiplies, one per two scores there)
             bool rescale = true;
             auto ex2 = [](float x) { return exp2_approx(x); };
-            if constexpr (D == 128) rescale = wgmma_softmax_step_lazy(S, mx, m, l, alpha, ex2);
-            else wgmma_softmax_step(S, mx, m, l, alpha, ex2);
+            const float unit2 = a.scale * GOAT_LOG2E;
+            if constexpr (D == 128) rescale = wgmma_softmax_step_lazy(S, mx, m, l, alpha, unit2, ex2);
+            else wgmma_softmax_step(S, mx, m, l, alpha, unit2, ex2);
             wgmma_wait<0>();
             fence_regs(O);
             if (jt > 0) {  // V_{j-1} is no longer read by this warp
@@ -337,7 +362,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     }
 
     fwd_store_rows<D>(a.o + (GENERAL ? GoatShape::at(a.so, b, h, 0) : off), GENERAL ? a.so.row : D,
-                      a.lse + (size_t)bh * L, O, l, m, 1.f, i0 + r_loc0, L, t);
+                      a.lse + (size_t)bh * L, O, l, m, a.scale, i0 + r_loc0, L, t);
 #else
     (void)a; (void)tm_q; (void)tm_k; (void)tm_v;
 #endif
@@ -375,7 +400,9 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     return GoatStatus();
 }
 
+// (v5 keeps S as z / scale, so a scale that is not positive takes v3's forward)
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
+    if (!(p.scale > 0.f)) return v3_forward(p, stream);
     if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
     return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
