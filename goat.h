@@ -60,7 +60,8 @@ struct GoatStrides {
 struct GoatParams {
     // sizes
     int B = 0, H = 0, L = 0, d = 0;   // L: queries per sequence
-    float scale = 0.f;         // usually 1/sqrt(d)
+    float scale = 0.f;         // usually 1/sqrt(d); any finite value (v5's forward holds z / scale for a scale in
+                               // 2^-64 .. 2^64, where finite table entries up to ~1e19 are safe; others run v3's)
     bool causal = false;
     GoatDtype dtype = GOAT_F32;
     int version = GOAT_AUTO;

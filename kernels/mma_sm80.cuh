@@ -38,6 +38,7 @@ struct Bf16Args : GoatShape {
     float* dq_accum;       // [B][H][L][d]       fp32 dQ (atomic mode)
     float* dkappa_part;    // [B][H][T_c][L + B_c - 1]  per-block diagonal sums (deterministic mode)
     float* du_part;        // [B][H][L_k]        per-b column sums (deterministic mode)
+    float inv_scale;       // 1 / scale (v5's S = z / scale: kernels/prior.cuh)
 };
 
 // The kernels' view of GoatParams (the workspace slices are set by the backward's launcher).
@@ -55,6 +56,7 @@ static Bf16Args bf16_args(const GoatParams& p) {
     a.dk = static_cast<bf16*>(p.dk);
     a.dv = static_cast<bf16*>(p.dv);
     a.dkappa = p.dkappa; a.du = p.du;
+    a.inv_scale = (float)(1.0 / (double)p.scale);
     return a;
 }
 

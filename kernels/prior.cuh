@@ -7,7 +7,8 @@
 //
 // That line is "the GOAT step" (goat_logit below, with its masked form and its log2-unit twin for the kernels
 // that exponentiate with exp2). As FlashAttention adds ALiBi, it is applied to the score tile in registers, in
-// the same pass as the mask, before the running max; the tables are read, never materialised as a bias.
+// the same pass as the mask, before the running max (v5 instead starts the product from the prior over the
+// scale: goat_scale_allows_z_over_scale); the tables are read, never materialised as a bias.
 // The backward adds two reductions of dS = dz (the same P (dP - D) every attention backward forms):
 //     du(j) = sum_i dS_ij  (column sums)        dkappa(delta) = sum_{i - j = delta} dS_ij  (diagonal sums)
 // (du_add_row_sums and dkappa_warp_diagonal_sums below, on the tensor-core fragments of v3 and v6; v1 and v2
@@ -84,6 +85,13 @@ __device__ __forceinline__ float goat_logit_log2(float s, float scale_log2, floa
 __device__ __forceinline__ float goat_logit_log2(float s, float scale_log2, float kappa_ij, float u2_j, bool visible) {
     return goat_mask(goat_logit_log2(s, scale_log2, kappa_ij, u2_j), visible);
 }
+
+// The step as the scores' accumulator can take it (v5): the product starts from the prior over the scale, so it
+// yields S = s + (kappa_ij + u_j) / scale = z / scale, in z's order for a positive scale, and no score pays a
+// multiply-add; the exponential takes log2(e) scale in its own. inv_scale = 1 / scale comes from the host
+// (Bf16Args). It is safe for a positive scale within 2^-64 .. 2^64, where 1 / scale is finite and a table's finite
+// entries (up to about 1e19 in magnitude) stay finite over it; any other finite scale takes v3's forward.
+static inline bool goat_scale_allows_z_over_scale(float scale) { return scale >= 0x1p-64f && scale <= 0x1p64f; }
 
 // ----------------------------------------------------------------------------------------------------------
 // the backward's sums on mma fragments (v3, v6)

@@ -195,6 +195,8 @@ static __device__ __forceinline__ void load_tile_sw128(uint32_t base, const bf16
 static __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+// (arrive is a release and try_wait an acquire, at CTA scope, by PTX's defaults: what a thread stored before its
+// arrive is seen by the threads that wait for the phase)
 static __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
@@ -208,11 +210,6 @@ static __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
         "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
-}
-// The calling thread's earlier cp.async copies, once they land, count as one arrival on bar ("noinc": the
-// barrier's expected count includes these arrivals from its init).
-static __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 // One TMA copy of box (c0 = column, c1 = row, c2 = head, c3 = batch) of tensor map tm into shared memory at dst,
 // counted in on barrier bar.

@@ -136,7 +136,7 @@ static __device__ __forceinline__ void v3_tile_logits(float (&S)[B_c / 8][4], fl
 // for this thread's rows i_row, i_row + 8; O in the mma C layout (O[4 n + 2 hh + e]: row + 8 hh, column
 // 8 n + 2 t + e), rows o_row elements apart; l is this thread's partial sum (the quad's four are added here);
 // rows >= L are never written.
-// m_to_ln: ln 2 when m is in log2 units, 1 when natural. (v3, v4, v5)
+// m_to_ln: ln 2 when m is in log2 units, 1 when natural, scale when m is a max of z / scale (v5).
 template <int D>
 static __device__ __forceinline__ void fwd_store_rows(bf16* o_bh, long long o_row, float* lse_bh, const float (&O)[D / 2],
                                                       float (&l)[2], const float (&m)[2], float m_to_ln, int i_row,

@@ -46,8 +46,8 @@ static __device__ __forceinline__ void wgmma_exp_rows(float (&S)[NS], const floa
 // The online-softmax step of one thread's two rows (r and r + 8 of its warp), shared by v4 and v5: mx holds the
 // thread's maxima of the new values in S, m and l the running max and sum, S and m in a unit whose log2(e)
 // multiple is unit2: the logits z (v4: unit2 = log2(e)) or z / scale (v5, scale > 0: unit2 = log2(e) scale).
-// The row max over the 4 threads of a row, the new max, alpha = exp(m_old - m_new) and l *= alpha; then S = P =
-// exp(z - m) and l += P. exp2: exp2f (v4) or v5's ex2.approx (exp2_approx).
+// The row max over the 4 threads of a row, the new max, alpha = exp2((m_old - m_new) unit2) and l *= alpha; then
+// S = P = exp2((S - m) unit2), i.e. exp(z - z_max), and l += P. exp2: exp2f (v4) or v5's ex2.approx.
 template <int NS, typename Exp2>
 static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float (&mx)[2], float (&m)[2], float (&l)[2],
                                                        float (&alpha)[2], float unit2, Exp2 exp2) {
@@ -65,10 +65,9 @@ static __device__ __forceinline__ void wgmma_softmax_step(float (&S)[NS], float 
 }
 // The same step with the rescale deferred (FlashAttention-4's conditional rescaling): the running max m moves
 // only when a row of the warp sees a new max more than a factor 2^LAZY_RESCALE_LOG2 above it (in log2 units, m
-// times unit2); otherwise m stays, a reference up to that far behind the true
-// max, P = exp(z - m) may reach 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one
-// multiply per output element and tile). o = O / l and lse = m + log l are the same for whichever m all of a row's
-// P shared. Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
+// times unit2); otherwise m stays, a reference up to that far behind the true max, P may reach
+// 2^LAZY_RESCALE_LOG2, and O and l keep their scale (no O *= alpha, the one multiply per output element and
+// tile). o = O / l and lse (m in natural units + log l) are the same for whichever m all of a row's P shared. Returns whether the warp moved its maxima (the same in every lane); only then does O need wgmma_rescale.
 template <int NS, typename Exp2>
 static __device__ __forceinline__ bool wgmma_softmax_step_lazy(float (&S)[NS], float (&mx)[2], float (&m)[2],
                                                             float (&l)[2], float (&alpha)[2], float unit2, Exp2 exp2) {

@@ -12,11 +12,13 @@
 //     consumers run ahead of each other by up to the ring's depth.
 //   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
 //     while the second product runs; at d = 128 the rescale of O waits for a large jump of the row max
-//     (wgmma_softmax_step_lazy). The GOAT step z = scale s + kappa_ij + u_j is kept as z / scale (scale > 0):
-//     the producer stores the prior slices divided by the scale, S starts at their sum and the product adds the
-//     scores, so no score pays a multiply-add; the scale goes into the exponential's. The row maxima have two
-//     copies, with and without the mask, the masked one a single compare per score; with one consumer
-//     warpgroup a last tile with at most B_c / 2 keys left runs at half width.
+//     (wgmma_softmax_step_lazy). The GOAT step z = scale s + kappa_ij + u_j is kept as z / scale (a positive
+//     scale in goat_scale_allows_z_over_scale's range; others take v3's forward): the producer stores the prior
+//     slices divided by the scale, S starts at their sum and the product adds the scores (a few ulp of |z|, where
+//     the multiply-add rounded once: far below P's bf16), so no score pays a multiply-add; the scale goes into
+//     the exponential's. The row maxima have two copies, with and without the mask, the masked one a single
+//     compare per score; with one consumer warpgroup a last tile with at most B_c / 2 keys left runs at half
+//     width.
 //   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
 //     strides, so a [B][L][H][d] layout or a fused-QKV view loads as a packed one does and a key tile reads kv
 //     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and a
@@ -127,7 +129,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     if (threadIdx.x == 0) {
         mbar_init(bar_q, 1);
         for (int s = 0; s < KS; ++s) {
-            mbar_init(bar_kfull(s), 1 + 32);  // the TMA thread's expect_tx + the 32 lanes' prior copies
+            mbar_init(bar_kfull(s), 1 + 32);  // the TMA thread's expect_tx + the 32 lanes' prior stores
             mbar_init(bar_kempty(s), 4 * NWG);  // lane 0 of every consumer warp
         }
         for (int s = 0; s < VS; ++s) {
@@ -157,9 +159,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         }
         // K_j by TMA, then its prior slices divided by the scale (the consumers start S from them) through the
         // lanes' registers; each lane's arrive on K full releases its stores
-        // (MUFU's reciprocal, no call to the IEEE division's slow path from a warp that gave its registers away;
-        // an ulp off 1 / scale moves z by an ulp of the bias)
-        const float inv_scale = __fdividef(1.f, a.scale);
+        const float inv_scale = a.inv_scale;
         auto load_k = [&](int jt) {
             const int s = jt % KS, j0 = jt * B_c;
             if (jt >= KS) mbar_wait(bar_kempty(s), ((jt / KS) - 1) & 1);
@@ -400,9 +400,9 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     return GoatStatus();
 }
 
-// (v5 keeps S as z / scale, so a scale that is not positive takes v3's forward)
+// (v5 keeps S as z / scale: other scales take v3's forward, kernels/prior.cuh)
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
-    if (!(p.scale > 0.f)) return v3_forward(p, stream);
+    if (!goat_scale_allows_z_over_scale(p.scale)) return v3_forward(p, stream);
     if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
     return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }

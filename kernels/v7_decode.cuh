@@ -39,13 +39,17 @@
 // measures v7 against the square path's forward around it: docs/PERF.md)
 constexpr int GOAT_DECODE_MAX_L = 16;
 
-// The current device's multiprocessors (at least 1).
+// The current device's multiprocessors (at least 1), asked once per device.
 static int v7_sm_count() {
-    int dev = 0, n_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
-    cudaGetLastError();
-    return n_sm < 1 ? 1 : n_sm;
+    static int cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+    if (cached[dev] == 0) {
+        int n_sm = 0;
+        if (cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) cudaGetLastError();
+        cached[dev] = n_sm < 1 ? 1 : n_sm;
+    }
+    return cached[dev];
 }
 
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
@@ -792,10 +796,11 @@ static V7Plan v7_plan(const GoatParams& p) {
         const int slots = v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows);
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks, n_sm = v7_sm_count();
         const long long fill = slots / base;
-        const long long longest = cdiv(L_k, base >= n_sm ? V7_MIN_CHUNK_FULL_GPU : V7_MIN_CHUNK);
+        // (the floors: at most L_k / floor splits, so that each holds at least that many keys)
+        const long long longest = std::max(1LL, (long long)L_k / (base >= n_sm ? V7_MIN_CHUNK_FULL_GPU : V7_MIN_CHUNK));
         long long n = fill < 1 ? 1 : std::min(fill, longest);
         if (fill >= 1 && 2 * base * n <= n_sm)
-            n = std::max(n, std::min({cdiv(n_sm, base), cdiv(L_k, V7_MIN_CHUNK_FEW_BLOCKS), fill}));
+            n = std::max(n, std::min({n_sm / base, (long long)L_k / V7_MIN_CHUNK_FEW_BLOCKS, fill}));
         if (fill < 1) n = v7_wave_splits(base, slots, std::min<long long>(L_k / V7_MIN_WAVE_CHUNK, V7_MAX_WAVE_SPLITS));
         chunk = std::min<long long>(cdiv(cdiv(L_k, n), V7_B_c) * V7_B_c, L_k);
     }

@@ -381,11 +381,12 @@ GPU_CASE({"", Check::twin, {2, 2, 150, 64, C::yes, P::none}, "kappa = u = nullpt
 GPU_CASE({"", Check::twin, {1, 2, 150, 128, C::no, P::none}, "kappa = u = nullptr; dkappa and du still computed"})
 GPU_CASE({"", Check::deterministic_twice, {3, 2, 700, 128, C::yes, P::masked_key0}, ""})
 GPU_CASE({"", Check::deterministic_twice, {2, 3, 333, 64, C::no, P::random}, ""})
-// v5 keeps S as z / scale, valid for scale > 0 only; any other finite scale takes v3's forward (v5_forward)
-TEST_CASE("bf16 v3+v4+v5+v6+v7 B=1 H=2 L=113 d=64,128 non-causal+causal prior=random (scale -0.3 and 0)") {
+// v5 keeps S as z / scale, for a positive scale in 2^-64 .. 2^64 only; any other finite scale takes v3's forward
+// (v5_forward)
+TEST_CASE("bf16 v3+v4+v5+v6+v7 B=1 H=2 L=113 d=64,128 non-causal+causal prior=random (scale -0.3, 0 and 1e-25)") {
     for (int d : {64, 128})
         for (bool causal : {false, true})
-            for (float scale : {-0.3f, 0.f}) {
+            for (float scale : {-0.3f, 0.f, 1e-25f}) {
                 Problem pr = make_problem(GOAT_BF16, 1, 2, 113, d, causal, Prior::random, false);
                 pr.dims.scale = scale;
                 check(pr);
