@@ -31,7 +31,7 @@ TORCH_LIB := python/goat_torch/libgoat.so
 
 CPU_TEST_SRC := tests/test_main.cpp tests/test_cpu.cpp tests/test_cpu_general.cpp tests/test_train.cpp
 GPU_TEST_SRC := $(wildcard tests/test_gpu*.cu)
-GOAT_DEPS    := goat.cu goat.h $(wildcard kernels/*.cuh)
+GOAT_DEPS    := goat.cu goat.h $(wildcard kernels/*.cuh) kernels/v7_plan.h
 
 ifeq ($(NVCC),)
 GPU_TARGETS :=
@@ -53,11 +53,11 @@ $(BUILD)/demo: reference.cpp reference.h | $(BUILD)
 	$(CXX) $(CXXFLAGS) -DGOAT_REFERENCE_MAIN reference.cpp -o $@
 
 # CPU unit tests (doctest); tests/test_train.cpp includes train_tiny.cu (CPU part, main left out)
-$(BUILD)/test_cpu: $(CPU_TEST_SRC) train_tiny.cu reference.cpp reference.h tests/test_util.h | $(BUILD)
+$(BUILD)/test_cpu: $(CPU_TEST_SRC) train_tiny.cu reference.cpp reference.h tests/test_util.h kernels/v7_plan.h | $(BUILD)
 	$(CXX) $(CXXFLAGS) $(DOCTEST_CFLAGS) -I. $(CPU_TEST_SRC) reference.cpp -o $@
 
 # the same tests with AddressSanitizer and UndefinedBehaviorSanitizer
-$(BUILD)/test_cpu_asan: $(CPU_TEST_SRC) train_tiny.cu reference.cpp reference.h tests/test_util.h | $(BUILD)
+$(BUILD)/test_cpu_asan: $(CPU_TEST_SRC) train_tiny.cu reference.cpp reference.h tests/test_util.h kernels/v7_plan.h | $(BUILD)
 	$(CXX) -O1 -g -std=c++17 -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -fno-omit-frame-pointer $(DOCTEST_CFLAGS) -I. $(CPU_TEST_SRC) reference.cpp -o $@
 

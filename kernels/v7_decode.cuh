@@ -30,6 +30,7 @@
 
 #include "mma_sm80.cuh"
 #include "sm90.cuh"
+#include "v7_plan.h"
 
 #include <algorithm>
 #include <climits>
@@ -736,33 +737,6 @@ static int v7_slots(int d, int WR, bool wgmma, bool shared_rows) {
     return WR == 1 ? v7_slots<128, 1>() : WR == 2 ? v7_slots<128, 2>() : v7_slots<128, 4>();
 }
 
-// A split shorter than this many keys costs more in its block's start (the Q rows, the pipeline's first tiles)
-// and in its partial's write and combine than it gains in parallelism (bench --decode's split sweep), except
-// while the blocks would leave half the multiprocessors or more idle: there splits down to
-// V7_MIN_CHUNK_FEW_BLOCKS keys, up to one block per multiprocessor, put them to work (nearer one block each, the
-// extra, uneven splits measured slower). When every multiprocessor already has a block, splits of under
-// V7_MIN_CHUNK_FULL_GPU keys measured slower than none.
-constexpr int V7_MIN_CHUNK = 512, V7_MIN_CHUNK_FEW_BLOCKS = 128, V7_MIN_CHUNK_FULL_GPU = 1024;
-
-// More blocks than resident slots: the last wave may hold a few blocks that then stream their whole cache with the
-// GPU nearly idle. Splitting the keys turns those blocks into many short ones; the count taken is the smallest
-// (up to `most`) whose waves are at least 90% full, one while its own waves are 80% full, else the fullest. Only
-// for long caches: splits of V7_MIN_CHUNK keys measured slower than the mostly empty wave (bench's split sweep).
-constexpr int V7_MAX_WAVE_SPLITS = 8, V7_MIN_WAVE_CHUNK = 2048;
-static long long v7_wave_splits(long long base, long long slots, long long most) {
-    auto fullness = [&](long long n) {
-        const long long waves = (base * n + slots - 1) / slots;
-        return (double)(base * n) / (double)(waves * slots);
-    };
-    if (fullness(1) >= 0.8) return 1;
-    long long best = 1;
-    for (long long n = 2; n <= most; ++n) {
-        if (fullness(n) >= 0.9) return n;
-        if (fullness(n) > fullness(best)) best = n;
-    }
-    return best;
-}
-
 // The plan of a call: warps along the rows (WR), blocks of rows per (b, kv head), and the split of the keys.
 struct V7Plan {
     int WR, n_row_chunks, n_splits, chunk;
@@ -770,13 +744,9 @@ struct V7Plan {
     bool shared_rows;  // ... its instance for L a multiple of 16 with both tables (V7Prior's SHARED)
 };
 
-// How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise one
-// wave: the blocks of (b, kv head, row chunk) times the splits fill the GPU's resident blocks (v7_slots) once,
-// each split at least V7_MIN_CHUNK keys (the floors above where the GPU is nearly empty or already full), in
-// whole 64-key tiles; when the batch alone fills the GPU, one split (no partials, no combine) unless its last
-// wave would be mostly empty (v7_wave_splits). Measured against every forced count on the bench's sweep
-// (docs/PERF.md): this count was the fastest or near it on each shape, as a second wave of short splits only
-// adds their start-up costs.
+// How many splits. Forced (GoatParams::decode_splits > 0): that many chunks of ceil(L_k / n) keys. Otherwise
+// v7_auto_chunk (kernels/v7_plan.h: the rule and why) from the blocks without splitting, the resident blocks
+// (v7_slots) and the multiprocessors.
 static V7Plan v7_plan(const GoatParams& p) {
     const int L_k = p.L_k ? p.L_k : p.L, H_kv = p.H_kv ? p.H_kv : p.H, group = p.H / H_kv;
     const int n_rows = group * p.L;
@@ -793,16 +763,8 @@ static V7Plan v7_plan(const GoatParams& p) {
         const long long n = std::min<long long>(std::min<long long>(p.decode_splits, L_k), most);
         chunk = cdiv(L_k, n);
     } else {
-        const int slots = v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows);
-        const long long base = (long long)p.B * H_kv * plan.n_row_chunks, n_sm = v7_sm_count();
-        const long long fill = slots / base;
-        // (the floors: at most L_k / floor splits, so that each holds at least that many keys)
-        const long long longest = std::max(1LL, (long long)L_k / (base >= n_sm ? V7_MIN_CHUNK_FULL_GPU : V7_MIN_CHUNK));
-        long long n = fill < 1 ? 1 : std::min(fill, longest);
-        if (fill >= 1 && 2 * base * n <= n_sm)
-            n = std::max(n, std::min({n_sm / base, (long long)L_k / V7_MIN_CHUNK_FEW_BLOCKS, fill}));
-        if (fill < 1) n = v7_wave_splits(base, slots, std::min<long long>(L_k / V7_MIN_WAVE_CHUNK, V7_MAX_WAVE_SPLITS));
-        chunk = std::min<long long>(cdiv(cdiv(L_k, n), V7_B_c) * V7_B_c, L_k);
+        const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
+        chunk = v7_auto_chunk(L_k, base, v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows), v7_sm_count(), V7_B_c);
     }
     plan.chunk = (int)chunk;
     plan.n_splits = (int)cdiv(L_k, chunk);

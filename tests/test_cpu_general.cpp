@@ -7,6 +7,7 @@
 // uses every feature at once. Seeds are fixed; tolerances are named constants.
 #include <doctest/doctest.h>
 
+#include "kernels/v7_plan.h"
 #include "reference.h"
 #include "tests/test_util.h"
 
@@ -451,4 +452,49 @@ TEST_CASE("decode: the split-key twin (partial softmaxes per chunk, then the com
         threw = std::string(e.what()).find("n_splits") != std::string::npos;
     }
     CHECK(threw);
+}
+
+// v7's split rule is host arithmetic (kernels/v7_plan.h): its promises hold on every shape, and on the shapes of
+// bench --decode's split sweep it picks the count that was fastest there (one H200: 132 multiprocessors).
+TEST_CASE("decode: v7's split rule keeps one wave, its key floors and whole tiles; the sweep's fastest counts") {
+    auto cdiv = [](long long a, long long b) { return (a + b - 1) / b; };
+    const long long tile = 64;
+    int checked = 0;
+    for (long long n_sm : {108LL, 132LL})
+        for (long long per_sm : {1LL, 2LL, 3LL, 4LL})
+            for (long long base : {1LL, 8LL, 32LL, 64LL, 100LL, 128LL, 256LL, 512LL, 2048LL})
+                for (long long L_k : {1LL, 17LL, 64LL, 100LL, 129LL, 513LL, 1000LL, 1024LL, 1025LL, 2049LL, 4097LL,
+                                      8192LL, 32768LL, 131072LL, 2147483000LL}) {
+                    const long long slots = n_sm * per_sm, chunk = v7_auto_chunk(L_k, base, slots, n_sm, tile);
+                    const long long n = cdiv(L_k, chunk);
+                    INFO("n_sm " << n_sm << ", slots " << slots << ", base " << base << ", L_k " << L_k << ": chunk "
+                                 << chunk << ", " << n << " splits");
+                    REQUIRE(chunk >= 1);
+                    REQUIRE(chunk <= L_k);
+                    CHECK((chunk % tile == 0 || chunk == L_k));
+                    if (base <= slots) CHECK(base * n <= slots);  // one wave
+                    if (n > 1) {
+                        // the floors: the wave rule's, the full GPU's, the fill rule's, the nearly empty GPU's
+                        const long long floor = base > slots       ? V7_MIN_WAVE_CHUNK
+                                                : base >= n_sm     ? V7_MIN_CHUNK_FULL_GPU
+                                                : 2 * base > n_sm  ? V7_MIN_CHUNK
+                                                                   : V7_MIN_CHUNK_FEW_BLOCKS;
+                        CHECK(chunk >= floor);
+                        if (base > slots) CHECK(n <= V7_MAX_WAVE_SPLITS);
+                    }
+                    ++checked;
+                }
+    CHECK(checked == 2 * 4 * 9 * 15);
+    // (base: blocks of (b, kv head, row chunk) without splitting; slots: resident blocks of that shape's kernel)
+    struct Measured { const char* shape; long long L_k, base, slots, fastest; };
+    const Measured sweep[] = {
+        {"d = 128, B = 1, H_kv = 32, L = 1, 1k", 1024, 32, 264, 4},
+        {"d = 128, B = 1, H_kv = 8, L = 16, 1k", 1024, 8, 264, 8},
+        {"d = 64, B = 8, H_kv = 32, L = 1, 1k", 1024, 256, 528, 1},
+        {"d = 64, B = 64, H_kv = 8, L = 16, 8k", 8192, 512, 396, 3},
+    };
+    for (const Measured& m : sweep) {
+        INFO(m.shape);
+        CHECK(cdiv(m.L_k, v7_auto_chunk(m.L_k, m.base, m.slots, 132, tile)) == m.fastest);
+    }
 }
