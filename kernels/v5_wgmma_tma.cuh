@@ -36,6 +36,9 @@
 // iteration before V_j, so K gets the deeper ring). Chosen by measurement (docs/PERF.md, "v5"):
 //   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start and
 //   end run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
+//   d = 128 without a causal mask from V5_D128_WIDE_L keys on: 176 keys a tile (FlashAttention-3's choice), rings
+//   of two stages (what shared memory holds); shorter, the padding of the last tile and the shallower rings cost
+//   more than the fewer row-max and rescale steps save (at d = 64 wider tiles gained at no length).
 template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
     static constexpr int NWG = NWG_, B_c = B_c_, KS = KS_, VS = VS_;
 };
@@ -44,11 +47,8 @@ template <> struct V5Tiles<64> : V5Cfg<1, 128, 3, 3> {};
 template <> struct V5Tiles<128> : V5Cfg<2, 128, 3, 2> {};
 using V5TilesD64Long = V5Cfg<3, 128, 3, 3>;
 constexpr int V5_D64_LONG_L = 8192;
-// Without a causal mask, wider key tiles (FlashAttention-3's choice at d = 128): fewer row-max and rescale steps
-// per score, in rings of two stages (what shared memory holds).
-template <int D> struct V5TilesWide;
-template <> struct V5TilesWide<64> : V5Cfg<1, 192, 2, 2> {};
-template <> struct V5TilesWide<128> : V5Cfg<2, 176, 2, 2> {};
+using V5TilesD128Wide = V5Cfg<2, 176, 2, 2>;
+constexpr int V5_D128_WIDE_L = 8192;
 
 // ----------------------------------------------------------------------------------------------------------
 // forward
@@ -74,7 +74,7 @@ struct V5Fwd {
     static constexpr int REG_CONSUMER = NWG == 1 ? 216 : NWG == 2 ? 240 : 160;
     static constexpr int REG_PRODUCER = NWG == 1 ? 40 : NWG == 2 ? 24 : 32;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
-    static_assert(B_c == 64 || B_c == 128 || B_c == 176 || B_c == 192, "B_c is an N of the wgmma instructions");
+    static_assert(B_c == 64 || B_c == 128 || B_c == 176, "B_c is an N of the wgmma instructions");
     static_assert(NWG >= 1 && NWG <= 3, "1 to 3 consumer warpgroups");
     static_assert(KS >= 2 && VS >= 2, "rings of at least two stages");
     static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
@@ -191,14 +191,14 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
 #pragma unroll
             for (int x = 0; x < NU; ++x) {
                 const int e = lane + 32 * x;
-                uv[x] = u_h && e < B_c && j0 + e < L_k ? __ldg(u_h + j0 + e) : 0.f;
+                uv[x] = u_h && (B_c % 32 == 0 || e < B_c) && j0 + e < L_k ? __ldg(u_h + j0 + e) : 0.f;
             }
 #pragma unroll
             for (int x = 0; x < NKW; ++x)
                 if (lane + 32 * x < KW) kap_s[lane + 32 * x] = kv[x] * inv_scale;
 #pragma unroll
             for (int x = 0; x < NU; ++x)
-                if (lane + 32 * x < B_c) uu_s[lane + 32 * x] = uv[x] * inv_scale;
+                if (B_c % 32 == 0 || lane + 32 * x < B_c) uu_s[lane + 32 * x] = uv[x] * inv_scale;
             mbar_arrive(bar_kfull(s));
         };
         auto load_v = [&](int jt) {
@@ -413,12 +413,10 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
 // (v5 keeps S as z / scale: other scales take v3's forward, kernels/prior.cuh)
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
     if (!goat_scale_allows_z_over_scale(p.scale)) return v3_forward(p, stream);
-    static const int wide = std::getenv("GOAT_V5_WIDE") ? std::atoi(std::getenv("GOAT_V5_WIDE")) : 1;  // (experiment)
-    if (wide && !p.causal) {
-        if (p.d == 128 && (wide & 4) == 0) return v5_forward_d<128, V5TilesWide<128>>(p, stream);
-        if (p.d == 64 && (p.L < V5_D64_LONG_L || (wide & 2))) return v5_forward_d<64, V5TilesWide<64>>(p, stream);
+    if (p.d == 128) {
+        if (!p.causal && (p.L_k ? p.L_k : p.L) >= V5_D128_WIDE_L) return v5_forward_d<128, V5TilesD128Wide>(p, stream);
+        return v5_forward_d<128, V5Tiles<128>>(p, stream);
     }
-    if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
     return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
 static GoatStatus v5_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {
