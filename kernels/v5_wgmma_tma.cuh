@@ -36,6 +36,9 @@
 // iteration before V_j, so K gets the deeper ring). Chosen by measurement (docs/PERF.md, "v5"):
 //   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start and
 //   end run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
+//   d = 128 without a causal mask from V5_D128_WIDE_L keys on: 176 keys a tile (FlashAttention-3's choice), rings
+//   of two stages (what shared memory holds); shorter, the padding of the last tile and the shallower rings cost
+//   more than the fewer row-max and rescale steps save (at d = 64 wider tiles gained at no length).
 template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
     static constexpr int NWG = NWG_, B_c = B_c_, KS = KS_, VS = VS_;
 };
@@ -44,6 +47,8 @@ template <> struct V5Tiles<64> : V5Cfg<1, 128, 3, 3> {};
 template <> struct V5Tiles<128> : V5Cfg<2, 128, 3, 2> {};
 using V5TilesD64Long = V5Cfg<3, 128, 3, 3>;
 constexpr int V5_D64_LONG_L = 8192;
+using V5TilesD128Wide = V5Cfg<2, 176, 2, 2>;
+constexpr int V5_D128_WIDE_L = 8192;
 
 // ----------------------------------------------------------------------------------------------------------
 // forward
@@ -69,7 +74,7 @@ struct V5Fwd {
     static constexpr int REG_CONSUMER = NWG == 1 ? 216 : NWG == 2 ? 240 : 160;
     static constexpr int REG_PRODUCER = NWG == 1 ? 40 : NWG == 2 ? 24 : 32;
     static_assert(D == 64 || D == 128, "d must be 64 or 128");
-    static_assert(B_c == 64 || B_c == 128, "B_c is an N of the wgmma instructions");
+    static_assert(B_c == 64 || B_c == 128 || B_c == 176, "B_c is an N of the wgmma instructions");
     static_assert(NWG >= 1 && NWG <= 3, "1 to 3 consumer warpgroups");
     static_assert(KS >= 2 && VS >= 2, "rings of at least two stages");
     static_assert(B_r <= 256 && B_c <= 256, "TMA boxes are at most 256 rows");
@@ -175,7 +180,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             float* kap_s = kappa_s + s * KW_PAD;
             float* uu_s = u_s + s * B_c;
             const int ks = kappa_window_start(i0, j0, B_c, L_k);
-            constexpr int NKW = (KW + 31) / 32, NU = B_c / 32;
+            constexpr int NKW = (KW + 31) / 32, NU = (B_c + 31) / 32;
             float kv[NKW], uv[NU];
 #pragma unroll
             for (int x = 0; x < NKW; ++x) {
@@ -186,13 +191,14 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
 #pragma unroll
             for (int x = 0; x < NU; ++x) {
                 const int e = lane + 32 * x;
-                uv[x] = u_h && j0 + e < L_k ? __ldg(u_h + j0 + e) : 0.f;
+                uv[x] = u_h && (B_c % 32 == 0 || e < B_c) && j0 + e < L_k ? __ldg(u_h + j0 + e) : 0.f;
             }
 #pragma unroll
             for (int x = 0; x < NKW; ++x)
                 if (lane + 32 * x < KW) kap_s[lane + 32 * x] = kv[x] * inv_scale;
 #pragma unroll
-            for (int x = 0; x < NU; ++x) uu_s[lane + 32 * x] = uv[x] * inv_scale;
+            for (int x = 0; x < NU; ++x)
+                if (B_c % 32 == 0 || lane + 32 * x < B_c) uu_s[lane + 32 * x] = uv[x] * inv_scale;
             mbar_arrive(bar_kfull(s));
         };
         auto load_v = [&](int jt) {
@@ -245,7 +251,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     bool p_half = false;  // P holds only the first B_c / 2 columns (the last tile was a half tile)
     // Half tiles only with one consumer warpgroup: with more, the choice depends on the warpgroup, a branch that
     // ptxas takes for divergent and answers by serialising every wgmma (C7520).
-    constexpr bool HALF_OK = NWG == 1;
+    constexpr bool HALF_OK = NWG == 1 && B_c == 128;
     for (int jt = 0; jt < n_kt; ++jt) {
         const int s = jt % KS, j0 = jt * B_c, sv = (jt - 1 + VS) % VS;
         mbar_wait(bar_kfull(s), (jt / KS) & 1);
@@ -337,8 +343,12 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             wgmma_pack(S, reinterpret_cast<uint32_t(&)[NC / 16][4]>(P));
             p_half = HALF_OK && HALF;
         };
-        if (HALF_OK && j_end_c - j0 <= B_c / 2) tile(std::true_type());
-        else tile(std::false_type());
+        if constexpr (HALF_OK) {
+            if (j_end_c - j0 <= B_c / 2) tile(std::true_type());
+            else tile(std::false_type());
+        } else {
+            tile(std::false_type());
+        }
     }
     {   // the last O += P V
         const int sv = (n_kt - 1) % VS;
@@ -403,7 +413,10 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
 // (v5 keeps S as z / scale: other scales take v3's forward, kernels/prior.cuh)
 static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
     if (!goat_scale_allows_z_over_scale(p.scale)) return v3_forward(p, stream);
-    if (p.d == 128) return v5_forward_d<128, V5Tiles<128>>(p, stream);
+    if (p.d == 128) {
+        if (!p.causal && (p.L_k ? p.L_k : p.L) >= V5_D128_WIDE_L) return v5_forward_d<128, V5TilesD128Wide>(p, stream);
+        return v5_forward_d<128, V5Tiles<128>>(p, stream);
+    }
     return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
 static GoatStatus v5_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {

@@ -471,7 +471,7 @@ TEST_CASE("bf16 small v3+v4+v5+v6+v7+AUTO: a tensor that is not 16-byte aligned 
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// sampled: benchmark scale, and L just above the d = 64 forward's switch to three consumer warpgroups
+// sampled: benchmark scale, and L just above the forward's switches of tile shape
 
 GPU_CASE({"bench scale", Check::sampled, {2, 16, 16384, 64, C::yes, P::random}, ""})
 GPU_CASE({"bench scale", Check::sampled, {2, 16, 16384, 128, C::yes, P::random}, ""})
@@ -482,3 +482,6 @@ GPU_CASE({"bench scale", Check::sampled, {4, 8, 4000, 128, C::no, P::random}, ""
 // the sampled rows always include; a row left unwritten stays NaN and fails the finite check.
 GPU_CASE({"", Check::sampled, {1, 2, 8193, 64, C::both, P::random},
           "three-warpgroup d = 64 forward with a partial last tile"})
+// Without a causal mask the d = 128 forward takes 176-key tiles from 8192 keys on; 8200 = 46 * 176 + 104: a partial
+// last key tile, its padding masked.
+GPU_CASE({"", Check::sampled, {1, 2, 8200, 128, C::no, P::random}, "176-key tiles of the d = 128 forward"})

@@ -274,6 +274,8 @@ GPU_CASE({GOAT_BF16, false, 2, 8, 2, 7, 1000, 64, true, 5993, 5000, {1000, 999},
 GPU_CASE({GOAT_BF16, false, 1, 8, 4, 64, 1000, 64, false, 5, 700, {}, Layout::packed, "cross-attention; group 2"})
 GPU_CASE({GOAT_BF16, false, 1, 4, 2, 300, 3000, 128, false, 0, 0, {}, Layout::blhd, "cross-attention; L_k = 3000"})
 GPU_CASE({GOAT_BF16, false, 1, 8, 1, 33, 145, 128, true, 112, 0, {}, Layout::blhd, "group 8 (MQA); bottom-right causal"})
+GPU_CASE({GOAT_BF16, false, 2, 2, 1, 40, 8500, 128, false, 30, 8000, {8500, 8300}, Layout::blhd,
+          "cross-attention over 176-key tiles (d = 128 from 8192 keys); a padded sequence"})
 GPU_CASE({GOAT_BF16, false, 2, 2, 2, 300, 2500, 64, true, 2200, 0, {2500, 2300}, Layout::blhd,
           "chunked prefill after a cache; the chunk ends beyond the second sequence's keys"})
 GPU_CASE({GOAT_BF16, false, 2, 2, 1, 128, 128, 128, true, 0, 0, {128, 0}, Layout::packed,
