@@ -37,8 +37,8 @@
 //   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start and
 //   end run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
 //   d = 128 without a causal mask from V5_D128_WIDE_L keys on: 176 keys a tile (FlashAttention-3's choice), rings
-//   of two stages (what shared memory holds); shorter, the padding of the last tile and the shallower rings cost
-//   more than the fewer row-max and rescale steps save (at d = 64 wider tiles gained at no length).
+//   of two stages (what shared memory holds): fewer row-max and rescale steps per score; with fewer keys the last
+//   tile's padding and the shallower rings ate the gain (at d = 64 wider tiles gained at no length).
 template <int NWG_, int B_c_, int KS_, int VS_> struct V5Cfg {
     static constexpr int NWG = NWG_, B_c = B_c_, KS = KS_, VS = VS_;
 };
