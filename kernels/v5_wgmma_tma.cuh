@@ -22,7 +22,9 @@
 //   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
 //     strides, so a [B][L][H][d] layout or a fused-QKV view loads as a packed one does and a key tile reads kv
 //     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and a
-//     block whose rows see no key writes o = 0, lse = -inf without loading anything.
+//     query tile whose rows see no key writes o = 0, lse = -inf without loading anything.
+//   - a block walks work items (query tile, b*h): without a causal mask one block per multiprocessor slot, so
+//     the next item's first tiles and Q load while this one's last products and rows finish.
 // The tensor maps (64 x rows boxes, zero fill past a head's rows) are encoded on the host per call
 // (kernels/sm90.cuh).
 #pragma once
@@ -53,7 +55,7 @@ constexpr int V5_D128_WIDE_L = 8192;
 // ----------------------------------------------------------------------------------------------------------
 // forward
 
-// Grid (T_r = ceil(L / B_r), B*H), B_r = 64 NWG; block 128 (NWG + 1) threads. Shared memory: Q_i [B_r][d],
+// Work items (T_r = ceil(L / B_r)) x B*H, B_r = 64 NWG, over a 1-d grid; block 128 (NWG + 1) threads. Shared memory: Q_i [B_r][d],
 // K ring KS x (K_j [B_c][d], kappa window [B_r + B_c - 1], u slice [B_c]), V ring VS x V_j [B_c][d], mbarriers.
 template <int D, int NWG, int B_c, int KS, int VS>
 struct V5Fwd {
@@ -216,7 +218,10 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         for (long long w = blockIdx.x; w < n_items; w += gridDim.x) {
             const Item I = item_at(w);
             if (GENERAL && I.n_kt == 0) continue;  // (its rows are written without a load)
-            // Q_i once the consumers' last S of the previous item is done
+            // K_0 (its stage freed by the consumers' progress), then Q_i once their last S of the previous item is
+            // done, then (K_{j+1}, V_j), so that a wait for a free V stage never holds back the K tile the
+            // consumers need first
+            load_k(I, 0, g0);
             if (nq > 0) mbar_wait(bar_qempty, (nq - 1) & 1);
             if (lane == 0) {
                 mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
@@ -227,9 +232,6 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
                 }
             }
             ++nq;
-            // K_0, then (K_{j+1}, V_j), so that a wait for a free V stage never holds back the K tile the
-            // consumers need first
-            load_k(I, 0, g0);
             for (int jt = 0; jt < I.n_kt; ++jt) {
                 if (jt + 1 < I.n_kt) load_k(I, jt + 1, g0 + jt + 1);
                 load_v(I, jt, g0 + jt);
@@ -286,7 +288,7 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
             mbar_wait(bar_kfull(s), (gk / KS) & 1);
             if (jt > 0) mbar_wait(bar_vfull(sv), (gv / VS) & 1);
             // O += P_{j-1} V_{j-1} (issued after S_j = Q K_j^T below). P_{j-1} is never a half tile here: a half
-            // tile is the last one (with one warpgroup, j_end_c is the block's j_end), its product is issued after
+            // tile is the last one (with one warpgroup, j_end_c is the item's j_end), its product is issued after
             // the loop. (A branch here made ptxas close the commit group with an extra empty wgmma.)
             auto issue_pv = [&]() {
                 wgmma_fence();  // (one on this path too, else ptxas adds a warpgroup.arrive of its own: C7519)
