@@ -356,6 +356,9 @@ GPU_CASE({"small", Check::deterministic_twice, {2, 1, 113, 128, C::no, P::random
 // several query and key tiles: v6's double buffers and dkappa carry wrap
 GPU_CASE({"small", Check::twin, {1, 1, 300, 64, C::yes, P::random}, "several query and key tiles"})
 GPU_CASE({"small", Check::twin, {1, 1, 300, 128, C::no, P::masked_key0}, "several query and key tiles"})
+// five key tiles: v5's K ring (three stages) is written again, so the sanitizers see its reuse
+GPU_CASE({"small", Check::twin, {1, 1, 520, 64, C::no, P::random}, "v5's K ring reused"})
+GPU_CASE({"small", Check::twin, {1, 1, 520, 128, C::yes, P::masked_key0}, "v5's K ring reused"})
 
 // ----------------------------------------------------------------------------------------------------------
 // shapes
