@@ -276,8 +276,9 @@ static __device__ __forceinline__ void bwd_row_stats(const float* lse_bh, const 
 
 // Before the backward kernel, one pass over the rows: D_i = <dO_i, O_i> (fp32 from the bf16 tensors) and, in
 // atomic mode (zero_dq), row i of the fp32 dQ accumulator set to 0 and, spread over all threads, dkappa and du
-// (each was a separate cudaMemsetAsync: launches and passes fewer). d/8 threads per row, each with one 16-byte load of dO and of O (8 elements) and
-// two 16-byte stores of zeros; the row's partial dots are summed by shuffles in a fixed order.
+// (each was a separate cudaMemsetAsync: launches and passes fewer). d/8 threads per row, each with one 16-byte
+// load of dO and of O (8 elements) and two 16-byte stores of zeros; the row's partial dots are summed by shuffles
+// in a fixed order.
 // Shapes: dout, o [B][H][L][D] (strided; 16-byte aligned rows: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
 // GENERAL = false (square packed calls): rows at row * D, without at_row's layout test and divisions.
 template <int D, bool GENERAL>
