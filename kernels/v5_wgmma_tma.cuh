@@ -218,18 +218,26 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
         for (long long w = blockIdx.x; w < n_items; w += gridDim.x) {
             const Item I = item_at(w);
             if (GENERAL && I.n_kt == 0) continue;  // (its rows are written without a load)
-            // K_0 (its stage freed by the consumers' progress), then Q_i once their last S of the previous item is
-            // done, then (K_{j+1}, V_j), so that a wait for a free V stage never holds back the K tile the
-            // consumers need first
-            load_k(I, 0, g0);
-            if (nq > 0) mbar_wait(bar_qempty, (nq - 1) & 1);
-            if (lane == 0) {
-                mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
+            // Q_i and K_0 (a later item: K_0 first, its stage freed by the consumers' progress, then Q_i once their
+            // last S of the previous item is done), then (K_{j+1}, V_j), so that a wait for a free V stage never
+            // holds back the K tile the consumers need first
+            auto load_q = [&]() {
+                if (lane == 0) {
+                    mbar_arrive_tx(bar_q, (uint32_t)B_r * D * 2);
 #pragma unroll
-                for (int cb = 0; cb < D / 64; ++cb) {
-                    if constexpr (GENERAL) tma_load_4d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, I.i0, I.h, I.b, bar_q);
-                    else tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, I.i0, I.bh, bar_q);  // (square: 3-d maps)
+                    for (int cb = 0; cb < D / 64; ++cb) {
+                        if constexpr (GENERAL) tma_load_4d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, I.i0, I.h, I.b, bar_q);
+                        else tma_load_3d(Q_s + cb * B_r * 128, &tm_q, 64 * cb, I.i0, I.bh, bar_q);  // (square: 3-d)
+                    }
                 }
+            };
+            if (nq == 0) {  // (the block's first item: Q is not behind the prior slices' loads)
+                load_q();
+                load_k(I, 0, g0);
+            } else {
+                load_k(I, 0, g0);
+                mbar_wait(bar_qempty, (nq - 1) & 1);
+                load_q();
             }
             ++nq;
             for (int jt = 0; jt < I.n_kt; ++jt) {
