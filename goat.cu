@@ -268,10 +268,13 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
     if (p.workspace && ((uintptr_t)p.workspace & 15))
         return goat_status(1, "workspace must be 16-byte aligned (cudaMalloc's memory is; the bulk copies need it)");
 
-    // dkappa and du are overwritten: start from zero (the kernels add into them)
+    // dkappa and du are overwritten: start from zero (the kernels add into them). The bf16 backward in atomic mode
+    // zeroes them in its first pass (bwd_dot_kernel, with the fp32 dQ): two launches fewer
     const size_t L_k = p.L_k ? p.L_k : p.L;
-    if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (p.L + L_k - 1) * sizeof(float), stream));
-    if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * L_k * sizeof(float), stream));
+    if (p.dtype != GOAT_BF16 || p.deterministic) {
+        if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (p.L + L_k - 1) * sizeof(float), stream));
+        if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * L_k * sizeof(float), stream));
+    }
 
     void* workspace = p.workspace;
     if (!workspace && need > 0) GOAT_CUDA_CHECK(cudaMallocAsync(&workspace, need, stream));

@@ -50,6 +50,19 @@ static dim3 goat_grid(int tiles, long long rows) {
 }
 __device__ __forceinline__ int goat_grid_row() { return (int)(blockIdx.y + 65535u * blockIdx.z); }
 
+// The current device's multiprocessors (at least 1), asked once per device.
+static int goat_sm_count() {
+    static int cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+    if (cached[dev] == 0) {
+        int n_sm = 0;
+        if (cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) cudaGetLastError();
+        cached[dev] = n_sm < 1 ? 1 : n_sm;
+    }
+    return cached[dev];
+}
+
 // exp(x) = exp2(x log2(e)): the bf16 kernels exponentiate with exp2 and carry log2(e) in their constants
 #define GOAT_LOG2E 1.4426950408889634f
 #define GOAT_LN2 0.6931471805599453f

@@ -275,9 +275,10 @@ static __device__ __forceinline__ void bwd_row_stats(const float* lse_bh, const 
 }
 
 // Before the backward kernel, one pass over the rows: D_i = <dO_i, O_i> (fp32 from the bf16 tensors) and, in
-// atomic mode (zero_dq), row i of the fp32 dQ accumulator set to 0 (it was a separate cudaMemsetAsync: one
-// launch and one pass fewer). d/8 threads per row, each with one 16-byte load of dO and of O (8 elements) and
-// two 16-byte stores of zeros; the row's partial dots are summed by shuffles in a fixed order.
+// atomic mode (zero_dq), row i of the fp32 dQ accumulator set to 0 and, spread over all threads, dkappa and du
+// (each was a separate cudaMemsetAsync: launches and passes fewer). d/8 threads per row, each with one 16-byte
+// load of dO and of O (8 elements) and two 16-byte stores of zeros; the row's partial dots are summed by shuffles
+// in a fixed order.
 // Shapes: dout, o [B][H][L][D] (strided; 16-byte aligned rows: goat_check) -> D_vec [B*H*L]; dq_accum [B*H*L][D].
 // GENERAL = false (square packed calls): rows at row * D, without at_row's layout test and divisions.
 template <int D, bool GENERAL>
@@ -309,6 +310,13 @@ __global__ void bwd_dot_kernel(Bf16Args a, size_t n_rows, bool zero_dq) {
 #pragma unroll
     for (int w = TPR / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffffu, s, w);
     if (valid && c == 0) a.D_vec[row] = s;
+    if (zero_dq) {  // and dkappa, du (goat_backward leaves them to this pass in atomic mode), grid-stride
+        const size_t stride = (size_t)gridDim.x * blockDim.x;
+        if (a.dkappa)
+            for (size_t e = x, n = (size_t)a.H * a.n_delta(); e < n; e += stride) a.dkappa[e] = 0.f;
+        if (a.du)
+            for (size_t e = x, n = (size_t)a.H * a.L_k; e < n; e += stride) a.du[e] = 0.f;
+    }
 }
 // The end of a backward block (v3, v6): this lane's rows of dK_j (times scale) and dV_j as bf16. Lane (g, t) of
 // a warp holds keys j_row, j_row + 8 (j_row = j0 + 16 w + g) at columns 8n + 2t, 8n + 2t + 1 as mma C fragments,
@@ -865,7 +873,7 @@ static GoatStatus v3_forward(const GoatParams& p, cudaStream_t stream) {
 
 // The launches around every bf16 backward kernel (v3's and v6's). Before: the workspace slices into a, the fp32 dQ
 // zeroed (atomic mode), D_i = <dO_i, O_i>. After (atomic mode): the fp32 dQ converted to bf16 into p.dq.
-// (dkappa and du were zeroed by goat_backward.)
+// (dkappa and du: zeroed here in atomic mode, by goat_backward in deterministic mode.)
 template <int D>
 static GoatStatus bf16_bwd_prologue(const GoatParams& p, void* workspace, cudaStream_t stream, Bf16Args* args) {
     Bf16Args& a = *args;

@@ -40,19 +40,6 @@
 // measures v7 against the square path's forward around it: docs/PERF.md)
 constexpr int GOAT_DECODE_MAX_L = 16;
 
-// The current device's multiprocessors (at least 1), asked once per device.
-static int v7_sm_count() {
-    static int cached[64];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
-    if (cached[dev] == 0) {
-        int n_sm = 0;
-        if (cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) cudaGetLastError();
-        cached[dev] = n_sm < 1 ? 1 : n_sm;
-    }
-    return cached[dev];
-}
-
 // Does AUTO run v7 for this call's forward? Up to GOAT_DECODE_MAX_L queries, when its kv heads are shared (GQA:
 // v7 reads K, V once per group, the square path once per query head), wherever the square path is v5 (its blocks
 // of 128 query rows start and end more slowly than v7's of 16: at d = 128 measured at every batch, at d = 64 on
@@ -63,7 +50,7 @@ static bool v7_preferred(const GoatParams& p) {
     if (p.L > GOAT_DECODE_MAX_L) return false;
     if (p.H_kv != 0 && p.H_kv != p.H) return true;
     if (sm90a_supports(p)) return true;
-    return (long long)p.B * p.H <= v7_sm_count();
+    return (long long)p.B * p.H <= goat_sm_count();
 }
 
 constexpr int V7_B_c = 64;         // keys per pipeline stage
@@ -641,7 +628,7 @@ __global__ void __launch_bounds__(V7_NTHREADS) v7_decode_wgmma_kernel(V7Args a) 
 // (lanes: a power of two, so that D / 4 x lanes divides the block; the last lanes idle when n_splits is not one)
 constexpr int V7_COMBINE_THREADS = 256;
 static int v7_combine_lanes(int d, int n_splits, size_t rows) {
-    const size_t spread = (size_t)v7_sm_count() * V7_COMBINE_THREADS;  // about one block per multiprocessor
+    const size_t spread = (size_t)goat_sm_count() * V7_COMBINE_THREADS;  // about one block per multiprocessor
     int lanes = 1;
     while (lanes < n_splits && lanes * 2 * (d / 4) <= V7_COMBINE_THREADS && rows * (d / 4) * lanes < spread)
         lanes *= 2;
@@ -764,7 +751,7 @@ static V7Plan v7_plan(const GoatParams& p) {
         chunk = cdiv(L_k, n);
     } else {
         const long long base = (long long)p.B * H_kv * plan.n_row_chunks;
-        chunk = v7_auto_chunk(L_k, base, v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows), v7_sm_count(), V7_B_c);
+        chunk = v7_auto_chunk(L_k, base, v7_slots(p.d, plan.WR, plan.wgmma, plan.shared_rows), goat_sm_count(), V7_B_c);
     }
     plan.chunk = (int)chunk;
     plan.n_splits = (int)cdiv(L_k, chunk);

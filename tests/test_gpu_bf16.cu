@@ -356,6 +356,9 @@ GPU_CASE({"small", Check::deterministic_twice, {2, 1, 113, 128, C::no, P::random
 // several query and key tiles: v6's double buffers and dkappa carry wrap
 GPU_CASE({"small", Check::twin, {1, 1, 300, 64, C::yes, P::random}, "several query and key tiles"})
 GPU_CASE({"small", Check::twin, {1, 1, 300, 128, C::no, P::masked_key0}, "several query and key tiles"})
+// five key tiles: v5's K ring (three stages) is written again, so the sanitizers see its reuse
+GPU_CASE({"small", Check::twin, {1, 1, 520, 64, C::no, P::random}, "v5's K ring reused"})
+GPU_CASE({"small", Check::twin, {1, 1, 520, 128, C::yes, P::masked_key0}, "v5's K ring reused"})
 
 // ----------------------------------------------------------------------------------------------------------
 // shapes
@@ -479,9 +482,10 @@ GPU_CASE({"bench scale", Check::sampled, {64, 16, 1000, 64, C::yes, P::random}, 
 GPU_CASE({"bench scale", Check::sampled, {4, 8, 4000, 128, C::no, P::random}, ""})
 // v5's (and so v6's) d = 64 forward runs three consumer warpgroups (192-row query tiles) from L = 8192 on.
 // 8193 = 42 * 192 + 129: the last query tile is partial and its third warpgroup holds one valid row, L - 1, which
-// the sampled rows always include; a row left unwritten stays NaN and fails the finite check.
-GPU_CASE({"", Check::sampled, {1, 2, 8193, 64, C::both, P::random},
+// the sampled rows always include; a row left unwritten stays NaN and fails the finite check. Four heads: more query
+// tiles than multiprocessors, so that without a causal mask a block walks several.
+GPU_CASE({"", Check::sampled, {1, 4, 8193, 64, C::both, P::random},
           "three-warpgroup d = 64 forward with a partial last tile"})
 // Without a causal mask the d = 128 forward takes 176-key tiles from 8192 keys on; 8200 = 46 * 176 + 104: a partial
-// last key tile, its padding masked.
-GPU_CASE({"", Check::sampled, {1, 2, 8200, 128, C::no, P::random}, "176-key tiles of the d = 128 forward"})
+// last key tile, its padding masked; three heads, 195 query tiles: a block walks two.
+GPU_CASE({"", Check::sampled, {1, 3, 8200, 128, C::no, P::random}, "176-key tiles of the d = 128 forward"})

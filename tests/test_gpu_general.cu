@@ -276,6 +276,14 @@ GPU_CASE({GOAT_BF16, false, 1, 4, 2, 300, 3000, 128, false, 0, 0, {}, Layout::bl
 GPU_CASE({GOAT_BF16, false, 1, 8, 1, 33, 145, 128, true, 112, 0, {}, Layout::blhd, "group 8 (MQA); bottom-right causal"})
 GPU_CASE({GOAT_BF16, false, 2, 2, 1, 40, 8500, 128, false, 30, 8000, {8500, 8300}, Layout::blhd,
           "cross-attention over 176-key tiles (d = 128 from 8192 keys); a padded sequence"})
+// more query tiles than multiprocessor slots without a causal mask: v5's blocks walk several, of unequal key
+// counts and none (an empty sequence), its rings and Q continuing from one to the next
+GPU_CASE({GOAT_BF16, false, 3, 48, 16, 200, 700, 64, false, 0, 0, {580, 0, 40}, Layout::packed,
+          "many query tiles per block; an empty sequence"})
+GPU_CASE({GOAT_BF16, true, 1, 300, 300, 65, 65, 64, false, 0, 0, {}, Layout::packed,
+          "many query tiles per block"})
+GPU_CASE({GOAT_BF16, false, 2, 80, 80, 130, 600, 128, false, 470, 0, {600, 5}, Layout::blhd,
+          "many query tiles per block; unequal key counts"})
 GPU_CASE({GOAT_BF16, false, 2, 2, 2, 300, 2500, 64, true, 2200, 0, {2500, 2300}, Layout::blhd,
           "chunked prefill after a cache; the chunk ends beyond the second sequence's keys"})
 GPU_CASE({GOAT_BF16, false, 2, 2, 1, 128, 128, 128, true, 0, 0, {128, 0}, Layout::packed,
