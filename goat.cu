@@ -272,7 +272,8 @@ GoatStatus goat_backward(const GoatParams& p, cudaStream_t stream) {
     // zeroes them in its first pass (bwd_dot_kernel, with the fp32 dQ): two launches fewer
     const size_t L_k = p.L_k ? p.L_k : p.L;
     if (p.dtype != GOAT_BF16 || p.deterministic) {
-        if (p.dkappa) GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (p.L + L_k - 1) * sizeof(float), stream));
+        if (p.dkappa)
+            GOAT_CUDA_CHECK(cudaMemsetAsync(p.dkappa, 0, (size_t)p.H * (p.L + L_k - 1) * sizeof(float), stream));
         if (p.du) GOAT_CUDA_CHECK(cudaMemsetAsync(p.du, 0, (size_t)p.H * L_k * sizeof(float), stream));
     }
 

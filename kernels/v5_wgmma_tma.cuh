@@ -55,8 +55,9 @@ constexpr int V5_D128_WIDE_L = 8192;
 // ----------------------------------------------------------------------------------------------------------
 // forward
 
-// Work items (T_r = ceil(L / B_r)) x B*H, B_r = 64 NWG, over a 1-d grid; block 128 (NWG + 1) threads. Shared memory: Q_i [B_r][d],
-// K ring KS x (K_j [B_c][d], kappa window [B_r + B_c - 1], u slice [B_c]), V ring VS x V_j [B_c][d], mbarriers.
+// Work items (T_r = ceil(L / B_r)) x B*H, B_r = 64 NWG, over a 1-d grid; block 128 (NWG + 1) threads. Shared
+// memory: Q_i [B_r][d], K ring KS x (K_j [B_c][d], kappa window [B_r + B_c - 1], u slice [B_c]), V ring
+// VS x V_j [B_c][d], mbarriers.
 template <int D, int NWG, int B_c, int KS, int VS>
 struct V5Fwd {
     static constexpr int B_r = 64 * NWG, NTHREADS = 128 * (NWG + 1);
