@@ -8,8 +8,9 @@
 //     away (setmaxnreg.dec), and the consumer warpgroups take them (setmaxnreg.inc).
 //   - warpgroups 1 .. NWG are consumers, each owning 64 query rows; they never issue a load and never meet at a
 //     block-wide barrier: rings of shared-memory stages, each with mbarriers "K full", "V full" (the copy engine
-//     counts the bytes in) and "empty" (every consumer warp arrives when done with the stage), let producer and
-//     consumers run ahead of each other by up to the ring's depth.
+//     counts the bytes in) and "empty" (the consumers arrive when done with the stage: every thread on K empty,
+//     whose prior slices it read; one lane a warp on V empty), let producer and consumers run ahead of each other
+//     by up to the ring's depth; "Q full" and "Q empty" pass Q_i between work items the same way.
 //   - the consumer loop is v4's: S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued back to back, softmax of S_j
 //     while the second product runs; at d = 128 the rescale of O waits for a large jump of the row max
 //     (wgmma_softmax_step_lazy). The GOAT step z = scale s + kappa_ij + u_j is kept as z / scale (a positive
@@ -21,10 +22,11 @@
 //     width.
 //   - every general shape of goat.h: the tensor maps are 4-d (column, row, head, batch) at the tensors' own
 //     strides, so a [B][L][H][d] layout or a fused-QKV view loads as a packed one does and a key tile reads kv
-//     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and a
-//     query tile whose rows see no key writes o = 0, lse = -inf without loading anything.
+//     head h / group; the mask is the general rule (the sequence's keys, causal at the position shift), and an
+//     item whose rows see no key writes o = 0, lse = -inf without loading anything.
 //   - a block walks work items (query tile, b*h): without a causal mask one block per multiprocessor slot, so
-//     the next item's first tiles and Q load while this one's last products and rows finish.
+//     the next item's K_0 and Q load while this one's last products and rows finish; under the mask one item per
+//     block (the hardware's order of the blocks balances their unequal work).
 // The tensor maps (64 x rows boxes, zero fill past a head's rows) are encoded on the host per call
 // (kernels/sm90.cuh).
 #pragma once
@@ -36,8 +38,8 @@
 
 // NWG consumer warpgroups (64 query rows each), B_c keys per tile, KS and VS ring depths (K_j is needed one
 // iteration before V_j, so K gets the deeper ring). Chosen by measurement (docs/PERF.md, "v5"):
-//   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start and
-//   end run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
+//   d = 64 below V5_D64_LONG_L: one consumer warpgroup and two blocks per multiprocessor (one block's start, end
+//   and turns between items run under the other's loop); from V5_D64_LONG_L on, three consumer warpgroups.
 //   d = 128 without a causal mask from V5_D128_WIDE_L keys on: 176 keys a tile (FlashAttention-3's choice), rings
 //   of two stages (what shared memory holds): fewer row-max and rescale steps per score; with fewer keys the last
 //   tile's padding and the shallower rings ate the gain (at d = 64 wider tiles gained at no length).
@@ -109,10 +111,10 @@ v5_forward_kernel(Bf16Args a, const __grid_constant__ CUtensorMap tm_q, const __
     const uint32_t bar_qempty = bar_q + 8u * (1 + 2 * KS + 2 * VS);
 
     const int L = a.L, L_k = GENERAL ? a.L_k : L, T_r = goat_cdiv(L, B_r), shift = GENERAL ? a.shift : 0;
-    // Work items: (query tile, b*h), item w = x + T_r bh as the blocks of a (T_r, B*H) grid would run. A block
-    // walks w = blockIdx.x, + gridDim.x, ...: the launcher gives one item per block under a causal mask (the
-    // hardware's order balances their unequal work) and one block per multiprocessor slot otherwise (the next
-    // item's Q and first tiles load while this one's last products and rows finish).
+    // Work items (query tile, b*h): item w = x + T_r bh, x fastest so that neighbouring items share a head's K
+    // and V in L2. A block walks w = blockIdx.x, + gridDim.x, ... (one item per block under a causal mask: the
+    // header). Producer and consumers derive the same items and skip the same empty ones: their rings' positions
+    // and the barriers' phases count on it.
     const long long n_items = (long long)T_r * a.B * a.H;
     struct Item { int it, bh, h, b, hk, i0, n_keys, n_kt; };
     auto item_at = [&](long long w) {
@@ -454,11 +456,12 @@ static GoatStatus v5_forward_d(const GoatParams& p, cudaStream_t stream) {
     auto kernel = general ? v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, true>
                           : v5_forward_kernel<D, C::NWG, C::B_c, C::KS, C::VS, false>;
     GOAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)T::SMEM));
-    // one block per work item under a causal mask, else one per multiprocessor slot (the kernel's item loop)
+    // one block per work item under a causal mask, else one per multiprocessor slot (the kernel walks the items;
+    // a 1-d grid, so past 2^31 - 1 items a block takes several under the mask too)
     const long long items = (long long)goat_cdiv(p.L, T::B_r) * p.B * p.H;
     const long long slots = (long long)goat_sm_count() * T::BLOCKS;
-    const long long blocks = p.causal || items < slots ? items : slots;
-    if (blocks > 0x7fffffffLL) return goat_status(2, "v5: %lld query tiles, more than 2^31 - 1", items);
+    long long blocks = p.causal || items < slots ? items : slots;
+    if (blocks > 0x7fffffffLL) blocks = 0x7fffffffLL;
     GOAT_LAUNCH_CHECK((kernel<<<dim3((unsigned)blocks), T::NTHREADS, T::SMEM, stream>>>(a, tq, tk, tv)));
     return GoatStatus();
 }
@@ -470,7 +473,8 @@ static GoatStatus v5_forward(const GoatParams& p, cudaStream_t stream) {
         if (!p.causal && (p.L_k ? p.L_k : p.L) >= V5_D128_WIDE_L) return v5_forward_d<128, V5TilesD128Wide>(p, stream);
         return v5_forward_d<128, V5Tiles<128>>(p, stream);
     }
-    return p.L >= V5_D64_LONG_L ? v5_forward_d<64, V5TilesD64Long>(p, stream) : v5_forward_d<64, V5Tiles<64>>(p, stream);
+    if (p.L >= V5_D64_LONG_L) return v5_forward_d<64, V5TilesD64Long>(p, stream);
+    return v5_forward_d<64, V5Tiles<64>>(p, stream);
 }
 static GoatStatus v5_backward(const GoatParams& p, void* workspace, cudaStream_t stream) {
     return v3_backward(p, workspace, stream);
