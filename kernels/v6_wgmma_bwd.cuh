@@ -146,7 +146,12 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         return GENERAL ? x + GoatShape::at(st, b, h, 0) : x + (size_t)bkv * L * D;
     };
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int wg = threadIdx.x / 128, wwarp = warp % 4;  // warpgroup, warp within it
+    // d = 64 leaves registers for two refinements that made d = 128 (at the register limit) spill, slower: wg
+    // broadcast from lane 0 (the compiler then knows it warp-uniform and builds the descriptors from it in
+    // uniform registers) and stage_dq's bank-conflict-free order
+    constexpr bool REG_ROOM = D == 64;
+    const int wg = REG_ROOM ? __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0) : (int)(threadIdx.x / 128);
+    const int wwarp = warp % 4;  // warpgroup, warp within it
     const int tid = threadIdx.x;
     const int k_loc0 = 16 * warp + g;
     // The block visits, for each query head h of kv head hk's group (heads outer), the query tiles that see its
@@ -315,11 +320,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
             for (int n = 0; n < DN / 8; ++n) {
-                const int r = g + 8 * hh, chunk = 2 * (n % 4) + (t >> 1);
+                // REG_ROOM: odd rows store their column block n ^ 2 at step n (a 64-bit store is served 16 lanes
+                // at a time, and rows g and g ^ 1 would meet in the same banks)
+                const bool odd = REG_ROOM && (g & 1);
+                const int nn = n ^ (odd ? 2 : 0), r = g + 8 * hh, chunk = 2 * (nn % 4) + (t >> 1);
                 const uint32_t addr = dq_w + (n / 4) * T::DQ_BOX + r * 128 + ((chunk ^ (r & 7)) << 4) + 8 * (t & 1);
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dQ[4 * n + 2 * hh]),
-                             "f"(dQ[4 * n + 2 * hh + 1])
-                             : "memory");
+                const float x0 = odd ? dQ[4 * (n ^ 2) + 2 * hh] : dQ[4 * n + 2 * hh];
+                const float x1 = odd ? dQ[4 * (n ^ 2) + 2 * hh + 1] : dQ[4 * n + 2 * hh + 1];
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x0), "f"(x1) : "memory");
             }
         fence_proxy_async();
         __syncwarp();
