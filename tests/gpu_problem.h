@@ -367,9 +367,10 @@ constexpr double FLOOR_F32 = 1e-4;
 // times |dO|, and every dz of row i with it, so where one weight P ~ 1 (a masked prior) a diagonal sum moves by
 // as much. Seen once: v4/v5/v6 (whose forward differs from v3's only in fp32 summation order), L = 113, masked
 // prior: dkappa error 9.2e-4 against 2 x 3.9e-4 + 1e-4. This floor is calibrated on that case, not a bound
-// (several flips in one row, or a large |dO|, can exceed it). The principled fix, tried: feed the twin's
-// backward each kernel's own o and lse, so the flip is in the yardstick too; it passed on 63 problems but made
-// the GPU suite take over 250 s instead of about 100 s (one more CPU twin backward per version), so not kept.
+// (several flips in one row, or a large |dO|, can exceed it). The principled fix: feed the twin's backward the
+// kernel's own o and lse, so the flip is in the yardstick too. For every version it made the GPU suite take
+// over twice as long (one more CPU twin backward per version); it is kept for v7 only, whose forward rounds P
+// against its own maxima and flips far more often (tests/test_gpu_bf16.cu, yardstick_for).
 constexpr double FLOOR_PRIOR_GRAD = FLOOR_BF16 / 4;
 // Smallest normaliser: with L = 1 the one weight is exactly 1 and dz = P (dP - D) = 0, so dq, dk, dkappa, du
 // are exactly zero in the reference while fp32 leaves noise. For dq, dk (bf16) that noise is ~1e-7 of |k|,

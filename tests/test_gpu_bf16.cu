@@ -26,6 +26,7 @@
 #include "tests/test_util.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace {
@@ -52,17 +53,37 @@ Results judge(const Problem& pr) {
     return {flt(o), flt(lse), flt(dq), flt(dk), flt(dv), flt(dkappa), flt(du)};
 }
 
+// The twin's backward (tiles as v3's, emulating bf16) fed o and lse, into r's gradients.
+void twin_backward(const Problem& pr, const std::vector<float>& o, const std::vector<float>& lse, Results& r) {
+    GoatTiling tb;
+    tb.B_r = TWIN_BWD_B_r; tb.B_c = TWIN_BWD_B_c; tb.emulate_bf16 = true;
+    goat_backward_tiled_cpu(pr.dims, tb, pr.q.data(), pr.k.data(), pr.v.data(), pr.kappa_ptr(), pr.u_ptr(),
+                            o.data(), lse.data(), pr.dout.data(), r.dq.data(), r.dk.data(), r.dv.data(),
+                            r.dkappa.data(), r.du.data());
+}
+
 // The yardstick: the tiled twin emulating bf16 (float API), backward on its own o, lse.
 Results twin(const Problem& pr) {
     Results r = results_for(pr);
-    GoatTiling tf, tb;
+    GoatTiling tf;
     tf.B_r = TWIN_FWD_B_r; tf.B_c = TWIN_FWD_B_c; tf.emulate_bf16 = true;
-    tb.B_r = TWIN_BWD_B_r; tb.B_c = TWIN_BWD_B_c; tb.emulate_bf16 = true;
     goat_forward_tiled_cpu(pr.dims, tf, pr.q.data(), pr.k.data(), pr.v.data(), pr.kappa_ptr(), pr.u_ptr(),
                            r.o.data(), r.lse.data());
-    goat_backward_tiled_cpu(pr.dims, tb, pr.q.data(), pr.k.data(), pr.v.data(), pr.kappa_ptr(), pr.u_ptr(),
-                            r.o.data(), r.lse.data(), pr.dout.data(), r.dq.data(), r.dk.data(), r.dv.data(),
-                            r.dkappa.data(), r.du.data());
+    twin_backward(pr, r.o, r.lse, r);
+    return r;
+}
+
+// The yardstick for one version's run. v7's forward rounds P against its warps' own running maxima, not the
+// twin's, so its o lands a bf16 ulp away from the twin's more often than the other forwards' (which differ from
+// the twin's in fp32 summation order only); every such flip moves D = <dO, o> of its row, and the backward's
+// gradients with it. So v7's gradients are judged against the twin's backward fed v7's own o and lse (its o and
+// lse still against the twin's forward). The other versions keep the shared yardstick: one more CPU backward per
+// version would cost the suite more than its flips do (the note at FLOOR_PRIOR_GRAD in tests/gpu_problem.h).
+Results yardstick_for(int version, const Problem& pr, const Results& tw, const Results& got) {
+    const bool finite = std::all_of(got.o.begin(), got.o.end(), [](float x) { return std::isfinite(x); });
+    if (version != GOAT_V7_DECODE_BF16 || !finite || (got.o == tw.o && got.lse == tw.lse)) return tw;
+    Results r = tw;
+    twin_backward(pr, got.o, got.lse, r);
     return r;
 }
 
@@ -107,7 +128,8 @@ void check(const Problem& pr, bool with_prior_grads = true) {
     const Results tw = twin(pr);
     for (int version : bf16_versions()) {
         const Results got = run_bf16(pr, version, false, with_prior_grads);
-        expect_within_twin(version_tag(version, false).c_str(), got, tw, ref, with_prior_grads);
+        expect_within_twin(version_tag(version, false).c_str(), got, yardstick_for(version, pr, tw, got), ref,
+                           with_prior_grads);
     }
 }
 
@@ -119,7 +141,7 @@ void check_deterministic(const Problem& pr) {
     const Results tw = twin(pr);
     for (int version : bf16_versions()) {
         const Results a = run_bf16(pr, version, true), b = run_bf16(pr, version, true);
-        expect_within_twin(version_tag(version, true).c_str(), a, tw, ref);
+        expect_within_twin(version_tag(version, true).c_str(), a, yardstick_for(version, pr, tw, a), ref);
         for (auto x : {std::make_pair(&a.o, &b.o), std::make_pair(&a.lse, &b.lse), std::make_pair(&a.dq, &b.dq),
                    std::make_pair(&a.dk, &b.dk), std::make_pair(&a.dv, &b.dv),
                    std::make_pair(&a.dkappa, &b.dkappa), std::make_pair(&a.du, &b.du)})
