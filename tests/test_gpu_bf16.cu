@@ -3,7 +3,8 @@
 // Every check runs v3 and, where the GPU runs them (compute capability 9.0, sm_90a build), v4, v5 (their own
 // wgmma forward, then v3's backward fed their o and lse) and v6 (v5's forward, its own wgmma backward); a case
 // checks that a CC 9.0 GPU does run them, so they cannot be skipped silently there. v7 (the decode forward, then
-// AUTO's backward) runs every check too: it is built for a few queries per sequence but must be right on any.
+// AUTO's backward) runs every check too: it is built for a few queries per sequence but must be right on any;
+// its gradients have their own yardstick (yardstick_for).
 //
 // The judge is the double-precision reference (goat_forward_cpu / goat_backward_cpu on doubles) on the same
 // bf16-rounded inputs. A bf16 kernel cannot match it to fp32 accuracy, so the yardstick is the CPU tiled twin
