@@ -335,7 +335,7 @@ static void forward_impl(GoatDims dims, const T* q, const T* k, const T* v, cons
                          T* o, T* lse) {
     const Shape sh = check_forward_args(dims, q, k, v, kappa, u, o, lse);
     const int d = sh.d;
-    std::vector<double> z(sh.L_k);
+    std::vector<double> z(sh.L_k), acc(d);
     for (int b = 0; b < sh.B; ++b)
         for (int h = 0; h < sh.H; ++h)
             for (int i = 0; i < sh.L_q; ++i) {
@@ -351,13 +351,15 @@ static void forward_impl(GoatDims dims, const T* q, const T* k, const T* v, cons
                 const double lse_i = logsumexp(z.data(), sh.L_k);
                 // P_ij = exp(z_ij - lse_i); an empty row (lse = -inf) has P = 0 and o = 0
                 for (int j = 0; j < sh.L_k; ++j) z[j] = (lse_i == NEG_INF || z[j] == NEG_INF) ? 0.0 : std::exp(z[j] - lse_i);
-                T* o_i = o + sh.q_at(b, h, i);
-                for (int c = 0; c < d; ++c) {
-                    double acc = 0;
-                    for (int j = 0; j < sh.L_k; ++j)
-                        if (z[j] != 0.0) acc += z[j] * (double)v[sh.kv_at(b, h, j) + c];
-                    o_i[c] = (T)acc;
+                // o_i = sum_j P_ij v_j, each output summed over j in order
+                std::fill(acc.begin(), acc.end(), 0.0);
+                for (int j = 0; j < sh.L_k; ++j) {
+                    if (z[j] == 0.0) continue;
+                    const T* v_j = v + sh.kv_at(b, h, j);
+                    for (int c = 0; c < d; ++c) acc[c] += z[j] * (double)v_j[c];
                 }
+                T* o_i = o + sh.q_at(b, h, i);
+                for (int c = 0; c < d; ++c) o_i[c] = (T)acc[c];
                 lse[((size_t)b * sh.H + h) * sh.L_q + i] = (T)lse_i;
             }
 }
@@ -769,8 +771,14 @@ static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T*
     const int d = sh.d, B_r = t.B_r, B_c = t.B_c;
     const bool e = t.emulate_bf16;
     std::vector<double> Q_i((size_t)B_r * d), S_ij((size_t)B_r * B_c), acc((size_t)B_r * d), m(B_r), l(B_r);
+    std::vector<double> K_h((size_t)sh.L_k * d), V_h((size_t)sh.L_k * d);  // the head's K, V as the kernel sees them
     for (int b = 0; b < sh.B; ++b)
-        for (int h = 0; h < sh.H; ++h)
+        for (int h = 0; h < sh.H; ++h) {
+            for (int j = 0; j < sh.L_k; ++j)
+                for (int x = 0; x < d; ++x) {
+                    K_h[(size_t)j * d + x] = as_seen(k[sh.kv_at(b, h, j) + x], e);
+                    V_h[(size_t)j * d + x] = as_seen(v[sh.kv_at(b, h, j) + x], e);
+                }
             for (int i0 = 0; i0 < sh.L_q; i0 += B_r) {          // one query tile (a thread block on the GPU)
                 const int rows = std::min(B_r, sh.L_q - i0);
                 for (int r = 0; r < rows; ++r)
@@ -789,7 +797,7 @@ static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T*
                             double z = NEG_INF;
                             if (sh.visible(b, i, j)) {
                                 double s = 0;
-                                for (int x = 0; x < d; ++x) s += Q_i[(size_t)r * d + x] * as_seen(k[sh.kv_at(b, h, j) + x], e);
+                                for (int x = 0; x < d; ++x) s += Q_i[(size_t)r * d + x] * K_h[(size_t)j * d + x];
                                 z = sh.scale * s + sh.prior(kappa, u, h, i, j);
                             }
                             S_ij[(size_t)r * B_c + c] = z;
@@ -808,7 +816,7 @@ static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T*
                             const double p = std::exp(z - m_new);
                             l[r] += p;                           // l sums the unrounded p, as the kernel does
                             const double p_mma = as_seen(p, e);  // P enters P V in bf16 on the tensor cores
-                            for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] += p_mma * as_seen(v[sh.kv_at(b, h, j0 + c) + x], e);
+                            for (int x = 0; x < d; ++x) acc[(size_t)r * d + x] += p_mma * V_h[(size_t)(j0 + c) * d + x];
                         }
                         m[r] = m_new;
                     }
@@ -820,6 +828,7 @@ static void forward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T*
                     lse[((size_t)b * sh.H + h) * sh.L_q + i0 + r] = (T)(empty ? NEG_INF : m[r] + std::log(l[r]));
                 }
             }
+        }
 }
 
 // Per key tile of a (b, query head): loop over the query tiles, rebuild P from lse, dz = P (dP - D); du as column
@@ -847,13 +856,26 @@ static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T
     std::vector<double> dk_acc(sh.n_kv(), 0.0), dv_acc(sh.n_kv(), 0.0);
     std::vector<double> dq_acc((size_t)sh.L_q * d), D(sh.L_q), dK_j((size_t)B_c * d), dV_j((size_t)B_c * d);
     std::vector<double> diag(B_r + B_c - 1), col(B_c);
+    // the head's q, dO, k, v as the kernel sees them (bf16-rounded when emulating), gathered once per head
+    std::vector<double> Q_h((size_t)sh.L_q * d), dO_h((size_t)sh.L_q * d);
+    std::vector<double> K_h((size_t)sh.L_k * d), V_h((size_t)sh.L_k * d);
     for (int b = 0; b < sh.B; ++b)
         for (int h = 0; h < sh.H; ++h) {
             const size_t row0 = ((size_t)b * sh.H + h) * sh.L_q;
+            for (int i = 0; i < sh.L_q; ++i)
+                for (int x = 0; x < d; ++x) {
+                    Q_h[(size_t)i * d + x] = seen(q, sh.q_at(b, h, i) + x);
+                    dO_h[(size_t)i * d + x] = seen(dout, sh.q_at(b, h, i) + x);
+                }
+            for (int j = 0; j < sh.L_k; ++j)
+                for (int x = 0; x < d; ++x) {
+                    K_h[(size_t)j * d + x] = seen(k, sh.kv_at(b, h, j) + x);
+                    V_h[(size_t)j * d + x] = seen(v, sh.kv_at(b, h, j) + x);
+                }
             // D_i = <dO_i, O_i> (a small kernel of its own on the GPU)
             for (int i = 0; i < sh.L_q; ++i) {
                 D[i] = 0;
-                for (int x = 0; x < d; ++x) D[i] += seen(dout, sh.q_at(b, h, i) + x) * seen(o, sh.q_at(b, h, i) + x);
+                for (int x = 0; x < d; ++x) D[i] += dO_h[(size_t)i * d + x] * seen(o, sh.q_at(b, h, i) + x);
             }
             std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
             for (int j0 = 0; j0 < sh.L_k; j0 += B_c) {          // one key tile (a thread block on the GPU)
@@ -874,10 +896,12 @@ static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T
                         for (int c = 0; c < cols; ++c) {
                             const int j = j0 + c;
                             if (!sh.visible(b, i, j)) continue;
+                            const double *q_i = &Q_h[(size_t)i * d], *dO_i = &dO_h[(size_t)i * d];
+                            const double *k_j = &K_h[(size_t)j * d], *v_j = &V_h[(size_t)j * d];
                             double s = 0, dP = 0;
                             for (int x = 0; x < d; ++x) {
-                                s += seen(q, sh.q_at(b, h, i) + x) * seen(k, sh.kv_at(b, h, j) + x);
-                                dP += seen(dout, sh.q_at(b, h, i) + x) * seen(v, sh.kv_at(b, h, j) + x);
+                                s += q_i[x] * k_j[x];
+                                dP += dO_i[x] * v_j[x];
                             }
                             const double z = sh.scale * s + sh.prior(kappa, u, h, i, j);
                             if (z == NEG_INF) continue;
@@ -885,9 +909,9 @@ static void backward_tiled_impl(GoatDims dims, GoatTiling t, const T* q, const T
                             const double dS = P * (dP - D[i]);     // dz = P (dP - D)
                             const double P_mma = as_seen(P, e), dS_mma = as_seen(dS, e);
                             for (int x = 0; x < d; ++x) {
-                                dV_j[(size_t)c * d + x] += P_mma * seen(dout, sh.q_at(b, h, i) + x);
-                                dK_j[(size_t)c * d + x] += sh.scale * dS_mma * seen(q, sh.q_at(b, h, i) + x);
-                                dq_acc[(size_t)i * d + x] += sh.scale * dS_mma * seen(k, sh.kv_at(b, h, j) + x);
+                                dV_j[(size_t)c * d + x] += P_mma * dO_i[x];
+                                dK_j[(size_t)c * d + x] += sh.scale * dS_mma * q_i[x];
+                                dq_acc[(size_t)i * d + x] += sh.scale * dS_mma * k_j[x];
                             }
                             col[c] += dS;                        // du: column sums of the fp32 dS
                             diag[(r - c) + (B_c - 1)] += dS;     // dkappa: diagonal sums
