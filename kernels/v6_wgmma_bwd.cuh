@@ -347,11 +347,14 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
     fence_regs(Sf);
     fence_regs(dPf);
 
-    // square: the counter is the query tile itself (step = it, from it_start to T_r), so that the loop carries one
-    // induction variable, as it did before the general form
-    const int step0 = GENERAL ? 0 : it_start, step_end = GENERAL ? n_steps : T_r;
+    // square at d = 128: the counter is the query tile itself (step = it, from it_start to T_r), so that the loop
+    // carries one induction variable, as it did before the general form; at d = 64 (REG_ROOM) steps count from 0
+    // and the tile follows (advance), as in the general form: counting by the tile there left the wgmma descriptors
+    // in ordinary registers, moved to uniform ones before every wgmma
+    constexpr bool BY_TILE = !GENERAL && !REG_ROOM;
+    const int step0 = BY_TILE ? it_start : 0, step_end = BY_TILE ? T_r : n_steps;
     for (int step = step0; step < step_end; ++step) {
-        if (!GENERAL) it = step;
+        if (BY_TILE) it = step;
         const int buf = (step - step0) & 1, i0 = it * B_r;
         const bool has_next = step + 1 < step_end, head_start = it == it_start, head_end = it == T_r - 1;
         if (GENERAL && head_start) load_u(h);
@@ -493,7 +496,7 @@ __global__ void __launch_bounds__(256, 1) v6_backward_kernel(Bf16Args a, const _
         wgmma_wait<0>();  // phase 7's S^T, dP^T
         fence_regs(Sf);
         fence_regs(dPf);
-        if (GENERAL) advance(h, it);
+        if (!BY_TILE) advance(h, it);
     }
     if (DKAPPA && !GENERAL) {  // the diagonals still open after a square call's last query tile (buffer last)
         __syncthreads();
