@@ -969,6 +969,7 @@ static void run_decode(bool quick) {
 // main
 
 int main(int argc, char** argv) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a redirected log at once: a timeout keeps them
     bool quick = false, general = false, grid = false, decode = false, versions_given = false;
     DecodeShape one = {0, 0, 0, 0, 0, 0};  // --decode-one
     std::string versions = "123456";   // which versions to time: digits of GoatVersion

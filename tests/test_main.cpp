@@ -16,6 +16,9 @@ __attribute__((weak)) bool goat_test_gpu_available();
 __attribute__((weak)) bool goat_test_no_device_contract();
 
 int main(int argc, char** argv) {
+    // line by line into a redirected log (doctest's std::cout shares stdio's buffer), so that a run stopped by a
+    // time limit leaves every line it printed
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
     bool require_gpu = false;
     std::vector<char*> args;
     for (int i = 0; i < argc; ++i) {
